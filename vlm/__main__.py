@@ -1,0 +1,43 @@
+"""The ``vlm`` command.
+
+- ``vlm fit|validate|test|predict --config FILE [--key value ...]``: LightningCLI over the tasks in ``vlm.tasks``.
+- ``vlm data shapes|digits|shards ...``: writes the built-in datasets (see ``vlm data --help``).
+- ``vlm export --checkpoint CKPT --out DIR``: model weights as safetensors plus the constructor config.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """Runs LightningCLI; any task and data module is picked by ``class_path`` in the config."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":
+        from vlm.data.commands import main as data_main
+
+        return data_main(argv[1:])
+    if argv and argv[0] == "export":
+        from vlm.interop.export import main as export_main
+
+        return export_main(argv[1:])
+    cli_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
+
+Images are cut into non-overlapping patches by a strided convolution, a class token may be prepended, learned
+absolute position embeddings are added (resampled bicubically when the input size differs from the size they were
+trained for), and pre-norm transformer blocks follow. ``forward_tokens`` returns every token, ``forward`` the
+pooled image embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm.models.layers import Block, checkpoint_blocks, init_weights_trunc_normal
+
+
+class PatchEmbed(nn.Module):
+    """Splits an image into ``patch_size`` squares and projects each to ``dim`` with one strided convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (b, d, gh, gw) -> (b, gh*gw, d)
+
+
+def resample_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int) -> Tensor:
+    """Bicubically resamples a (1, prefix + gh*gw, d) position embedding to a new patch grid.
+
+    The class-token position (the first ``num_prefix`` rows) is kept as is; only the spatial grid is resampled.
+    """
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    old = int(round(grid.shape[1] ** 0.5))
+    if (old, old) == tuple(new_grid):
+        return pos
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()  # (1, d, gh, gw)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """Patch-embedding Vision Transformer.
+
+    Args:
+        image_size: training image size (square); the position embedding is laid out for this grid.
+        patch_size: side of a square patch in pixels.
+        in_chans: input channels.
+        width: token width.
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width relative to ``width``.
+        qkv_bias: bias on the attention input projections.
+        class_token: prepend a learned class token.
+        pool: ``token`` (the class token) or ``avg`` (mean of the patch tokens).
+        pre_norm: LayerNorm after the position embedding, before the blocks (OpenAI CLIP's ``ln_pre``).
+        fc_norm: apply the final LayerNorm after pooling instead of to every token (timm's default for ``avg``);
+            ``None`` picks it from ``pool``.
+        patch_bias: bias on the patch-embedding convolution (OpenAI CLIP has none).
+        act: MLP activation (``gelu``, ``quick_gelu``, ...).
+        norm_eps: LayerNorm epsilon.
+        layer_scale: initial LayerScale value, or ``None``.
+        drop_path: stochastic depth rate, increased linearly over the blocks up to this value.
+        patch_dropout: fraction of patch tokens randomly dropped during training (FLIP, Li et al. 2023).
+        grad_checkpointing: recompute block activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        pool: Literal["token", "avg"] = "token",
+        pre_norm: bool = False,
+        fc_norm: bool | None = None,
+        patch_bias: bool = True,
+        act: str = "gelu",
+        norm_eps: float = 1e-6,
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+        patch_dropout: float = 0.0,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pool == "token" and not class_token:
+            raise ValueError("pool='token' needs class_token=True")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.pool = pool
+        self.patch_dropout = patch_dropout
+        self.grad_checkpointing = grad_checkpointing
+        self.num_prefix_tokens = 1 if class_token else 0
+        grid = image_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, width, bias=patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, width))
+        self.norm_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, qkv_bias, act, norm_eps, layer_scale, rates[i]) for i in range(depth)
+        )
+        use_fc_norm = pool == "avg" if fc_norm is None else fc_norm
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(width, eps=norm_eps)
+        self.fc_norm = nn.LayerNorm(width, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_weights_trunc_normal)
+
+    def _drop_patches(self, x: Tensor) -> Tensor:
+        """Keeps a random subset of patch tokens per sample (the prefix tokens always stay)."""
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        b, n, d = patches.shape
+        keep = max(1, int(n * (1.0 - self.patch_dropout)))
+        idx = torch.rand(b, n, device=x.device).topk(keep, dim=1).indices  # (b, keep)
+        patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
+        return torch.cat([prefix, patches], dim=1)
+
+    def forward_tokens(self, images: Tensor) -> Tensor:
+        """Images (b, c, h, w) -> normalised tokens (b, prefix + patches, width)."""
+        x = self.patch_embed(images)  # (b, n, d)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + pos
+        if self.training and self.patch_dropout > 0:
+            x = self._drop_patches(x)
+        x = self.norm_pre(x)
+        x = checkpoint_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images (b, c, h, w) -> pooled embedding (b, width)."""
+        x = self.forward_tokens(images)
+        pooled = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        return self.fc_norm(pooled)

@@ -1,0 +1,258 @@
+"""Contrastive image-text training (CLIP, Radford et al. 2021; SigLIP, Zhai et al. 2023).
+
+The loss is computed across all GPUs: every rank gathers the features of every other rank *with gradients*, so
+each image is contrasted with every caption in the global batch, and computes only its own rows of the logit
+matrix (its labels are offset by ``rank * local_batch``). Summed over ranks this is exactly the loss of one
+process holding the whole batch, and so are the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from vlm.data.tokenizer import CLIPTokenizer
+from vlm.models.clip import CLIP
+from vlm.tasks.optim import build_optimizer
+from vlm.zero_shot import build_classifier
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_loss(image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, logit_scale: Tensor, offset: int):
+    """Symmetric InfoNCE over this rank's rows of the global similarity matrix.
+
+    Args:
+        image: this rank's image features (b, d), unit length.
+        text: this rank's text features (b, d), unit length.
+        all_image: every rank's image features (B, d), this rank's included at ``offset``.
+        all_text: every rank's text features (B, d).
+        logit_scale: ``log(1/T)``.
+        offset: index of this rank's first sample in the global batch.
+    """
+    scale = logit_scale.exp()
+    logits_per_image = scale * image @ all_text.T  # (b, B)
+    logits_per_text = scale * text @ all_image.T  # (b, B)
+    labels = torch.arange(image.shape[0], device=image.device) + offset  # the matching pair sits on the diagonal
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int) -> Tensor:
+    """Pairwise sigmoid loss: every (image, text) pair is an independent binary classification (SigLIP).
+
+    Normalised by the local batch size as in the paper, so the per-rank losses average to the global one.
+    """
+    logits = logit_scale.exp() * image @ all_text.T + logit_bias  # (b, B)
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(image.shape[0]), torch.arange(image.shape[0]) + offset] = 1.0  # +1 on the pairs, -1 off
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+class ContrastiveTask(L.LightningModule):
+    """Trains a :class:`~vlm.models.clip.CLIP` with the CLIP (softmax) or SigLIP (sigmoid) loss.
+
+    Args:
+        model: the CLIP model.
+        tokenizer: turns captions and zero-shot prompts into token ids.
+        loss: ``clip`` (symmetric cross-entropy) or ``siglip`` (needs ``model.logit_bias``).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings and the temperature).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
+        lock_image: freeze the image tower (LiT, Zhai et al. 2022), except its last ``lock_image_unlocked_blocks``.
+        lock_image_unlocked_blocks: number of final image blocks (and the final norm) left trainable.
+        lock_text: freeze the text tower (e.g. a pretrained language model).
+        templates: zero-shot prompt templates used on validation (``{}`` is replaced by the class name).
+        image_mean: per-channel normalisation mean of the input images.
+        image_std: per-channel normalisation std.
+    """
+
+    def __init__(
+        self,
+        model: CLIP,
+        tokenizer: CLIPTokenizer | None = None,
+        loss: str = "clip",
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        lock_image: bool = False,
+        lock_image_unlocked_blocks: int = 0,
+        lock_text: bool = False,
+        templates: Sequence[str] = ("a photo of a {}.",),
+        image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+        image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+    ) -> None:
+        super().__init__()
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
+        if loss == "siglip" and model.logit_bias is None:
+            raise ValueError("the siglip loss needs a model built with init_logit_bias (e.g. -10)")
+        self.save_hyperparameters()
+        # Kept as attributes: under LightningCLI ``hparams`` holds only the keys the config spelled out.
+        self.loss_name = loss
+        self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                               warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer()
+        self.templates = list(templates)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self._frozen = self._lock(lock_image, lock_image_unlocked_blocks, lock_text)
+        self._val_outputs: dict[str, list[Tensor]] = {}
+        self._classifier: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------- freezing
+    def _lock(self, lock_image: bool, unlocked_blocks: int, lock_text: bool) -> list[nn.Module]:
+        """Freezes the requested towers once, here; frozen modules are kept in eval mode (see ``train``)."""
+        frozen: list[nn.Module] = []
+        if lock_image:
+            visual = self.model.visual
+            frozen.append(visual)
+            if unlocked_blocks > 0:
+                blocks = getattr(visual, "blocks", None)
+                if blocks is None:
+                    raise ValueError("lock_image_unlocked_blocks needs an image tower with .blocks")
+                keep = list(blocks[-unlocked_blocks:]) + [visual.norm, visual.fc_norm]
+                frozen = [m for m in visual.children() if all(m is not k for k in keep) and m is not blocks]
+                frozen += list(blocks[: len(blocks) - unlocked_blocks])
+                visual.pos_embed.requires_grad_(False)
+                if visual.cls_token is not None:
+                    visual.cls_token.requires_grad_(False)
+        if lock_text:
+            frozen.append(self.model.text)
+        for m in frozen:
+            m.requires_grad_(False)
+            m.eval()
+        return frozen
+
+    def train(self, mode: bool = True) -> ContrastiveTask:
+        super().train(mode)
+        for m in self._frozen:  # locked towers keep dropout/batch statistics in inference mode
+            m.eval()
+        return self
+
+    # --------------------------------------------------------------------------------------- image settings
+    @property
+    def image_size(self) -> int:
+        return self.model.visual.image_size
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def _gather(self, x: Tensor) -> Tensor:
+        """All ranks' rows, differentiable (the backward sums the gradient from every rank onto the owner)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world, b, d) -> (world*b, d)
+
+    def compute_loss(self, images: Tensor, text: Tensor) -> Tensor:
+        image_features, text_features = self.model(images, text)
+        all_image, all_text = self._gather(image_features), self._gather(text_features)
+        offset = (self.global_rank if self.trainer is not None else 0) * image_features.shape[0]
+        if self.loss_name == "siglip":
+            return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset)
+        return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch["image"], batch["text"])
+        b = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/temperature", 1.0 / self.model.logit_scale.exp(), batch_size=b)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.model.clamp_logit_scale()  # after every optimizer step, as CLIP does
+
+    # ------------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = {"image": [], "text": [], "target": []}
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        self._classnames = list(getattr(dm, "classnames", []) or [])
+        self._heldout = set(getattr(dm, "heldout_classnames", []) or [])
+        self._classifier = None
+        if self._classnames:
+            self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.templates)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image_features, text_features = self.model(batch["image"], batch["text"])
+        b = image_features.shape[0]
+        scale = self.model.logit_scale.exp()
+        logits = scale * image_features @ text_features.T
+        labels = torch.arange(b, device=self.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
+        self._val_outputs["image"].append(image_features)
+        self._val_outputs["text"].append(text_features)
+        if self._classifier is not None and "label" in batch:
+            index = {c: i for i, c in enumerate(self._classnames)}
+            target = torch.tensor([index.get(lbl, -1) for lbl in batch["label"]], device=self.device)
+            self._val_outputs["target"].append(target)
+
+    def on_validation_epoch_end(self) -> None:
+        image = self._gather_eval(torch.cat(self._val_outputs["image"]))
+        text = self._gather_eval(torch.cat(self._val_outputs["text"]))
+        metrics = retrieval_recall(image, text, ks=(1, 5))
+        if self._val_outputs["target"]:
+            target = self._gather_eval(torch.cat(self._val_outputs["target"]))
+            metrics.update(zero_shot_accuracy(image @ self._classifier.T, target, self._classnames, self._heldout))
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("zero_shot_top1", "zero_shot_top1_heldout"))
+        self._val_outputs = {}
+
+    def _gather_eval(self, x: Tensor) -> Tensor:
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
+    # ------------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        return build_optimizer(self, **self.optim_args)
+
+
+def retrieval_recall(image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Image->text and text->image recall@k when row i of ``image`` matches row i of ``text``.
+
+    A caption may be shared by several images (synthetic data): a retrieved item counts as correct when its
+    embedding equals the true one's, so identical captions are not penalised against each other.
+    """
+    sim = image @ text.T  # (n, n)
+    out = {}
+    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        true = s.diagonal().unsqueeze(1)
+        rank = (s > true + 1e-6).sum(dim=1)  # gallery items strictly more similar than the true match
+        for k in ks:
+            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    return out
+
+
+def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], heldout: set[str]) -> dict[str, float]:
+    """Top-1/top-5 zero-shot accuracy over all labelled images, and top-1 on the held-out classes alone."""
+    valid = target >= 0
+    logits, target = logits[valid], target[valid]
+    if target.numel() == 0:
+        return {}
+    n = logits.shape[1]
+    out = {
+        f"zero_shot_top{k}": multiclass_accuracy(logits, target, n, top_k=k, average="micro").item()
+        for k in (1, 5)
+        if k <= n
+    }
+    hit1 = logits.argmax(dim=1) == target
+    if heldout:
+        is_heldout = torch.tensor([classnames[t] in heldout for t in target.tolist()], device=target.device)
+        if is_heldout.any():
+            out["zero_shot_top1_heldout"] = hit1[is_heldout].float().mean().item()
+        if (~is_heldout).any():
+            out["zero_shot_top1_seen"] = hit1[~is_heldout].float().mean().item()
+    return out
+
+
+__all__ = ["ContrastiveTask", "clip_loss", "siglip_loss", "retrieval_recall", "zero_shot_accuracy"]
