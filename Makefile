@@ -34,7 +34,7 @@ demo-clip: install
 	$(PY) scripts/zero_shot.py --checkpoint runs/clip/checkpoints/last.ckpt --labels-file data/shapes/classnames.txt \
 		--top-k 3 data/shapes/validation/00000.png data/shapes/validation/00001.png data/shapes/validation/00002.png
 	$(PY) scripts/zero_shot.py --checkpoint runs/clip/checkpoints/last.ckpt --labels-file data/shapes/classnames.txt \
-		--accuracy-only data/shapes/validation
+		--heldout-labels-file data/shapes/heldout.txt --accuracy-only data/shapes/validation
 
 demo-lm: install
 	$(VLM) fit --config configs/lm/shapes.yaml

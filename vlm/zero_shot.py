@@ -22,27 +22,33 @@ TEMPLATE_SETS = ("simple", "openai", "openai_simple", "shapes")
 
 
 def get_templates(spec: str | Sequence[Template]) -> list[Template]:
-    """Resolves a template set name (``simple``, ``openai``, ``openai_simple``, ``shapes``) or passes a list through.
+    """Resolves template set names (``simple``, ``openai``, ``openai_simple``, ``shapes``) and prompts.
 
-    A template is a string with one ``{}`` or a callable taking the class name.
+    ``spec`` is a set name, a prompt with one ``{}``, a callable taking the class name, or a list of those (names
+    in a list are expanded in place).
     """
-    if not isinstance(spec, str):
-        templates = list(spec)
-    elif spec == "simple":
-        templates = ["a photo of a {}."]
-    elif spec == "shapes":
-        templates = ["a {}", "a small {}", "a large {}"]
-    elif spec in ("openai", "openai_simple"):
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
-        templates = list(OPENAI_IMAGENET_TEMPLATES if spec == "openai" else SIMPLE_IMAGENET_TEMPLATES)
-    elif "{}" in spec:
-        templates = [spec]
-    else:
-        raise ValueError(f"unknown template set {spec!r}: expected one of {', '.join(TEMPLATE_SETS)}, or a '{{}}' prompt")
+    items = [spec] if isinstance(spec, str) or callable(spec) else list(spec)
+    templates: list[Template] = []
+    for item in items:
+        templates.extend(_template_set(item) if isinstance(item, str) and item in TEMPLATE_SETS else [item])
+    for t in templates:
+        if isinstance(t, str) and "{}" not in t:
+            raise ValueError(
+                f"unknown template set {t!r}: expected one of {', '.join(TEMPLATE_SETS)}, or a prompt containing {{}}"
+            )
     if not templates:
         raise ValueError("no prompt templates given")
     return templates
+
+
+def _template_set(name: str) -> list[Template]:
+    if name == "simple":
+        return ["a photo of a {}."]
+    if name == "shapes":
+        return ["a {}", "a small {}", "a large {}"]
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    return list(OPENAI_IMAGENET_TEMPLATES if name == "openai" else SIMPLE_IMAGENET_TEMPLATES)
 
 
 def _fill(template: Template, classname: str) -> str:

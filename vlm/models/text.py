@@ -7,6 +7,8 @@ sequence is pooled at the end-of-text token, the only position whose causal view
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +29,10 @@ class TextTransformer(nn.Module):
         norm_eps: LayerNorm epsilon.
         eot_token_id: id of the end-of-text token, where the sequence is pooled.
         grad_checkpointing: recompute block activations in the backward pass to save memory.
+        layer_scale: initial LayerScale value, or ``None`` (open_clip's ``ls_init_value``).
+        pool: ``eot`` (CLIP: the end-of-text state) or ``mean`` (the mean of the states up to and including
+            end-of-text, padding excluded: closer to a bag of words, so embeddings of new word combinations
+            compose from the words').
     """
 
     def __init__(
@@ -41,17 +47,23 @@ class TextTransformer(nn.Module):
         norm_eps: float = 1e-5,
         eot_token_id: int = 49407,
         grad_checkpointing: bool = False,
+        layer_scale: float | None = None,
+        pool: Literal["eot", "mean"] = "eot",
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.width = width
         self.eot_token_id = eot_token_id
+        if pool not in ("eot", "mean"):
+            raise ValueError(f"pool must be 'eot' or 'mean', got {pool!r}")
+        self.pool = pool
         self.grad_checkpointing = grad_checkpointing
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, qkv_bias=True, act=act, norm_eps=norm_eps) for _ in range(depth)
+            Block(width, num_heads, mlp_ratio, qkv_bias=True, act=act, norm_eps=norm_eps, layer_scale=layer_scale)
+            for _ in range(depth)
         )
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -74,6 +86,10 @@ class TextTransformer(nn.Module):
         return torch.where(is_eot.any(dim=1), first, torch.full_like(first, text.shape[1] - 1))
 
     def forward(self, text: Tensor) -> Tensor:
-        """Token ids (b, n) -> the hidden state at each row's end-of-text token (b, width)."""
+        """Token ids (b, n) -> the pooled text embedding (b, width)."""
         x = self.forward_tokens(text)
-        return x[torch.arange(x.shape[0], device=x.device), self.eot_positions(text)]
+        eot = self.eot_positions(text)
+        if self.pool == "mean":
+            keep = torch.arange(x.shape[1], device=x.device)[None, :] <= eot[:, None]  # (b, n): up to EOT
+            return (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True)
+        return x[torch.arange(x.shape[0], device=x.device), eot]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from vlm.data.hf_tokenizer import HFTokenizer
 from vlm.data.tokenizer import CLIPTokenizer
 from vlm.models.clip import CLIP
 from vlm.tasks.optim import build_optimizer
@@ -70,7 +71,8 @@ class ContrastiveTask(L.LightningModule):
         lock_image: freeze the image tower (LiT, Zhai et al. 2022), except its last ``lock_image_unlocked_blocks``.
         lock_image_unlocked_blocks: number of final image blocks (and the final norm) left trainable.
         lock_text: freeze the text tower (e.g. a pretrained language model).
-        templates: zero-shot prompt templates used on validation (``{}`` is replaced by the class name).
+        templates: zero-shot prompt templates used on validation (``{}`` is replaced by the class name), or the
+            name of a template set (see :func:`vlm.zero_shot.get_templates`).
         image_mean: per-channel normalisation mean of the input images.
         image_std: per-channel normalisation std.
     """
@@ -78,7 +80,7 @@ class ContrastiveTask(L.LightningModule):
     def __init__(
         self,
         model: CLIP,
-        tokenizer: CLIPTokenizer | None = None,
+        tokenizer: CLIPTokenizer | HFTokenizer | None = None,
         loss: str = "clip",
         lr: float = 5e-4,
         weight_decay: float = 0.1,
@@ -89,7 +91,7 @@ class ContrastiveTask(L.LightningModule):
         lock_image: bool = False,
         lock_image_unlocked_blocks: int = 0,
         lock_text: bool = False,
-        templates: Sequence[str] = ("a photo of a {}.",),
+        templates: str | Sequence[str] = ("a photo of a {}.",),
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
     ) -> None:
@@ -105,7 +107,7 @@ class ContrastiveTask(L.LightningModule):
                                warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer()
-        self.templates = list(templates)
+        self.templates = templates if isinstance(templates, str) else list(templates)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self._frozen = self._lock(lock_image, lock_image_unlocked_blocks, lock_text)
         self._val_outputs: dict[str, list[Tensor]] = {}
@@ -149,14 +151,14 @@ class ContrastiveTask(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- loss
     def _gather(self, x: Tensor) -> Tensor:
         """All ranks' rows, differentiable (the backward sums the gradient from every rank onto the owner)."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return x
         return self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world, b, d) -> (world*b, d)
 
     def compute_loss(self, images: Tensor, text: Tensor) -> Tensor:
         image_features, text_features = self.model(images, text)
         all_image, all_text = self._gather(image_features), self._gather(text_features)
-        offset = (self.global_rank if self.trainer is not None else 0) * image_features.shape[0]
+        offset = (self.global_rank if self._trainer is not None else 0) * image_features.shape[0]
         if self.loss_name == "siglip":
             return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset)
         return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset)
@@ -174,7 +176,7 @@ class ContrastiveTask(L.LightningModule):
     # ------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = {"image": [], "text": [], "target": []}
-        dm = self.trainer.datamodule if self.trainer is not None else None
+        dm = self.trainer.datamodule if self._trainer is not None else None
         self._classnames = list(getattr(dm, "classnames", []) or [])
         self._heldout = set(getattr(dm, "heldout_classnames", []) or [])
         self._classifier = None
@@ -208,7 +210,7 @@ class ContrastiveTask(L.LightningModule):
         self._val_outputs = {}
 
     def _gather_eval(self, x: Tensor) -> Tensor:
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return x
         return self.all_gather(x).flatten(0, 1)
 

@@ -42,7 +42,7 @@ def build_optimizer(
     groups = param_groups(task, weight_decay)
     fused = all(p.is_cuda for g in groups for p in g["params"]) and len(groups[0]["params"]) > 0
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
-    total = task.trainer.estimated_stepping_batches if task.trainer is not None else 1
+    total = task.trainer.estimated_stepping_batches if task._trainer is not None else 1
     total = int(total) if math.isfinite(total) else max(warmup_steps * 10, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_lr_ratio)

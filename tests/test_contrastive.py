@@ -1,0 +1,122 @@
+"""Contrastive task: the loss against a direct formula, DDP gradients equal one process on the whole batch,
+temperature clamping, locking towers, and zero-shot classifier building."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_clip_config
+from ddp_contrastive import _siglip_config, make_batch
+
+from vlm.checkpoint import build_task
+from vlm.tasks.contrastive import clip_loss, retrieval_recall, siglip_loss
+from vlm.zero_shot import build_classifier, classify, get_templates
+
+
+def test_clip_loss_matches_direct_formula():
+    img, txt = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * img @ txt.T
+    ref = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6))) / 2
+    torch.testing.assert_close(clip_loss(img, txt, img, txt, scale, offset=0), ref)
+    # Two "ranks" each computing their own rows with offset labels average to the one-process loss.
+    halves = [clip_loss(img[i : i + 3], txt[i : i + 3], img, txt, scale, offset=i) for i in (0, 3)]
+    torch.testing.assert_close(sum(halves) / 2, ref)
+
+
+def test_siglip_loss_matches_direct_formula():
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    scale, bias = torch.tensor(2.3), torch.tensor(-10.0)
+    logits = scale.exp() * img @ txt.T + bias
+    labels = 2 * torch.eye(4) - 1
+    ref = -F.logsigmoid(labels * logits).sum() / 4
+    torch.testing.assert_close(siglip_loss(img, txt, scale, bias, offset=0), ref)
+    halves = [siglip_loss(img[i : i + 2], txt, scale, bias, offset=i) for i in (0, 2)]
+    torch.testing.assert_close(sum(halves) / 2, ref)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path, loss):
+    script = Path(__file__).with_name("ddp_contrastive.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), loss], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"grads_rank{r}.pt") for r in (0, 1)]
+
+    torch.manual_seed(0)
+    task = build_task(_siglip_config() if loss == "siglip" else tiny_clip_config(warmup_steps=0))
+    images, text = make_batch()
+    task.compute_loss(images, text).backward()
+    ref = {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+    assert set(ranks[0]) == set(ref)
+    for name, g in ref.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name])  # DDP left both ranks with the same gradient
+        # fp32 summation order differs between the two runs: tolerance relative to the gradient's own scale
+        scale = g.abs().max().item()
+        torch.testing.assert_close(ranks[0][name], g, atol=1e-6 * max(scale, 1.0), rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_logit_scale_is_clamped_after_each_step(tiny_clip_task):
+    with torch.no_grad():
+        tiny_clip_task.model.logit_scale.fill_(10.0)
+    tiny_clip_task.on_train_batch_end(None, None, 0)
+    assert tiny_clip_task.model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+
+
+def _grads_after_step(task):
+    task.train()
+    images, text = make_batch(4)
+    task.compute_loss(images, text).backward()
+    return {n for n, p in task.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_lock_text_tower_trains_only_the_rest():
+    task = build_task(tiny_clip_config(lock_text=True))
+    trained = _grads_after_step(task)
+    assert trained and not any(n.startswith("model.text.") for n in trained)
+    assert "model.text_proj.weight" in trained and "model.visual.blocks.0.attn.qkv.weight" in trained
+    assert not task.model.text.training  # frozen towers stay in eval mode
+
+
+def test_lock_image_with_unlocked_last_block():
+    task = build_task(tiny_clip_config(lock_image=True, lock_image_unlocked_blocks=1))
+    trained = _grads_after_step(task)
+    assert not any(n.startswith("model.visual.blocks.0.") for n in trained)
+    assert "model.visual.blocks.1.attn.qkv.weight" in trained and "model.visual.norm.weight" in trained
+    assert not any(n.startswith(("model.visual.patch_embed", "model.visual.pos_embed")) for n in trained)
+    optim = task.configure_optimizers()["optimizer"]
+    in_optim = {id(p) for g in optim.param_groups for p in g["params"]}
+    assert all(p.requires_grad == (id(p) in in_optim) for p in task.parameters())
+
+
+def test_retrieval_recall_perfect_and_duplicate_captions():
+    x = F.normalize(torch.randn(5, 8), dim=-1)
+    r = retrieval_recall(x, x)
+    assert r["image_to_text_R@1"] == 1.0 and r["text_to_image_R@1"] == 1.0
+    t = torch.stack([x[0], x[0], x[2], x[3], x[4]])  # two images share one caption: not a miss
+    assert retrieval_recall(t, t)["image_to_text_R@1"] == 1.0
+
+
+def test_zero_shot_classifier_is_a_normalised_template_ensemble(tiny_clip_task):
+    model, tok = tiny_clip_task.model.eval(), tiny_clip_task.tokenizer
+    clf = build_classifier(model, tok, ["red circle", "blue square"], ["a {}", "a small {}"])
+    assert clf.shape == (2, 16)
+    torch.testing.assert_close(clf.norm(dim=-1), torch.ones(2))
+    with torch.no_grad():
+        e = model.encode_text(tok(["a red circle", "a small red circle"]))
+    torch.testing.assert_close(clf[0], F.normalize(e.mean(0), dim=-1))
+    probs = classify(model, torch.randn(3, 3, 16, 16), clf)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    with pytest.raises(ValueError, match="non-blank"):
+        build_classifier(model, tok, ["  "], ["a {}"])
+
+
+def test_named_template_sets():
+    assert len(get_templates("openai")) == 80
+    assert get_templates("simple") == ["a photo of a {}."]
+    with pytest.raises(ValueError, match="unknown template set"):
+        get_templates("nonsense")

@@ -1,0 +1,92 @@
+"""The single attention module against torch.nn.MultiheadAttention, and the KV cache against full recompute."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlm.models.layers import Attention, Block, DropPath, KVCache
+
+
+def _copy_to_mha(attn: Attention, mha: nn.MultiheadAttention) -> None:
+    with torch.no_grad():
+        if attn.is_cross:
+            mha.in_proj_weight = None
+            mha.q_proj_weight.copy_(attn.q.weight)
+            k_w, v_w = attn.kv.weight.chunk(2, dim=0)
+            mha.k_proj_weight.copy_(k_w)
+            mha.v_proj_weight.copy_(v_w)
+            mha.in_proj_bias.copy_(torch.cat([attn.q.bias, attn.kv.bias]))
+        else:
+            mha.in_proj_weight.copy_(attn.qkv.weight)
+            mha.in_proj_bias.copy_(attn.qkv.bias)
+        mha.out_proj.weight.copy_(attn.proj.weight)
+        mha.out_proj.bias.copy_(attn.proj.bias)
+
+
+def test_self_attention_matches_multihead_attention():
+    attn = Attention(32, 4).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    _copy_to_mha(attn, mha)
+    x = torch.randn(3, 7, 32)
+    ref, _ = mha(x, x, x, need_weights=False)
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=0)
+
+
+def test_causal_and_padding_masks_match_multihead_attention():
+    attn = Attention(32, 4).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    _copy_to_mha(attn, mha)
+    x = torch.randn(2, 6, 32)
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)  # MHA: True = masked out
+    ref, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
+    torch.testing.assert_close(attn(x, is_causal=True), ref, atol=1e-5, rtol=0)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])  # second row: last two keys are padding
+    ref, _ = mha(x, x, x, key_padding_mask=pad, need_weights=False)
+    ours = attn(x, attn_mask=(~pad)[:, None, None, :])  # ours: True = may attend
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_cross_attention_matches_multihead_attention():
+    attn = Attention(32, 4, context_dim=24).eval()
+    mha = nn.MultiheadAttention(32, 4, kdim=24, vdim=24, batch_first=True).eval()
+    _copy_to_mha(attn, mha)
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
+    ref, _ = mha(x, ctx, ctx, need_weights=False)
+    torch.testing.assert_close(attn(x, context=ctx), ref, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_incremental_equals_full_causal():
+    blocks = nn.ModuleList(Block(32, 4) for _ in range(2)).eval()
+    x = torch.randn(2, 10, 32)
+    full = x
+    for blk in blocks:
+        full = blk(full, is_causal=True)
+    cache = KVCache(len(blocks))
+    steps = []
+    for chunk in (x[:, :4], x[:, 4:5], x[:, 5:9], x[:, 9:]):  # a prompt, then single tokens and a chunk
+        h = chunk
+        for i, blk in enumerate(blocks):
+            h = blk(h, is_causal=True, cache=cache, layer_idx=i)
+        steps.append(h)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.length == 10
+
+
+def test_kv_cache_reorder_selects_rows():
+    cache = KVCache(1)
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)
+    cache.update(0, k, k + 100)
+    cache.reorder(torch.tensor([1, 1]))
+    keys, values = cache.update(0, torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2))
+    assert torch.equal(keys[0, :, :3], k[1]) and torch.equal(keys[1, :, :3], k[1])
+    assert torch.equal(values[0, :, :3], k[1] + 100)
+
+
+def test_drop_path_is_identity_in_eval_and_unbiased_in_training():
+    dp = DropPath(0.5)
+    x = torch.ones(4000, 8)
+    assert torch.equal(dp.eval()(x), x)
+    y = dp.train()(x)
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+    assert abs(y.mean().item() - 1.0) < 0.1

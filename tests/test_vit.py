@@ -1,0 +1,81 @@
+"""VisionTransformer: parity with timm (copied weights), position-embedding resampling, patch dropout, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from vlm.models.text import TextTransformer
+from vlm.models.vit import VisionTransformer
+
+
+def test_matches_timm_with_copied_weights():
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=4)
+    ref = ref.eval()
+    ours = VisionTransformer(image_size=32, patch_size=8, width=192, depth=4, num_heads=3).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert (ours(x) - ref(x)).abs().max() <= 1e-5
+    assert (ours.forward_tokens(x) - ref.forward_features(x)).abs().max() <= 1e-5
+
+
+def test_resampled_position_embedding_matches_timm_dynamic_size():
+    kw = dict(pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2, dynamic_img_size=True)
+    ref = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    ours = VisionTransformer(image_size=32, patch_size=8, width=192, depth=2, num_heads=3).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 48, 48)  # a 6x6 grid instead of the 4x4 the embedding was made for
+    assert (ours(x) - ref(x)).abs().max() <= 1e-5
+
+
+def test_avg_pool_without_class_token_matches_timm():
+    kw = dict(pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2)
+    ref = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **kw).eval()
+    ours = VisionTransformer(32, 8, width=192, depth=2, num_heads=3, class_token=False, pool="avg").eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert (ours(x) - ref(x)).abs().max() <= 1e-5
+
+
+def test_patch_dropout_only_in_training():
+    vit = VisionTransformer(32, 8, width=32, depth=1, num_heads=2, patch_dropout=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    assert vit.train().forward_tokens(x).shape == (2, 1 + 8, 32)  # 16 patches -> 8 kept, plus the class token
+    assert vit.eval().forward_tokens(x).shape == (2, 1 + 16, 32)
+
+
+@pytest.mark.parametrize("tower", ["vit", "text"])
+def test_gradient_checkpointing_gives_same_outputs_and_gradients(tower):
+    if tower == "vit":
+        model, x = VisionTransformer(16, 4, width=32, depth=2, num_heads=2), torch.randn(2, 3, 16, 16)
+    else:
+        model, x = TextTransformer(vocab_size=50, context_length=8, width=32, depth=2, num_heads=2), torch.randint(
+            0, 50, (2, 8)
+        )
+    out = model(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.grad_checkpointing = True
+    out2 = model(x)
+    out2.sum().backward()
+    torch.testing.assert_close(out2, out)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_bad_image_size_is_a_clear_error():
+    vit = VisionTransformer(16, 4, width=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        vit(torch.randn(1, 3, 18, 18))
+
+
+def test_text_tower_pools_at_end_of_text_and_is_causal():
+    text = TextTransformer(vocab_size=60, context_length=8, width=32, depth=2, num_heads=2, eot_token_id=59).eval()
+    ids = torch.tensor([[58, 5, 6, 59, 0, 0, 0, 0], [58, 7, 59, 0, 0, 0, 0, 0]])
+    tokens = text.forward_tokens(ids)
+    torch.testing.assert_close(text(ids), torch.stack([tokens[0, 3], tokens[1, 2]]))
+    changed = ids.clone()
+    changed[:, 5:] = 9  # tokens after EOT cannot influence the pooled EOT state under the causal mask
+    torch.testing.assert_close(text(changed), text(ids))

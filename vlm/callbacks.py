@@ -1,0 +1,188 @@
+"""Training callbacks used by the shipped configs: resumable checkpoints and the non-finite guard.
+
+- :class:`Checkpoint`: ``<default_root_dir>/checkpoints/last.ckpt``, written atomically every N steps, at the end of
+  training and on SIGTERM, with what Lightning leaves out for an exact resume (the random generators; the data
+  order and position come from :mod:`vlm.data.sampling`). ``vlm fit --config ... --ckpt_path last`` resumes.
+- :class:`NonFiniteGuard`: a NaN or infinite loss or gradient skips that optimizer step (counted and logged) or stops
+  the run with the step named.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from vlm.reliability import AtomicCheckpointIO, NonFiniteError, remove_stale_temporaries, rng_state, set_rng_state
+
+log = logging.getLogger("vlm.callbacks")
+
+RNG_KEY = "vlm_rng_states"  # checkpoint key: every rank's random generators, by global rank
+
+
+class Checkpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that writes to ``<default_root_dir>/checkpoints`` and
+    makes ``last.ckpt`` a safe point to resume from.
+
+    Lightning's default puts checkpoints under the logger's versioned folder; vlm's contract is one fixed place per
+    run directory with ``last.ckpt`` always current, so later stages, scripts and ``--ckpt_path last`` find it.
+    On top of ModelCheckpoint:
+
+    - files are replaced atomically and never with NaN/inf weights (:class:`vlm.reliability.AtomicCheckpointIO`);
+    - ``last.ckpt`` is also written at the end of training (when the last step was not a multiple of
+      ``every_n_train_steps``) and when the process gets SIGTERM (cluster pre-emption), after which it exits with
+      status 143 (128 + SIGTERM) so job scripts see that training did not finish;
+    - every rank's random generators are saved and restored at the start of the resumed training, so dropout and
+      augmentation continue as if never interrupted (validation runs on its own data-loader generator).
+
+    Arguments are ModelCheckpoint's, with ``save_last=True`` and ``enable_version_counter=False`` by default (a new
+    run in the same directory overwrites ``last.ckpt`` instead of writing ``last-v1.ckpt`` beside it).
+    """
+
+    def __init__(self, dirpath: str | None = None, save_last: bool = True, enable_version_counter: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(dirpath=dirpath, save_last=save_last, enable_version_counter=enable_version_counter,
+                         **kwargs)
+        self._rng_to_restore: list[dict[str, Any]] | None = None
+
+    def _resolve_dirpath(self, trainer: L.Trainer) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        # ``--ckpt_path last`` looks for last.ckpt before ``setup`` runs: resolve the directory here too.
+        self._resolve_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._resolve_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # only Lightning's default writer is swapped
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and stage == "fit":
+            remove_stale_temporaries(self.dirpath)
+
+    # ----------------------------------------------------------------------------------------- random state
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = rng_state()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, state)  # every rank saves; rank 0's file holds them all
+        else:
+            states = [state]
+        checkpoint[RNG_KEY] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Restored here, after Lightning has built the resumed data iterator (which draws from the generator),
+        # so the next training step sees exactly the state the interrupted run had after the saved step.
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            rank_zero_warn(f"the checkpoint holds the random state of {len(states)} ranks, this run has "
+                           f"{trainer.world_size}: random streams will not continue exactly")
+        set_rng_state(states[trainer.global_rank % len(states)])
+
+    # --------------------------------------------------------------------------------------- extra save points
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            # Other exceptions can stop a step half-way: such a state is not saved over a good checkpoint.
+            super().on_exception(trainer, pl_module, exception)
+            return
+        # Lightning raises this between steps (or validation batches) on every rank once SIGTERM arrived.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_info(f"SIGTERM: saved {self.last_model_path} at step {trainer.global_step}; "
+                       "resume with --ckpt_path last")
+        exception.code = 128 + signal.SIGTERM
+
+
+class NonFiniteGuard(Callback):
+    """Catches a NaN or infinite loss or gradient before it reaches the weights.
+
+    The check runs after the backward pass and before the optimizer step (every micro-batch's loss, then the
+    gradients' largest magnitude), agreed across ranks. With mixed-precision fp16, infinite gradients are the grad
+    scaler's business (it skips those steps itself), so only the loss is checked.
+
+    Args:
+        policy: ``skip`` drops that optimizer step (gradients discarded, weights and optimizer moments untouched;
+            the learning-rate schedule still advances), counts it and logs ``train/nonfinite_skipped``; ``stop``
+            raises :class:`vlm.reliability.NonFiniteError` naming the step. Either way the weights that are
+            checkpointed stay finite.
+        max_consecutive_skips: with ``skip``, stop anyway after this many non-finite steps in a row (a diverged
+            run would otherwise skip forever).
+        warn_first: steps named in a warning before only the count is logged.
+    """
+
+    def __init__(self, policy: Literal["skip", "stop"] = "skip", max_consecutive_skips: int = 50,
+                 warn_first: int = 5) -> None:
+        if policy not in ("skip", "stop"):
+            raise ValueError(f"policy must be 'skip' or 'stop', got {policy!r}")
+        self.policy = policy
+        self.max_consecutive_skips = max_consecutive_skips
+        self.warn_first = warn_first
+        self.skipped = 0
+        self.consecutive = 0
+        self._loss_bad: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: one sync per step, below
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        loss_bad, self._loss_bad = self._loss_bad, None
+        device = pl_module.device
+        flags = torch.zeros(2, device=device)
+        if loss_bad is not None:
+            flags[0] = loss_bad.to(device).float()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
+            # The max-norm is NaN/inf exactly when some entry is; unlike the 2-norm it cannot overflow.
+            largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)
+            flags[1] = (~torch.isfinite(largest)).float().to(device)
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")  # one rank's NaN is every rank's decision
+        bad_loss, bad_grad = (bool(x) for x in flags.tolist())
+        if not (bad_loss or bad_grad):
+            self.consecutive = 0
+            pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+            return
+        what = " and ".join(name for name, bad in (("loss", bad_loss), ("gradient", bad_grad)) if bad)
+        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if self.policy == "stop":
+            raise NonFiniteError(f"non-finite {what} at {where}; stopping (NonFiniteGuard policy 'stop'). "
+                                 "The last checkpoint holds the weights from before it.")
+        optimizer.zero_grad(set_to_none=True)  # the optimizer then leaves every parameter (and its moments) as is
+        self.skipped += 1
+        self.consecutive += 1
+        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+        if self.skipped <= self.warn_first:
+            rank_zero_warn(f"non-finite {what} at {where}: optimizer step skipped ({self.skipped} so far)")
+        if self.consecutive >= self.max_consecutive_skips:
+            raise NonFiniteError(f"non-finite {what} at {where}: {self.consecutive} steps in a row skipped; "
+                                 "stopping. The last checkpoint holds the weights from before them.")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))
+
+
+__all__ = ["Checkpoint", "NonFiniteGuard"]
