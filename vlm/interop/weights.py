@@ -1,0 +1,123 @@
+"""Shared pieces of the converters: reading weight files, checking shapes, reading a peer model's parts.
+
+Every converter copies tensors into a freshly built vlm module through :func:`load_checked`, so a checkpoint that
+does not fit the chosen architecture fails with one message naming the first mismatched key and both shapes,
+instead of PyTorch's list of every size mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vlm.models.layers import make_activation
+
+
+class ConversionError(ValueError):
+    """A model or checkpoint that cannot be converted; the message says why."""
+
+
+class UnsupportedModelError(ConversionError):
+    """A peer model (or state dict) that uses features vlm's modules do not have."""
+
+
+class ShapeMismatchError(ConversionError):
+    """A state dict whose keys or shapes do not match the architecture it is loaded into."""
+
+
+def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Reads a state dict from a ``.safetensors`` file, a torch file (loaded with ``weights_only=True``) or a mapping.
+
+    Training checkpoints are unwrapped (``state_dict`` / ``model`` / ``module`` entries) and a DistributedDataParallel
+    ``module.`` prefix is removed.
+    """
+    if isinstance(source, Mapping):
+        sd = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConversionError(f"weights file not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle / zip / format errors all mean "not a weights file we can read safely"
+                raise ConversionError(f"{path} is not a readable weights file: {str(e).splitlines()[0]}") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(sd.get(wrapper), Mapping):
+            sd = dict(sd[wrapper])
+    if not sd or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ConversionError("not a state dict: expected a mapping of parameter names to tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str = "the model") -> None:
+    """Raises :class:`ShapeMismatchError` unless ``given`` has exactly the keys and shapes of ``expected``."""
+    for key, ref in expected.items():
+        if key not in given:
+            raise ShapeMismatchError(f"the checkpoint has no {key!r}, which {what} needs (shape {tuple(ref.shape)})")
+        if tuple(given[key].shape) != tuple(ref.shape):
+            raise ShapeMismatchError(
+                f"the checkpoint does not match {what}: first mismatched key {key!r} has shape "
+                f"{tuple(given[key].shape)} in the checkpoint but {tuple(ref.shape)} in the model"
+            )
+    extra = [k for k in given if k not in expected]
+    if extra:
+        raise ShapeMismatchError(
+            f"the checkpoint has keys {what} does not have, first {extra[0]!r} ({len(extra)} in all)"
+        )
+
+
+def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], what: str = "the model") -> nn.Module:
+    """Copies ``state_dict`` into ``module`` after :func:`check_state_dict`; returns ``module``."""
+    check_state_dict(module.state_dict(), state_dict, what)
+    module.load_state_dict(dict(state_dict), strict=True)
+    return module
+
+
+def activation_name(act: nn.Module) -> str:
+    """The vlm name (see :func:`vlm.models.layers.make_activation`) of an activation module, found by evaluating it.
+
+    Comparing outputs instead of class names recognises ``nn.GELU``, timm's and open_clip's GELU / QuickGELU
+    classes and ``functools.partial`` variants alike.
+    """
+    x = torch.linspace(-6, 6, 241)
+    with torch.no_grad():
+        y = act(x.clone())
+        for name in ("gelu", "gelu_tanh", "quick_gelu", "relu"):
+            if torch.allclose(y, make_activation(name)(x), rtol=0, atol=1e-6):
+                return name
+    raise UnsupportedModelError(f"unsupported activation {act!r}; vlm has gelu, gelu_tanh, quick_gelu and relu")
+
+
+def layer_norm_eps(norm: nn.Module, width: int, where: str) -> float:
+    """The epsilon of an affine ``nn.LayerNorm`` over ``width`` channels (anything else is unsupported)."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        raise UnsupportedModelError(f"{where} is {type(norm).__name__}; vlm supports affine LayerNorm only")
+    if tuple(norm.normalized_shape) != (width,):
+        raise UnsupportedModelError(f"{where} normalises {tuple(norm.normalized_shape)}, expected ({width},)")
+    return float(norm.eps)
+
+
+def is_identity(module: nn.Module | None) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+__all__ = [
+    "ConversionError",
+    "ShapeMismatchError",
+    "UnsupportedModelError",
+    "activation_name",
+    "check_state_dict",
+    "layer_norm_eps",
+    "load_checked",
+    "read_state_dict",
+]
