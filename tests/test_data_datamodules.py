@@ -1,0 +1,186 @@
+"""ImageTextDataModule / ShapesDataModule: the batch contract, sources, bad data, Lightning integration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from vlm.data import shapes as S
+from vlm.data.datamodules import ImageTextDataModule, ShapesDataModule
+from vlm.data.datasets import BadSampleError
+from vlm.data.images import load_image
+from vlm.data.tokenizer import CLIPTokenizer
+from vlm.data.transforms import eval_transform
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer(16)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    S.generate_shapes(root, train=64, val=36, seed=0, image_size=32, processes=1)
+    return root
+
+
+def _module(cls=ImageTextDataModule, **kwargs):
+    defaults = dict(tokenizer=CLIPTokenizer(16), image_size=16, image_mean=MEAN, image_std=STD, batch_size=8)
+    defaults.update(kwargs)
+    return cls(**defaults)
+
+
+def _check_batch(batch, tokenizer, size=8, image_size=16):
+    assert set(batch) == {"image", "text", "caption", "label", "path"}
+    assert batch["image"].shape == (size, 3, image_size, image_size) and batch["image"].dtype == torch.float32
+    assert len(batch["caption"]) == len(batch["label"]) == len(batch["path"]) == size
+    assert torch.equal(batch["text"], tokenizer.encode_batch(batch["caption"])["text"])
+    for i in (0, size - 1):  # pixels equal the evaluation transform of the file
+        expected = eval_transform(image_size, MEAN, STD)(load_image(batch["path"][i]))
+        torch.testing.assert_close(batch["image"][i], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_batch_contract(shapes_root, tokenizer, in_memory):
+    dm = _module(train=str(shapes_root / "train"), val=str(shapes_root / "validation"), in_memory=in_memory)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 8  # 64 / 8, drop_last
+    _check_batch(train[0], tokenizer)
+    val = list(dm.val_dataloader())
+    assert sum(len(b["path"]) for b in val) == 36
+    rows = {r["file_name"]: r for r in map(json.loads, (shapes_root / "validation" / "metadata.jsonl").open())}
+    for batch in val:
+        for path, caption, label in zip(batch["path"], batch["caption"], batch["label"]):
+            row = rows[path.rsplit("/", 1)[1]]
+            assert (caption, label) == (row["caption"], row["label"])
+    assert dm.classnames == list(S.CLASSNAMES)
+    assert dm.heldout_classnames == list(S.HELD_OUT_CLASSNAMES)
+
+
+def test_csv_and_jsonl_sources_and_label_fallback(shapes_root, tokenizer, tmp_path):
+    rows = [json.loads(line) for line in (shapes_root / "validation" / "metadata.jsonl").open()][:12]
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("path,text\n" + "".join(f"{shapes_root / 'validation' / r['file_name']},{r['caption']}\n"
+                                                 for r in rows))
+    dm = _module(train=str(csv_path), val=str(csv_path), image_column="path", text_column="text", label_column=None)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    _check_batch(batch, tokenizer)
+    assert batch["label"] == [""] * 8
+    jsonl = tmp_path / "pairs.jsonl"  # relative paths are relative to the file
+    shutil.copytree(shapes_root / "validation", tmp_path / "imgs")
+    jsonl.write_text("".join(json.dumps({"image": f"imgs/{r['file_name']}", "caption": r["caption"],
+                                         "label": r["label"]}) + "\n" for r in rows))
+    dm = _module(train=str(jsonl), val=str(jsonl))
+    dm.setup("fit")
+    _check_batch(next(iter(dm.train_dataloader())), tokenizer)
+    assert dm.classnames == sorted({r["label"] for r in rows})
+    assert dm.heldout_classnames == []
+
+
+def test_missing_source_and_no_tokenizer_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such dataset file or directory"):
+        _module(train=str(tmp_path / "nope.csv")).setup("fit")
+    with pytest.raises(ValueError, match="without metadata.jsonl"):
+        _module(train=str(tmp_path)).setup("fit")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        ImageTextDataModule(train=str(tmp_path)).setup("fit")
+
+
+def _corrupt(root, tmp_path):
+    """A copy of the training split with 5 bad rows out of 64: truncated, zero-byte, text, missing, no caption."""
+    train = tmp_path / "train"
+    shutil.copytree(root / "train", train)
+    (train / "00003.png").write_bytes((train / "00003.png").read_bytes()[:200])
+    (train / "00010.png").write_bytes(b"")
+    (train / "00020.png").write_text("not a png")
+    (train / "00030.png").unlink()
+    rows = [json.loads(line) for line in (train / "metadata.jsonl").open()]
+    rows[40]["caption"] = "  "
+    (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return train, {"00003.png", "00010.png", "00020.png", "00030.png", "00040.png"}
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_bad_samples_are_skipped_counted_and_replaced(shapes_root, tmp_path, caplog, in_memory):
+    train, bad = _corrupt(shapes_root, tmp_path)
+    dm = _module(train=str(train), in_memory=in_memory, batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="vlm.data"):
+        dm.setup("fit")
+        seen = []
+        for batch in dm.train_dataloader():
+            batch = dm.on_before_batch_transfer(batch, 0)
+            assert len(batch["path"]) == 8 and batch["image"].shape[0] == 8  # never a smaller batch
+            seen += [p.rsplit("/", 1)[1] for p in batch["path"]]
+    assert not bad & set(seen)
+    assert dm.skipped["train"] == 5
+    logged = caplog.text
+    assert "empty caption" in logged and "00040.png" in logged
+    assert sum(name in logged for name in bad) >= 3  # the first few bad files are named
+    # Empty captions are dropped up front (63 rows); in memory the unreadable files too (59 rows); either way
+    # 7 full batches. From disk, an unreadable file is replaced by another row when it is drawn.
+    assert len(seen) == 56
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_bad_samples_raise_policy_names_the_file(shapes_root, tmp_path, in_memory):
+    train, _ = _corrupt(shapes_root, tmp_path)
+    rows = [json.loads(line) for line in (train / "metadata.jsonl").open()]
+    rows[40]["caption"] = "fine again"
+    (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = _module(train=str(train), in_memory=in_memory, bad_samples="raise")
+    with pytest.raises(BadSampleError, match=r"0000[3]\.png: truncated image data"):
+        dm.setup("fit")
+        for _ in dm.train_dataloader():
+            pass
+    rows[40]["caption"] = ""
+    (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="00040.png.*empty caption"):
+        _module(train=str(train), in_memory=in_memory, bad_samples="raise").setup("fit")
+
+
+class _StandInTask(pl.LightningModule):
+    """A task with the attributes data modules read, checking each batch it gets."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.image_size, self.image_mean, self.image_std = tokenizer, 16, MEAN, STD
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.sizes: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        assert "skipped" not in batch and batch["image"].shape[1:] == (3, 16, 16)
+        self.sizes.append(batch["image"].shape[0])
+        return (self.weight * batch["image"].mean()).sum()
+
+    def validation_step(self, batch, batch_idx):
+        assert batch["text"].shape[1] == 16
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_shapes_datamodule_under_a_trainer(tmp_path, tokenizer):
+    root = tmp_path / "shapes"
+    dm = ShapesDataModule(data_dir=str(root), num_train=40, num_val=36, image_size_on_disk=32, batch_size=16,
+                          cache_workers=0)
+    task = _StandInTask(tokenizer)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=dm)
+    assert S.is_complete(root) and task.sizes == [16, 16]  # 40 images, drop_last: two full batches
+    assert dm.image_size == 16 and dm.tokenizer is tokenizer  # read from the task
+    # prepare_data never regenerates existing data.
+    stamp = (root / "train" / "00000.png").stat().st_mtime_ns
+    ShapesDataModule(data_dir=str(root), num_train=99).prepare_data()
+    assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
+    assert len((root / "train" / "metadata.jsonl").read_text().splitlines()) == 40

