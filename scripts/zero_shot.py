@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so --help and usage errors are instant.
     from vlm.checkpoint import CheckpointError, load_task
-    from vlm.data.transforms import eval_transform
     from vlm.data.images import display_path
+    from vlm.data.transforms import eval_transform
     from vlm.inputs import expand_paths, folder_metadata, load_batches
     from vlm.tasks.contrastive import ContrastiveTask
     from vlm.zero_shot import build_classifier, classify
@@ -107,15 +107,20 @@ def main(argv: list[str] | None = None) -> int:
             if path in batch.errors:
                 failed += 1
                 if not args.accuracy_only:
-                    emit(args.json, {"path": shown, "error": batch.errors[path]}, f"{shown}: error: {batch.errors[path]}")
+                    emit(
+                        args.json, {"path": shown, "error": batch.errors[path]}, f"{shown}: error: {batch.errors[path]}"
+                    )
                 continue
             preds = results[path]
             if truth.get(path) is not None:
                 hits.append((truth[path], preds[0][0] == truth[path]))
             if not args.accuracy_only:
                 text = ", ".join(f"{label} ({prob:.3f})" for label, prob in preds)
-                emit(args.json, {"path": shown, "predictions": [{"label": lb, "prob": round(pr, 6)} for lb, pr in preds]},
-                     f"{shown}: {text}")
+                emit(
+                    args.json,
+                    {"path": shown, "predictions": [{"label": lb, "prob": round(pr, 6)} for lb, pr in preds]},
+                    f"{shown}: {text}",
+                )
     report_accuracy(hits, args.heldout, to_stderr=args.json and not args.accuracy_only)
     if failed:
         print(f"{failed} of {len(paths)} inputs failed", file=sys.stderr)

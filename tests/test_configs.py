@@ -28,7 +28,9 @@ def test_configs_exist():
     assert any(c.endswith("clip/shapes.yaml") for c in CONFIGS)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if "hf_lm" not in c], ids=lambda c: Path(c).parent.name + "/" + Path(c).name)
+@pytest.mark.parametrize(
+    "config", [c for c in CONFIGS if "hf_lm" not in c], ids=lambda c: Path(c).parent.name + "/" + Path(c).name
+)
 def test_config_instantiates(config, tmp_path):
     cli = instantiate(config, f"--trainer.default_root_dir={tmp_path}")
     assert isinstance(cli.model, LightningModule)

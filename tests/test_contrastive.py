@@ -43,7 +43,9 @@ def test_siglip_loss_matches_direct_formula():
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path, loss):
     script = Path(__file__).with_name("ddp_contrastive.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), loss], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), loss], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"grads_rank{r}.pt") for r in (0, 1)]
 

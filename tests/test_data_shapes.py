@@ -151,3 +151,12 @@ def test_background_is_grey_and_noisy():
     background = image[~_object_pixels(scene, 64, 0)]
     assert background.std(axis=0).min() > 5  # gaussian noise
     assert np.abs(background.mean(axis=0) - background.mean()).max() < 10  # grey: channels close
+
+
+def test_two_object_fraction_is_configurable(tmp_path):
+    from vlm.data.shapes import generate_shapes
+
+    out = generate_shapes(tmp_path / "s", train=40, val=36, seed=1, processes=1, two_object_prob=0.0)
+    rows = [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["num_objects"] == 1 for r in rows)
+    assert json.loads((out / "info.json").read_text())["two_object_prob"] == 0.0

@@ -33,8 +33,14 @@ def checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     task = build_task(tiny_clip_config())
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=out)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
     trainer.fit(task, torch.utils.data.DataLoader(_Pairs(), batch_size=4))
     trainer.save_checkpoint(out / "tiny.ckpt")
     return out / "tiny.ckpt"
@@ -59,8 +65,9 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_json_lines_for_a_folder_in_sorted_order(checkpoint, folder, capsys):
-    code, out, err = run(capsys, "--checkpoint", str(checkpoint), "--labels", "red,blue,green", "--json",
-                         "--top-k", "2", str(folder))
+    code, out, err = run(
+        capsys, "--checkpoint", str(checkpoint), "--labels", "red,blue,green", "--json", "--top-k", "2", str(folder)
+    )
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     assert [Path(r["path"]).name for r in lines] == ["00.png", "01.png", "02.png"]
@@ -76,10 +83,14 @@ def test_predictions_match_the_library(checkpoint, folder, capsys):
     from vlm.data.transforms import eval_transform
     from vlm.zero_shot import build_classifier, classify
 
-    code, out, _ = run(capsys, "--checkpoint", str(checkpoint), "--labels", "red,blue", "--json", str(folder / "00.png"))
+    code, out, _ = run(
+        capsys, "--checkpoint", str(checkpoint), "--labels", "red,blue", "--json", str(folder / "00.png")
+    )
     task = load_task(checkpoint)
     image = eval_transform(task.image_size, task.image_mean, task.image_std)(load_image(folder / "00.png"))
-    probs = classify(task.model, image[None], build_classifier(task.model, task.tokenizer, ["red", "blue"], task.templates))
+    probs = classify(
+        task.model, image[None], build_classifier(task.model, task.tokenizer, ["red", "blue"], task.templates)
+    )
     got = {p["label"]: p["prob"] for p in json.loads(out)["predictions"]}
     assert got["red"] == pytest.approx(probs[0, 0].item(), abs=1e-5)
     assert got["blue"] == pytest.approx(probs[0, 1].item(), abs=1e-5)
@@ -88,8 +99,17 @@ def test_predictions_match_the_library(checkpoint, folder, capsys):
 def test_bad_inputs_get_one_error_line_and_the_rest_are_processed(checkpoint, folder, tmp_path, capsys):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    code, out, _ = run(capsys, "--checkpoint", str(checkpoint), "--labels", "red,blue", "--json",
-                       str(empty), str(folder / "01.png"), str(tmp_path / "missing.jpg"))
+    code, out, _ = run(
+        capsys,
+        "--checkpoint",
+        str(checkpoint),
+        "--labels",
+        "red,blue",
+        "--json",
+        str(empty),
+        str(folder / "01.png"),
+        str(tmp_path / "missing.jpg"),
+    )
     assert code == 1
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == 3
@@ -127,8 +147,18 @@ def test_missing_and_foreign_checkpoints_exit_2(folder, tmp_path, capsys):
 def test_subprocess_has_no_traceback_for_user_errors(checkpoint, tmp_path):
     (tmp_path / "bad.png").write_text("text renamed .png")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "zero_shot.py"), "--checkpoint", str(checkpoint), "--labels", "a,b",
-         str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "zero_shot.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--labels",
+            "a,b",
+            str(tmp_path / "bad.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "error" in proc.stdout

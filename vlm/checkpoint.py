@@ -58,7 +58,8 @@ def task_config(hparams: dict[str, Any]) -> dict[str, Any]:
     hp.pop("_instantiator", None)
     if class_path is None:
         raise CheckpointError(
-            "the checkpoint does not record its task class (was the task built with vlm fit or vlm.checkpoint.build_task?)"
+            "the checkpoint does not record its task class "
+            "(was the task built with vlm fit or vlm.checkpoint.build_task?)"
         )
     return {"class_path": class_path, "init_args": hp}
 
@@ -82,7 +83,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "plain containers"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: {str(e).splitlines()[0] if str(e) else e!r}"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path} is not a vlm training checkpoint (no state_dict / hyper_parameters)")
     return ckpt

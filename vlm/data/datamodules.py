@@ -346,6 +346,7 @@ class ShapesDataModule(ImageTextDataModule):
         num_val: validation images to generate (a multiple of 36 balances the classes).
         data_seed: generation seed.
         image_size_on_disk: side of the generated PNGs (the model's ``image_size`` is applied when loading).
+        two_object_prob: fraction of generated training scenes with two objects.
         batch_size, val_batch_size, num_workers, pin_memory, drop_last, augment, in_memory, cache_workers,
             bad_samples, tokenizer, image_size, image_mean, image_std, seed: as for
             :class:`ImageTextDataModule`. ``in_memory`` defaults to True here (the data is small).
@@ -358,6 +359,7 @@ class ShapesDataModule(ImageTextDataModule):
         num_val: int = 1800,
         data_seed: int = 0,
         image_size_on_disk: int = 64,
+        two_object_prob: float = 0.5,
         batch_size: int = 128,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -383,6 +385,7 @@ class ShapesDataModule(ImageTextDataModule):
         self.data_dir = root
         self.num_train, self.num_val, self.data_seed = num_train, num_val, data_seed
         self.image_size_on_disk = image_size_on_disk
+        self.two_object_prob = two_object_prob
 
     def prepare_data(self) -> None:
         from vlm.data.shapes import generate_shapes
@@ -390,7 +393,10 @@ class ShapesDataModule(ImageTextDataModule):
         if is_complete(self.data_dir):
             return
         log.warning("generating %d + %d shapes into %s", self.num_train, self.num_val, self.data_dir)
-        generate_shapes(self.data_dir, self.num_train, self.num_val, self.data_seed, self.image_size_on_disk)
+        generate_shapes(
+            self.data_dir, self.num_train, self.num_val, self.data_seed, self.image_size_on_disk,
+            two_object_prob=self.two_object_prob,
+        )
 
 
 class DigitsDataModule(ImageTextDataModule):

@@ -233,10 +233,15 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(noisy.astype(np.uint8))
 
 
-def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> tuple[Image.Image, dict]:
+def make_sample(
+    seed: int, split: str, index: int, image_size: int = 64, two_object_prob: float = 0.5
+) -> tuple[Image.Image, dict]:
     """One image and its metadata row (without ``file_name``)."""
     rng = rng_for(seed, split, index)
-    scene = sample_train_scene(rng, image_size) if split == "train" else sample_val_scene(rng, index, image_size)
+    if split == "train":
+        scene = sample_train_scene(rng, image_size, two_object_prob)
+    else:
+        scene = sample_val_scene(rng, index, image_size)
     image = render(scene, image_size, rng)
     first = scene.objects[0]
     row = {
@@ -251,9 +256,9 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> tupl
     return image, row
 
 
-def _write_one(job: tuple[str, int, str, int, int]) -> dict:
-    folder, seed, split, index, image_size = job
-    image, row = make_sample(seed, split, index, image_size)
+def _write_one(job: tuple[str, int, str, int, int, float]) -> dict:
+    folder, seed, split, index, image_size, two_object_prob = job
+    image, row = make_sample(seed, split, index, image_size, two_object_prob)
     name = f"{index:05d}.png"
     # Stored uncompressed: noisy backgrounds barely compress (the files take the same 4 KiB disk blocks either
     # way), and uncompressed PNGs encode and decode about twice as fast.
@@ -268,6 +273,7 @@ def generate_shapes(
     seed: int = 0,
     image_size: int = 64,
     processes: int | None = None,
+    two_object_prob: float = 0.5,
 ) -> Path:
     """Writes the shapes dataset as a Hugging Face ``imagefolder``.
 
@@ -283,6 +289,7 @@ def generate_shapes(
         seed: the same seed gives byte-identical images.
         image_size: side of the square images in pixels (at least :data:`MIN_IMAGE_SIZE`).
         processes: worker processes (default: all CPUs).
+        two_object_prob: fraction of training scenes with two objects (the rest have one).
     """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} (two large shapes side by side), "
@@ -293,7 +300,7 @@ def generate_shapes(
     for split, count in (("train", train), ("validation", val)):
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
-        jobs = [(str(folder), seed, split, i, image_size) for i in range(count)]
+        jobs = [(str(folder), seed, split, i, image_size, two_object_prob) for i in range(count)]
         if processes > 1 and count >= 256:
             with ctx.Pool(processes) as pool:
                 rows = pool.map(_write_one, jobs, chunksize=256)
@@ -306,6 +313,7 @@ def generate_shapes(
     (out / "heldout.txt").write_text("\n".join(HELD_OUT_CLASSNAMES) + "\n")
     info = {
         "seed": seed,
+        "two_object_prob": two_object_prob,
         "train": train,
         "validation": val,
         "image_size": image_size,
