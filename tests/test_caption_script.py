@@ -1,0 +1,152 @@
+"""scripts/caption.py end to end on a tiny Flamingo checkpoint: outputs, error lines, exit codes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "class_path": "vlm.tasks.captioning.FlamingoTask",
+    "init_args": {
+        "model": {"class_path": "vlm.models.flamingo.Flamingo", "init_args": {
+            "vision": {"class_path": "vlm.models.vit.VisionTransformer",
+                       "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
+            "decoder": {"class_path": "vlm.models.decoder.DecoderLM",
+                        "init_args": {"context_length": 24, "width": 16, "depth": 1, "num_heads": 2}},
+            "num_latents": 2, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
+        "max_new_tokens": 5,
+    },
+}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("caption_script", ROOT / "scripts" / "caption.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from vlm.checkpoint import build_task
+
+    tmp = tmp_path_factory.mktemp("caption")
+    torch.manual_seed(0)
+    task = build_task(TINY)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, tmp / "flamingo.ckpt")
+    lm = build_task({"class_path": "vlm.tasks.language.LanguageModelTask",
+                     "init_args": {"model": TINY["init_args"]["model"]["init_args"]["decoder"]}})
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams)}, tmp / "lm.ckpt")
+    folder = tmp / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, caption in enumerate(["a small red circle", "a large blue star", "a small green cross"]):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "caption": caption, "label": caption[8:], "heldout": i == 1})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "broken.png").write_bytes(b"not a png")
+    (tmp / "empty").mkdir()
+    return {"ckpt": str(tmp / "flamingo.ckpt"), "lm": str(tmp / "lm.ckpt"), "folder": folder, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+def run(script, capsys, *argv):
+    code = script.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_captions_and_error_lines(script, capsys, setup):
+    good = setup["folder"] / "0.png"
+    code, out, err = run(script, capsys, "--checkpoint", setup["ckpt"], good, setup["tmp"] / "broken.png",
+                         setup["tmp"] / "missing.png", setup["folder"] / "1.png")
+    lines = out.strip().splitlines()[:4]  # then the scores: these images have reference captions
+    assert code == 1 and len(lines) == 4
+    assert lines[0].startswith(f"{good}: ") and "error" not in lines[0]
+    assert "broken.png: error:" in lines[1] and "missing.png: error:" in lines[2]
+    assert "2 of 4 inputs failed" in err and "Traceback" not in err
+
+
+def test_json_lines_in_input_order(script, capsys, setup):
+    code, out, _ = run(script, capsys, "--checkpoint", setup["ckpt"], "--json", "--num-beams", "2",
+                       setup["folder"], setup["tmp"] / "broken.png")
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 1
+    assert [Path(r["path"]).name for r in records] == ["0.png", "1.png", "2.png", "broken.png"]
+    assert all(isinstance(r["caption"], str) for r in records[:3]) and "error" in records[3]
+
+
+def test_all_good_inputs_exit_zero_and_folder_scores(script, capsys, setup):
+    code, out, _ = run(script, capsys, "--checkpoint", setup["ckpt"], "--batch-size", "2", setup["folder"])
+    assert code == 0
+    assert len([line for line in out.splitlines() if line.endswith("png") or ".png: " in line]) == 3
+    assert "BLEU-4:" in out and "attribute accuracy" in out and "held-out:" in out
+
+
+def test_score_only(script, capsys, setup):
+    code, out, _ = run(script, capsys, "--checkpoint", setup["ckpt"], "--score-only", setup["folder"])
+    assert code == 0 and ".png" not in out and "BLEU-4:" in out and "CIDEr:" in out
+    code, out, _ = run(script, capsys, "--checkpoint", setup["ckpt"], "--score-only", "--json", setup["folder"])
+    scores = json.loads(out)
+    assert scores["images"] == 3 and {"bleu4", "cider", "attribute_accuracy"} <= set(scores)
+
+
+def test_few_shot_examples(script, capsys, setup):
+    example = setup["folder"] / "0.png"
+    code, out, _ = run(script, capsys, "--checkpoint", setup["ckpt"], "--json", "--example", example,
+                       "a small red circle", setup["folder"] / "1.png")
+    assert code == 0 and "caption" in json.loads(out)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "<image><image>"], "2 <image> marker(s) but there are 1 image"),
+        (["--example", "EXAMPLE", "a red circle", "--prompt", "<image>"], "1 <image> marker(s) but there are 2"),
+        (["--prompt", "a red circle " * 20], "context"),
+    ],
+)
+def test_bad_prompts_are_usage_errors(script, capsys, setup, extra, message):
+    extra = [str(setup["folder"] / "0.png") if a == "EXAMPLE" else a for a in extra]
+    code, out, err = run(script, capsys, "--checkpoint", setup["ckpt"], *extra, setup["folder"] / "1.png")
+    assert code == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def test_checkpoint_and_path_errors(script, capsys, setup):
+    code, _, err = run(script, capsys, "--checkpoint", setup["tmp"] / "nope.ckpt", setup["folder"])
+    assert code == 2 and "not found" in err
+    code, _, err = run(script, capsys, "--checkpoint", setup["lm"], setup["folder"])
+    assert code == 2 and "LanguageModelTask" in err and "FlamingoTask" in err
+    code, _, err = run(script, capsys, "--checkpoint", setup["ckpt"], setup["tmp"] / "empty")
+    assert code == 2 and "no images" in err
+    with pytest.raises(SystemExit) as e:
+        script.main(["--checkpoint", setup["ckpt"]])  # no PATH: argparse's usage error
+    assert e.value.code == 2
+
+
+def test_subprocess_end_to_end(setup):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "caption.py"), "--checkpoint", setup["ckpt"], "--json",
+         str(setup["folder"] / "2.png"), str(setup["tmp"] / "broken.png")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert "caption" in records[0] and "error" in records[1]
+    assert "Traceback" not in proc.stderr

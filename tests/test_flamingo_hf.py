@@ -1,0 +1,135 @@
+"""Hugging Face causal LMs (tiny random GPT-2 and Llama saved locally) as Flamingo's frozen decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm.models.hf_decoder import HFCausalLM
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Tiny random models saved with save_pretrained, each with the GPT-2 BPE tokenizer next to it."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from vlm.data.gpt2_tokenizer import load_hf_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    tokenizer = load_hf_tokenizer(None)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)),
+        # A vocabulary larger than the tokenizer's (padded, as OPT's and Qwen's are): new ids go after it.
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=50272, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64, bos_token_id=50256, eos_token_id=50256,
+                                              pad_token_id=None, initializer_range=0.3)),  # varied generations
+    }
+    dirs = {}
+    for name, model in models.items():
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_adapter_matches_the_hf_model(hf_dirs, name):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
+    ours = HFCausalLM(hf_dirs[name]).eval()
+    assert len(ours.layers) == 2 and ours.width == 32
+    ids = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        torch.testing.assert_close(ours(ids), expected, atol=1e-5, rtol=0)
+        cache = ours.new_cache()
+        mask = torch.ones_like(ids)
+        steps = [ours(ids[:, :4], mask[:, :4], cache=cache)]
+        steps += [ours(ids[:, t : t + 1], mask[:, : t + 1], cache=cache) for t in range(4, 9)]
+        torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=0)
+
+
+def _task_config(path: str) -> dict:
+    return {
+        "class_path": "vlm.tasks.captioning.FlamingoTask",
+        "init_args": {
+            "model": {"class_path": "vlm.models.flamingo.Flamingo", "init_args": {
+                "vision": {"class_path": "vlm.models.vit.VisionTransformer",
+                           "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
+                "decoder": {"class_path": "vlm.models.hf_decoder.HFCausalLM", "init_args": {"name_or_path": path}},
+                "num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
+            "tokenizer": path,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "weight_decay": 0.1,
+        },
+    }
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
+    from transformers import AutoModelForCausalLM
+
+    from vlm.checkpoint import build_task
+
+    task = build_task(_task_config(hf_dirs[name]))
+    ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
+    decoder = task.model.decoder
+    vocab = decoder.vocab_size
+    assert task.tokenizer.image_token_id == task.model.image_token_id == vocab  # after the (padded) vocabulary
+    captions = ["a small red circle", "a large blue star left of a small green cross"]
+    batch = {"image": torch.randn(2, 3, 16, 16), **task.tokenizer.encode_batch(captions)}
+    text_ids = torch.randint(0, 50257, (2, 7))
+    with torch.no_grad():  # at initialisation: exactly the Hugging Face model
+        torch.testing.assert_close(task.model(batch["image"], text_ids)[..., :vocab], ref(text_ids).logits,
+                                   atol=1e-5, rtol=0)
+        assert torch.equal(task.model(batch["image"], text_ids)[..., :vocab], decoder(text_ids))
+    embedding = decoder.model.get_input_embeddings().weight
+    old_rows = embedding.detach().clone()
+    old_head = decoder.model.get_output_embeddings().weight.detach().clone()
+    new_rows = task.model.new_token_embedding.detach().clone()
+    task.train()
+    assert not decoder.training
+    opt = task.configure_optimizers()["optimizer"]
+    for _ in range(2):
+        opt.zero_grad()
+        task.training_step(batch, 0).backward()
+        assert embedding.grad is None and all(p.grad is None for p in decoder.parameters())
+        opt.step()
+    assert torch.equal(embedding, old_rows)  # the decoder's own vocabulary never moves
+    assert torch.equal(decoder.model.get_output_embeddings().weight, old_head)
+    moved = (task.model.new_token_embedding - new_rows).abs().sum(1) > 0
+    assert moved[:2].all()  # <image> and <|endofchunk|> rows trained
+
+
+def test_generation_with_hf_decoder_batched_and_cached(hf_dirs):
+    from vlm.checkpoint import build_task
+    from vlm.generation import generate
+
+    torch.manual_seed(0)
+    task = build_task(_task_config(hf_dirs["llama"])).eval()
+    for blk in task.model.cross_attn:  # open the gates so the images matter
+        blk.attn_gate.data.fill_(1.0)
+        blk.mlp_gate.data.fill_(1.0)
+    tok = task.tokenizer
+    prompts = ["<image>", "<image>A photo of", "<image>a red circle<|endofchunk|><image>"]
+    images = torch.randn(3, 2, 3, 16, 16)
+    kw = dict(max_new_tokens=6, stop_token_ids=[tok.end_of_chunk_token_id], pad_token_id=tok.pad_token_id)
+    singles = []
+    for i, p in enumerate(prompts):
+        enc = tok.encode_prompts([p])
+        n = tok.count_images(p)
+        singles.append(generate(task.model, enc["input_ids"], enc["attention_mask"], images=images[i : i + 1, :n],
+                                **kw))
+    # One left-padded batch of all three (the one-image prompts never reach their second image), cached or not.
+    enc = tok.encode_prompts(prompts)
+    batched = generate(task.model, enc["input_ids"], enc["attention_mask"], images=images, **kw)
+    uncached = generate(task.model, enc["input_ids"], enc["attention_mask"], images=images, use_cache=False, **kw)
+    assert torch.equal(batched, uncached)
+    for i in range(3):
+        assert torch.equal(batched[i, : singles[i].shape[1]], singles[i][0])
+    assert len(set(batched[0].tolist())) > 1  # a real sequence, not one repeated token

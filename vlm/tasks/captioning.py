@@ -1,0 +1,320 @@
+"""Flamingo training: captioning with a frozen vision tower and a frozen language model (stage 3).
+
+Only the Perceiver Resampler, the gated cross-attention blocks and the rows of the new tokens train; the vision
+tower and the decoder are frozen here, once, and kept in eval mode. Validation generates captions and reports
+BLEU-4 and CIDEr (pycocoevalcap's scorers, on lower-cased, punctuation-stripped words: its PTB tokenizer needs
+Java) and the exact attribute accuracy of the synthetic data: the share of images whose caption names every
+colour, shape and size word of the reference, in the same order.
+
+Where the frozen parts come from
+--------------------------------
+The config gives their *architecture* (``model.init_args.vision`` / ``.decoder``, exactly as in the CLIP and LM
+configs) and, separately, where their *weights* are: ``vision_weights`` / ``decoder_weights`` name an earlier
+stage's checkpoint (``runs/clip/checkpoints/last.ckpt`` and ``runs/lm/checkpoints/last.ckpt`` by default), a
+``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``model.safetensors``, for users with internet);
+``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM task).
+Those files are read only when training starts (``setup("fit")``); the Flamingo checkpoint then holds every
+weight, frozen ones included, and records that they were loaded (the ``pretrained_loaded`` buffer), so
+rebuilding it (:func:`vlm.checkpoint.load_task`, ``scripts/caption.py``) or resuming it never reads those files
+again: it works after ``runs/clip`` and ``runs/lm`` are deleted. Swapping in another tower or a Hugging Face
+decoder is a config change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoTokenizer
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlm.generation import caption_images
+from vlm.models.flamingo import Flamingo
+from vlm.tasks.language import next_token_loss, vocabulary_token_ids
+from vlm.tasks.optim import build_optimizer
+
+log = logging.getLogger("vlm.tasks")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def normalize_caption(text: str) -> str:
+    """Lower case, punctuation removed, single spaces: the words the scorers compare."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def caption_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU-4 and CIDEr-D of ``predictions`` against one or more references each."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if not predictions:
+        return {}
+    gts = {i: [normalize_caption(r) for r in ([ref] if isinstance(ref, str) else ref)]
+           for i, ref in enumerate(references)}
+    res = {i: [normalize_caption(p) or "<empty>"] for i, p in enumerate(predictions)}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their statistics
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+def shapes_attribute_words() -> list[str]:
+    """Colour, shape and size words of the built-in synthetic data."""
+    from vlm.data.shapes import COLOURS, SHAPES, SIZES
+
+    return [*COLOURS, *SHAPES, *SIZES]
+
+
+def attribute_correct(prediction: str, reference: str, words: set[str]) -> bool:
+    """Whether the prediction names exactly the reference's attribute words, in order."""
+    def attrs(text: str) -> list[str]:
+        return [w for w in normalize_caption(text).split() if w in words]
+
+    return attrs(prediction) == attrs(reference)
+
+
+class FlamingoTask(L.LightningModule):
+    """Trains the bridge of a :class:`~vlm.models.flamingo.Flamingo` on image-caption pairs.
+
+    Args:
+        model: the Flamingo model (vision tower and decoder given as configs; see the module docstring).
+        vision_weights: where the vision tower's weights are read from when training starts; None: keep them.
+        vision_weights_prefix: key prefix of the tower inside that file (``model.visual.`` in a CLIP task).
+        decoder_weights: where the decoder's weights are read from when training starts; None: keep them.
+        decoder_weights_prefix: key prefix of the decoder inside that file (``model.`` in an LM task).
+        tokenizer: the decoder's tokenizer (Hugging Face name or directory); ``None`` for GPT-2's BPE.
+        prompt: text between ``<image>`` and the caption (not learned, also used when generating).
+        context_length: most tokens per sequence (default: the decoder's context length).
+        vocabulary: a closed vocabulary (as for :class:`~vlm.tasks.language.LanguageModelTask`, whose decoder was
+            trained with the same): the softmax covers only these words' tokens, ``<|endofchunk|>`` and
+            end-of-text, in training and generation. ``None``: the whole vocabulary.
+        images_per_sequence: training sequences interleave this many (image, caption) chunks, consecutive batch
+            samples grouped together, so the model also learns sequences with several images.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (matrices only).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
+        max_new_tokens: caption length limit when generating on validation.
+        num_beams: beams when generating on validation (1: greedy).
+        attribute_words: words checked by the attribute accuracy (default: the synthetic data's colours, shapes
+            and sizes); empty to skip it.
+        image_size: input image side (default: the vision tower's ``image_size``).
+        image_mean: per-channel normalisation mean (must match how the tower was trained).
+        image_std: per-channel normalisation std.
+    """
+
+    def __init__(
+        self,
+        model: Flamingo,
+        vision_weights: str | None = None,
+        vision_weights_prefix: str = "model.visual.",
+        decoder_weights: str | None = None,
+        decoder_weights_prefix: str = "model.",
+        tokenizer: str | None = None,
+        prompt: str = "",
+        context_length: int | None = None,
+        vocabulary: Sequence[str] | None = None,
+        images_per_sequence: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 24,
+        num_beams: int = 1,
+        attribute_words: Sequence[str] | None = None,
+        image_size: int | None = None,
+        image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+        image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+    ) -> None:
+        super().__init__()
+        if images_per_sequence < 1:
+            raise ValueError(f"images_per_sequence must be >= 1, got {images_per_sequence}")
+        self.save_hyperparameters()
+        self.model = model
+        self._pretrained_sources = {
+            "vision": (vision_weights, vision_weights_prefix),
+            "decoder": (decoder_weights, decoder_weights_prefix),
+        }
+        # Set once the files above have been read; saved with the checkpoint, so a rebuilt task never rereads them.
+        self.register_buffer("pretrained_loaded", torch.tensor(False))
+        length = min(context_length or model.context_length, model.context_length)
+        self.tokenizer = FlamingoTokenizer(tokenizer, length, vocab_offset=model.decoder.vocab_size, prompt=prompt)
+        if self.tokenizer.vocab_size > model.decoder.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the decoder only "
+                             f"{model.decoder.vocab_size} embeddings: is it the decoder's tokenizer?")
+        ends = [self.tokenizer.end_of_chunk_token_id, self.tokenizer.eos_token_id]
+        ids = vocabulary_token_ids(self.tokenizer, vocabulary, ends) if vocabulary else None
+        self.register_buffer("vocab_ids", ids, persistent=False)  # follows from the config
+        self.images_per_sequence = images_per_sequence
+        self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                               warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
+        words = shapes_attribute_words() if attribute_words is None else attribute_words
+        self.attribute_words = {w.lower() for w in words}
+        size = image_size if image_size is not None else getattr(model.vision, "image_size", None)
+        if size is None:
+            raise ValueError("the vision tower has no image_size attribute: set image_size")
+        self.image_size = int(size)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        # Flamingo's recipe: both pretrained parts stay frozen; only the bridge and the new token rows learn.
+        self._frozen = [model.vision, model.decoder]
+        for part in self._frozen:
+            part.requires_grad_(False)
+            part.eval()
+        self._val: dict[str, list] = {}
+
+    def train(self, mode: bool = True) -> FlamingoTask:
+        super().train(mode)
+        for part in self._frozen:  # no dropout in the frozen parts: they must behave as they were trained
+            part.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------- pretrained parts
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not bool(self.pretrained_loaded):
+            self.load_pretrained()
+
+    def load_pretrained(self) -> None:
+        """Reads the frozen parts' weights from ``vision_weights`` / ``decoder_weights``."""
+        from vlm.interop.weights import ConversionError, read_state_dict
+
+        parts = {"vision": self.model.vision, "decoder": self.model.decoder}
+        for name, (source, prefix) in self._pretrained_sources.items():
+            if not source:
+                continue
+            try:
+                state = read_state_dict(_resolve_weights(source))
+            except ConversionError as e:
+                raise ValueError(f"cannot read the {name} weights ({name}_weights={source!r}): {e}. Train that stage "
+                                 f"first (see the config's header) or point {name}_weights elsewhere.") from None
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            expected = parts[name].state_dict()
+            missing = [k for k in expected if k not in part]
+            wrong = [k for k in expected if k in part and part[k].shape != expected[k].shape]
+            if missing or wrong:
+                key = (missing or wrong)[0]
+                detail = "missing" if missing else f"shape {tuple(part[key].shape)} vs {tuple(expected[key].shape)}"
+                raise ValueError(
+                    f"{source} does not match the {name} in the config (prefix {prefix!r}): {key!r} {detail}; "
+                    f"the {name}'s architecture must equal the one that was trained"
+                )
+            extra = [k for k in part if k not in expected]
+            if extra:
+                log.warning("%s: ignoring %d %s weights the model does not have, e.g. %s", source, len(extra), name,
+                            extra[0])
+            parts[name].load_state_dict({k: part[k] for k in expected})
+            log.info("loaded the %s from %s", name, source)
+        if self._pretrained_sources["decoder"][0]:
+            # New rows start at the mean of the loaded rows (of the closed vocabulary, if any: the others never
+            # trained).
+            old = self.vocab_ids[self.vocab_ids < self.model.decoder.vocab_size] if self.vocab_ids is not None else None
+            self.model.init_new_tokens(old)
+        self.pretrained_loaded.fill_(True)
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def _interleave(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Groups k consecutive samples into one sequence ``<image>c1<|endofchunk|><image>c2...`` (b/k, k images)."""
+        k = self.images_per_sequence
+        images = batch["image"]
+        if k == 1:
+            return images, batch["input_ids"], batch["labels"]
+        n = images.shape[0] // k * k
+        prompt = f"{self.tokenizer.prompt} " if self.tokenizer.prompt else ""
+        texts = ["".join(f"{IMAGE_TOKEN}{prompt}{c}{END_OF_CHUNK_TOKEN}" for c in batch["caption"][i: i + k])
+                 for i in range(0, n, k)]
+        enc = self.tokenizer.encode_batch(texts)
+        images = images[:n].view(n // k, k, *images.shape[1:])
+        return images, enc["input_ids"].to(images.device), enc["labels"].to(images.device)
+
+    def compute_loss(self, images: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Next-token cross-entropy on the caption tokens (labels ignore padding, ``<image>`` and the prompt)."""
+        # Right-padded batches: causal attention never reaches the padding, so no attention mask is needed.
+        hidden = self.model.forward_hidden(images, input_ids)
+        return next_token_loss(hidden, labels, self.model.unembed, self.vocab_ids)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images, input_ids, labels = self._interleave(batch)
+        loss = self.compute_loss(images, input_ids, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"pred": [], "ref": [], "label": []}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        b = batch["image"].shape[0]
+        loss = self.compute_loss(batch["image"], batch["input_ids"], batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
+        self._val["pred"] += self.generate_captions(batch["image"])
+        self._val["ref"] += list(batch["caption"])
+        self._val["label"] += list(batch.get("label", [""] * b))
+
+    @torch.no_grad()
+    def generate_captions(
+        self,
+        images: Tensor,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        **kwargs,
+    ) -> list[str]:
+        """Captions of a batch of images (greedy or beam search; defaults from the task's arguments).
+
+        ``images`` is (b, 3, H, W), or (b, T, 3, H, W) with a ``prompt`` holding T ``<image>`` markers (few-shot);
+        ``kwargs`` go to :func:`vlm.generation.generate` (e.g. ``length_penalty``, ``do_sample``, ``top_p``).
+        """
+        if self.vocab_ids is not None:
+            kwargs.setdefault("allowed_token_ids", self.vocab_ids.tolist())
+        return caption_images(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
+                              num_beams or self.num_beams, **kwargs)
+
+    def on_validation_epoch_end(self) -> None:
+        val = self._val
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, val)
+            val = {k: [x for g in gathered for x in g[k]] for k in val}
+        metrics = caption_scores(val["pred"], val["ref"])
+        if self.attribute_words and val["pred"]:
+            hits = [attribute_correct(p, r, self.attribute_words) for p, r in zip(val["pred"], val["ref"])]
+            metrics["attribute_accuracy"] = sum(hits) / len(hits)
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            heldout = set(getattr(dm, "heldout_classnames", []) or [])
+            for name, keep in (("heldout", True), ("seen", False)):
+                sel = [h for h, lbl in zip(hits, val["label"]) if (lbl in heldout) == keep]
+                if heldout and sel:
+                    metrics[f"attribute_accuracy_{name}"] = sum(sel) / len(sel)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name.startswith("attribute_accuracy"), rank_zero_only=True)
+        show = self._trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking
+        if show:
+            for p, r in list(zip(val["pred"], val["ref"]))[:3]:
+                self.print(f"  generated: {p!r}   reference: {r!r}")
+        self._val = {}
+
+    # ----------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        return build_optimizer(self, **self.optim_args)  # only parameters that require gradients
+
+
+def _resolve_weights(source: str) -> str:
+    """A local path, or ``hf-hub:REPO`` downloaded (its ``model.safetensors``) for users with internet."""
+    if source.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(source[len("hf-hub:"):], "model.safetensors")
+    return source
+
+
+__all__ = ["FlamingoTask", "attribute_correct", "caption_scores", "normalize_caption", "shapes_attribute_words"]
