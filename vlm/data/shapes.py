@@ -15,6 +15,8 @@ To change the scene distribution (more objects, other relations, caption variant
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -78,6 +80,10 @@ class ShapeObject:
     @property
     def phrase(self) -> str:
         return f"a {self.size} {self.colour} {self.shape}"
+
+    @property
+    def short_phrase(self) -> str:
+        return f"a {self.colour} {self.shape}"
 
 
 @dataclass
@@ -177,12 +183,18 @@ def sample_val_scene(rng: np.random.Generator, index: int, image_size: int) -> S
     return Scene([obj], _background(rng))
 
 
-def caption(scene: Scene) -> str:
-    """``a {size} {colour} {shape}`` [``{relation} a {size} {colour} {shape}``]."""
-    if len(scene.objects) == 1:
-        return scene.objects[0].phrase
-    a, b = scene.objects
-    return f"{a.phrase} {scene.relation} {b.phrase}"
+def caption(scene: Scene, with_size: Sequence[bool] | None = None) -> str:
+    """``a {size} {colour} {shape}`` [``{relation} a {size} {colour} {shape}``].
+
+    ``with_size[i]`` False leaves out object i's size word: training captions that mention each attribute
+    independently teach the text tower that "a red circle" describes small and large red circles alike, which is
+    the prompt zero-shot classification asks about.
+    """
+    flags = list(with_size) if with_size is not None else [True] * len(scene.objects)
+    phrases = [o.phrase if keep else o.short_phrase for o, keep in zip(scene.objects, flags)]
+    if len(phrases) == 1:
+        return phrases[0]
+    return f"{phrases[0]} {scene.relation} {phrases[1]}"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -234,9 +246,18 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Ima
 
 
 def make_sample(
-    seed: int, split: str, index: int, image_size: int = 64, two_object_prob: float = 0.5
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int = 64,
+    two_object_prob: float = 0.5,
+    size_mention_prob: float = 1.0,
 ) -> tuple[Image.Image, dict]:
-    """One image and its metadata row (without ``file_name``)."""
+    """One image and its metadata row (without ``file_name``).
+
+    ``caption`` mentions each training object's size with probability ``size_mention_prob``; ``full_caption``
+    always does (validation captions are always full: they are the references for captioning).
+    """
     rng = rng_for(seed, split, index)
     if split == "train":
         scene = sample_train_scene(rng, image_size, two_object_prob)
@@ -244,8 +265,14 @@ def make_sample(
         scene = sample_val_scene(rng, index, image_size)
     image = render(scene, image_size, rng)
     first = scene.objects[0]
+    with_size = None
+    if split == "train":
+        # A generator of its own, so the images do not depend on this choice.
+        pick = np.random.default_rng([seed, _SPLIT_CODES[split], index, 1])
+        with_size = [bool(pick.random() < size_mention_prob) for _ in scene.objects]
     row = {
-        "caption": caption(scene),
+        "caption": caption(scene, with_size),
+        "full_caption": caption(scene),
         "label": first.label,
         "colour": first.colour,
         "shape": first.shape,
@@ -256,9 +283,9 @@ def make_sample(
     return image, row
 
 
-def _write_one(job: tuple[str, int, str, int, int, float]) -> dict:
-    folder, seed, split, index, image_size, two_object_prob = job
-    image, row = make_sample(seed, split, index, image_size, two_object_prob)
+def _write_one(job: tuple[str, int, str, int, int, float, float]) -> dict:
+    folder, seed, split, index, image_size, two_object_prob, size_mention_prob = job
+    image, row = make_sample(seed, split, index, image_size, two_object_prob, size_mention_prob)
     name = f"{index:05d}.png"
     # Stored uncompressed: noisy backgrounds barely compress (the files take the same 4 KiB disk blocks either
     # way), and uncompressed PNGs encode and decode about twice as fast.
@@ -273,7 +300,8 @@ def generate_shapes(
     seed: int = 0,
     image_size: int = 64,
     processes: int | None = None,
-    two_object_prob: float = 0.5,
+    two_object_prob: float = 0.25,
+    size_mention_prob: float = 0.5,
 ) -> Path:
     """Writes the shapes dataset as a Hugging Face ``imagefolder``.
 
@@ -290,6 +318,7 @@ def generate_shapes(
         image_size: side of the square images in pixels (at least :data:`MIN_IMAGE_SIZE`).
         processes: worker processes (default: all CPUs).
         two_object_prob: fraction of training scenes with two objects (the rest have one).
+        size_mention_prob: chance that a training caption names an object's size (``full_caption`` always does).
     """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} (two large shapes side by side), "
@@ -300,7 +329,7 @@ def generate_shapes(
     for split, count in (("train", train), ("validation", val)):
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
-        jobs = [(str(folder), seed, split, i, image_size, two_object_prob) for i in range(count)]
+        jobs = [(str(folder), seed, split, i, image_size, two_object_prob, size_mention_prob) for i in range(count)]
         if processes > 1 and count >= 256:
             with ctx.Pool(processes) as pool:
                 rows = pool.map(_write_one, jobs, chunksize=256)
@@ -314,6 +343,7 @@ def generate_shapes(
     info = {
         "seed": seed,
         "two_object_prob": two_object_prob,
+        "size_mention_prob": size_mention_prob,
         "train": train,
         "validation": val,
         "image_size": image_size,
