@@ -15,7 +15,17 @@ def cli_main(args: list[str] | None = None) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    class CLI(LightningCLI):
+        """Reads ``--ckpt_path`` with ``weights_only=True`` unless ``--weights_only false`` is given: Lightning leaves
+        it to torch's default, which the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable turns into unpickling code."""
+
+        def _safe_loading(self) -> None:
+            if self.config_init[self.subcommand].get("weights_only") is None:
+                self.config_init[self.subcommand]["weights_only"] = True
+
+        before_fit = before_validate = before_test = before_predict = _safe_loading
+
+    CLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -35,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.interop.export import main as export_main
 
         return export_main(argv[1:])
-    cli_main(argv)
+    from vlm.reliability import NonFiniteError
+
+    try:
+        cli_main(argv)
+    except NonFiniteError as e:  # NonFiniteGuard(policy="stop"): one line naming the step, not a traceback
+        print(f"vlm: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,28 +2,35 @@
 
 - :class:`Checkpoint`: ``<default_root_dir>/checkpoints/last.ckpt``, written atomically every N steps, at the end of
   training and on SIGTERM, with what Lightning leaves out for an exact resume (the random generators; the data
-  order and position come from :mod:`vlm.data.sampling`). ``vlm fit --config ... --ckpt_path last`` resumes.
+  order and position come from :mod:`vlm.data.resumable`). ``vlm fit --config ... --ckpt_path last`` resumes.
 - :class:`NonFiniteGuard`: a NaN or infinite loss or gradient skips that optimizer step (counted and logged) or stops
   the run with the step named.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
+import threading
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from vlm.reliability import AtomicCheckpointIO, NonFiniteError, remove_stale_temporaries, rng_state, set_rng_state
-
-log = logging.getLogger("vlm.callbacks")
+from vlm.reliability import (
+    AtomicCheckpointIO,
+    NonFiniteError,
+    remove_stale_temporaries,
+    restore_rng,
+    rng_state,
+    set_rng_state,
+    snapshot_rng,
+)
 
 RNG_KEY = "vlm_rng_states"  # checkpoint key: every rank's random generators, by global rank
 
@@ -38,10 +45,11 @@ class Checkpoint(ModelCheckpoint):
 
     - files are replaced atomically and never with NaN/inf weights (:class:`vlm.reliability.AtomicCheckpointIO`);
     - ``last.ckpt`` is also written at the end of training (when the last step was not a multiple of
-      ``every_n_train_steps``) and when the process gets SIGTERM (cluster pre-emption), after which it exits with
-      status 143 (128 + SIGTERM) so job scripts see that training did not finish;
+      ``every_n_train_steps``) and when a process gets SIGTERM (cluster pre-emption): at the end of the current
+      step (or validation) every rank stops, ``last.ckpt`` is written and the run exits with status 143
+      (128 + SIGTERM), so job scripts see that training did not finish;
     - every rank's random generators are saved and restored at the start of the resumed training, so dropout and
-      augmentation continue as if never interrupted (validation runs on its own data-loader generator).
+      augmentation continue as if never interrupted; validation during training leaves them as it found them.
 
     Arguments are ModelCheckpoint's, with ``save_last=True`` and ``enable_version_counter=False`` by default (a new
     run in the same directory overwrites ``last.ckpt`` instead of writing ``last-v1.ckpt`` beside it).
@@ -52,6 +60,8 @@ class Checkpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=save_last, enable_version_counter=enable_version_counter,
                          **kwargs)
         self._rng_to_restore: list[dict[str, Any]] | None = None
+        self._rng_before_validation: tuple[Any, ...] | None = None
+        self._sigterm = False
 
     def _resolve_dirpath(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
@@ -84,6 +94,7 @@ class Checkpoint(ModelCheckpoint):
         self._rng_to_restore = checkpoint.get(RNG_KEY)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install_sigterm_handler()
         # Restored here, after Lightning has built the resumed data iterator (which draws from the generator),
         # so the next training step sees exactly the state the interrupted run had after the saved step.
         states, self._rng_to_restore = self._rng_to_restore, None
@@ -93,6 +104,42 @@ class Checkpoint(ModelCheckpoint):
             rank_zero_warn(f"the checkpoint holds the random state of {len(states)} ranks, this run has "
                            f"{trainer.world_size}: random streams will not continue exactly")
         set_rng_state(states[trainer.global_rank % len(states)])
+
+    # ------------------------------------------------------------------------------------------------ SIGTERM
+    # Lightning 2.6's own SIGTERM handler forwards the signal and broadcasts from inside the handler, which
+    # deadlocks 2-process DDP on CPU. Once training runs, this one only raises a flag; at the next step boundary
+    # the ranks agree on it (one tiny all-reduce per step), all save last.ckpt together, and all stop.
+    def _install_sigterm_handler(self) -> None:
+        self._sigterm = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)  # Lightning's teardown puts the original back
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = True
+
+    def _stop_if_terminated(self, trainer: L.Trainer) -> None:
+        terminated = self._sigterm
+        if trainer.world_size > 1:
+            terminated = trainer.strategy.reduce_boolean_decision(terminated, all=False)
+        if terminated:
+            raise SIGTERMException(128 + signal.SIGTERM)  # on_exception below saves last.ckpt
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._stop_if_terminated(trainer)
+        # Validation may follow this batch; whatever randomness it uses (building its data iterator draws a seed),
+        # it hands the training stream back untouched, so a resumed run that validates at other moments (or a run
+        # with another val_check_interval) continues the same stream.
+        self._rng_before_validation = snapshot_rng()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self._rng_before_validation is not None:
+            restore_rng(self._rng_before_validation)  # before a checkpoint may be saved below
+        super().on_validation_end(trainer, pl_module)
+        if fitting:
+            self._stop_if_terminated(trainer)
 
     # --------------------------------------------------------------------------------------- extra save points
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -104,7 +151,7 @@ class Checkpoint(ModelCheckpoint):
             # Other exceptions can stop a step half-way: such a state is not saved over a good checkpoint.
             super().on_exception(trainer, pl_module, exception)
             return
-        # Lightning raises this between steps (or validation batches) on every rank once SIGTERM arrived.
+        # Raised above, at a step boundary on every rank; or by Lightning, when SIGTERM came before training began.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         rank_zero_info(f"SIGTERM: saved {self.last_model_path} at step {trainer.global_step}; "

@@ -57,8 +57,10 @@ class _SkipFirstBatches:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Any]:
+        # A generator, so the skip is taken by the pass that yields the first batch: a multi-worker DataLoader
+        # iterator calls iter() twice when it is built (in __init__, then in _reset) and only advances the second.
         skip, self.skip = self.skip, 0
-        return islice(iter(self.batches), skip, None)
+        yield from islice(iter(self.batches), skip, None)
 
 
 def _epoch_samplers(loader: DataLoader) -> list[Any]:
