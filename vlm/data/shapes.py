@@ -15,10 +15,9 @@ To change the scene distribution (more objects, other relations, caption variant
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
