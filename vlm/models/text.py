@@ -87,8 +87,12 @@ class TextTransformer(nn.Module):
 
     def forward(self, text: Tensor) -> Tensor:
         """Token ids (b, n) -> the pooled text embedding (b, width)."""
-        x = self.forward_tokens(text)
         eot = self.eot_positions(text)
+        if text.shape[0] > 0 and not torch.compiler.is_compiling():  # compiled graphs keep static shapes
+            # Attention is causal, so the positions after every row's end-of-text (the padding) cannot change
+            # what is pooled: they are cut off rather than computed (a caption fills ~20 of CLIP's 77 positions).
+            text = text[:, : int(eot.max()) + 1]
+        x = self.forward_tokens(text)
         if self.pool == "mean":
             keep = torch.arange(x.shape[1], device=x.device)[None, :] <= eot[:, None]  # (b, n): up to EOT
             return (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True)

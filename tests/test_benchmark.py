@@ -1,0 +1,170 @@
+"""scripts/benchmark.py: every suite runs at tiny sizes and prints well-formed rows (nothing about speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm.benchmark import SUITES, run_suite
+from vlm.benchmark.core import Row, Settings, fit_exponent, interleaved_medians, make_row, peak_memory_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"suite", "name", "ours", "peer", "unit", "ratio"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+def test_ratio_favours_ours_when_faster_or_smaller():
+    assert make_row("s", "rate", 20.0, "img/s", 10.0).ratio == 2.0  # twice the throughput
+    assert make_row("s", "time", 1.0, "s", 2.0).ratio == 2.0  # half the time
+    assert make_row("s", "memory", 300.0, "MiB", 100.0).ratio == pytest.approx(1 / 3, rel=1e-3)  # 3x the memory
+    row = make_row("s", "alone", 5.0, "s")
+    assert row.peer is None and row.ratio is None
+
+
+def test_fit_exponent_recovers_a_power_law():
+    xs = [32, 64, 128, 256, 512]
+    assert fit_exponent(xs, [3e-3 * x**1.5 for x in xs]) == pytest.approx(1.5)
+    assert fit_exponent(xs, [7.0 * x for x in xs]) == pytest.approx(1.0)
+
+
+def test_interleaving_alternates_the_order_after_warmup():
+    calls: list[str] = []
+    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert set(medians) == {"a", "b"} and all(t >= 0 for t in medians.values())
+
+
+def test_peak_memory_sees_a_freed_temporary():
+    def fn() -> None:
+        a = torch.ones(4 * 2**20 // 4)  # 4 MiB
+        b = torch.ones(8 * 2**20 // 4)  # 8 MiB live together with a: peak >= 12 MiB
+        del a, b
+
+    peak = peak_memory_bytes(fn)
+    assert 12 * 2**20 <= peak < 20 * 2**20
+
+
+def test_a_missing_module_becomes_a_skip_row(monkeypatch):
+    monkeypatch.setitem(SUITES, "future", "vlm.benchmark._not_written_yet")
+    rows = list(run_suite("future", Settings(quick=True)))
+    assert len(rows) == 1 and rows[0].name.startswith("not available yet:") and rows[0].ours is None
+
+
+def test_unknown_suite_is_a_usage_error(script, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--suite", "nope"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def _check_rows(lines: list[str], suite: str) -> list[Row]:
+    rows = []
+    for line in lines:
+        obj = json.loads(line)
+        assert set(obj) == KEYS, line
+        assert obj["suite"] == suite
+        assert not obj["name"].startswith("error:"), obj["name"]
+        for key in ("ours", "peer", "ratio"):
+            assert obj[key] is None or (isinstance(obj[key], int | float) and math.isfinite(obj[key])), line
+        if obj["peer"] is None:
+            assert obj["ratio"] is None, line
+        elif obj["ours"] and obj["peer"]:
+            expected = make_row(suite, "", obj["ours"], obj["unit"], obj["peer"]).ratio  # from the rounded figures
+            assert obj["ratio"] == pytest.approx(expected, rel=0.02), line
+        rows.append(Row(**obj))
+    return rows
+
+
+# The compile suite runs torch.compile with the eager backend under --quick (inductor takes minutes here).
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_quick_suite_prints_well_formed_json_rows(script, capsys, suite):
+    code = script.main(["--suite", suite, "--json", "--quick", "--repeats", "1", "--threads", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    rows = _check_rows(lines, suite)
+    assert code == 0
+    measured = [r for r in rows if not r.name.startswith("not available yet")]
+    assert measured, f"{suite} measured nothing: {[r.name for r in rows]}"
+    # Ours and the peer hold identical weights: their outputs agree (the contract the ratios rely on).
+    for row in rows:
+        if row.unit == "abs diff":
+            assert row.ours <= 1e-4, row
+
+
+def test_table_has_a_header_and_one_line_per_row(script, capsys):
+    assert script.main(["--suite", "roofline", "--quick", "--repeats", "1", "--threads", "1", "--clock", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["suite", "name", "ours", "peer", "unit", "ratio"]
+    assert len(lines) > 1 and all(line.startswith("roofline") for line in lines[1:])
+
+
+# ------------------------------------------------------------------ the speed changes keep every output identical
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu", "relu"])
+def test_inference_mlp_in_place_activation_gives_the_autograd_values(act):
+    from vlm.models.layers import MLP
+
+    mlp = MLP(16, 64, act=act)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        fast = mlp(x)  # activation written into fc1's output
+    reference = mlp.fc2(mlp.act(mlp.fc1(x)))  # autograd path: out of place
+    assert torch.equal(fast, reference.detach())
+
+
+def test_block_in_place_residuals_keep_values_and_gradients():
+    from vlm.models.layers import Block
+
+    torch.manual_seed(0)
+    blk = Block(32, 4, layer_scale=0.5)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    out = blk(x, is_causal=True)
+    h = x + blk.ls1(blk.attn(blk.norm1(x), is_causal=True))  # the textbook form, out of place
+    reference = h + blk.ls2(blk.mlp.fc2(blk.mlp.act(blk.mlp.fc1(blk.norm2(h)))))
+    assert torch.equal(out, reference)
+    grads = torch.autograd.grad(out.square().sum(), [x, *blk.parameters()])
+    ref_grads = torch.autograd.grad(reference.square().sum(), [x, *blk.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["eot", "mean"])
+def test_text_tower_skips_padding_without_changing_values_or_gradients(pool):
+    from vlm.models.text import TextTransformer
+
+    torch.manual_seed(0)
+    tower = TextTransformer(vocab_size=100, context_length=16, width=32, depth=2, num_heads=2, eot_token_id=99,
+                            pool=pool)  # fmt: skip
+    text = torch.randint(1, 99, (3, 16))
+    text[0, 4:], text[1, 9:], text[2, 6:] = 0, 0, 0  # padded captions
+    text[0, 3], text[1, 8], text[2, 5] = 99, 99, 99
+    fast = tower(text)  # runs 9 positions
+    full = tower.forward_tokens(text)  # all 16, pooled by hand
+    eot = tower.eot_positions(text)
+    if pool == "eot":
+        reference = full[torch.arange(3), eot]
+    else:
+        keep = (torch.arange(16)[None, :] <= eot[:, None]).unsqueeze(-1)
+        reference = (full * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-6)
+    params = list(tower.parameters())
+    grads = torch.autograd.grad(fast.square().sum(), params)
+    ref_grads = torch.autograd.grad(reference.square().sum(), params)
+    # Only float rounding may differ: sums over a different number of (zero) padding terms, in another order.
+    scale = max(r.abs().max().item() for r in ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max().item() <= 1e-5 * scale

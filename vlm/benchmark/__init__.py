@@ -1,0 +1,44 @@
+"""Side-by-side benchmarks behind ``scripts/benchmark.py``: ours against timm, open_clip and transformers.
+
+Each suite is a module with ``run(settings) -> Iterator[Row]``; :data:`SUITES` lists them in the order they run.
+Suites import their module lazily so that one whose code (or peer library) is missing yields a
+"not available yet" row while the others still run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from collections.abc import Iterator
+
+from vlm.benchmark.core import Row, Settings, skip_row
+
+SUITES: dict[str, str] = {
+    "roofline": "vlm.benchmark.roofline",
+    "vit": "vlm.benchmark.vit",
+    "clip": "vlm.benchmark.clip",
+    "scaling": "vlm.benchmark.scaling",
+    "memory": "vlm.benchmark.memory",
+    "generate": "vlm.benchmark.generate",
+    "data": "vlm.benchmark.data",
+    "scripts": "vlm.benchmark.scripts",
+    "compile": "vlm.benchmark.compile",
+}
+
+
+def run_suite(name: str, settings: Settings) -> Iterator[Row]:
+    """Rows of one suite; a missing ``vlm`` module becomes a skip row, any other failure an ``error:`` row."""
+    try:
+        module = importlib.import_module(SUITES[name])
+        yield from module.run(settings)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("vlm"):
+            raise
+        yield skip_row(name, f"module {e.name} does not exist")
+    except Exception as e:  # noqa: BLE001 - one broken suite must not hide the figures of the others
+        traceback.print_exc()
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        yield Row(name, f"error: {type(e).__name__}: {first_line}", None, None, "", None)
+
+
+__all__ = ["SUITES", "Row", "Settings", "run_suite"]

@@ -1,0 +1,198 @@
+"""Measurement primitives of ``scripts/benchmark.py``: result rows, interleaved timing, FLOPs, peak memory.
+
+Every comparison is made inside one process, on the same inputs, with ours and the reference library ("peer")
+run alternately (ABBA order) after a warm-up, and the median of the repeats reported. The machine is shared and
+noisy: interleaving spreads any slow period over both sides so the *ratio* stays meaningful even when the absolute
+figures wander.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+# The clock of every timed comparison: wall time by default. ``process_time`` (CPU seconds of this process, all
+# threads) is far less disturbed by other processes on a busy machine, and equals wall time for one thread.
+_clock: Callable[[], float] = time.perf_counter
+
+
+def set_clock(name: str) -> None:
+    """``wall`` (default) or ``cpu``: the clock :func:`interleaved_medians` times with."""
+    global _clock
+    _clock = {"wall": time.perf_counter, "cpu": time.process_time}[name]
+
+
+# Units where a bigger number is better; for every other unit (seconds, bytes...) smaller is better.
+HIGHER_IS_BETTER = {"img/s", "texts/s", "tok/s", "GFLOP/s", "%", "steps/s", "x"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement. ``ratio > 1`` means ours is faster (or smaller); ``peer`` is None when there is none."""
+
+    suite: str
+    name: str
+    ours: float | None
+    peer: float | None
+    unit: str
+    ratio: float | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def make_row(suite: str, name: str, ours: float | None, unit: str, peer: float | None = None) -> Row:
+    """A row with its ratio oriented so that > 1 favours ours (``ours/peer`` for rates, ``peer/ours`` for costs)."""
+    ratio = None
+    if ours is not None and peer is not None and ours > 0 and peer > 0:
+        ratio = ours / peer if unit in HIGHER_IS_BETTER else peer / ours
+    return Row(suite, name, _round(ours), _round(peer), unit, _round(ratio, 3))
+
+
+def skip_row(suite: str, reason: str) -> Row:
+    """The row a suite yields instead of crashing when what it measures does not exist (yet)."""
+    return Row(suite, f"not available yet: {reason}", None, None, "", None)
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    if x is None:
+        return None
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, max(digits - 1 - int(math.floor(math.log10(abs(x)))), 0))
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time in seconds of each function, run alternately (A B, B A, A B, ...) after ``warmup`` runs.
+
+    The garbage collector is paused while timing so that a collection triggered by one side is not billed to it.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else reversed(names):
+                start = _clock()
+                fns[name]()
+                times[name].append(_clock() - start)
+    finally:
+        gc.enable()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``fn`` alone (for rows with no peer)."""
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls, convolutions, attention; forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_memory_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of tensor memory allocated by one call of ``fn`` above what was live before it.
+
+    CPU tensors have no ``max_memory_allocated``; the profiler's memory events carry the running total of bytes
+    allocated since profiling began, so its maximum over the call is the peak. Weights, optimizer state and
+    gradients that already exist before the call are not counted; gradients created by the call are.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silences the profiler back end's start/stop lines, which it writes straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) against log(x): cost ~ x ** exponent."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def keep_freed_memory() -> bool:
+    """Asks glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    By default glibc serves blocks above a (dynamic) threshold with fresh ``mmap`` pages and trims the top of the
+    heap on free, so every training step or forward pass faults its activations in again, one 4 KiB page at a
+    time (tens of thousands of page faults per ViT forward, measured). Raising both thresholds keeps the pages
+    mapped. Process-wide and irreversible, so it is opt-in (``scripts/benchmark.py --keep-freed-memory``); it
+    applies to ours and the peers alike. Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; the trim threshold has no such cap.
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def clear_grads(module: nn.Module) -> None:
+    """Drops gradients (as ``optimizer.zero_grad()`` does), so each step allocates its own like in training."""
+    for p in module.parameters():
+        p.grad = None
+
+
+@dataclass
+class Settings:
+    """Sizes and repeats of a run: ``quick`` uses tiny models so the whole suite runs in seconds (tests)."""
+
+    quick: bool = False
+    repeats: int = 5
+
+    def pick(self, full: Any, quick: Any) -> Any:
+        return quick if self.quick else full
+
+
+Suite = Callable[[Settings], Iterator[Row]]

@@ -1,0 +1,76 @@
+"""Flamingo measurements shared by the ``memory`` and ``generate`` suites.
+
+The model is the one of the shipped CPU config (``configs/flamingo/shapes.yaml``), untrained: the frozen parts'
+weight files are not read (their values do not change the cost).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+
+from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row, peak_memory_bytes
+from vlm.tasks.captioning import FlamingoTask  # noqa: F401 - the suites skip cleanly if this does not exist yet
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "flamingo" / "shapes.yaml"
+CAPTIONS = ("a small red circle", "a large blue square left of a small green triangle", "a yellow star")
+MIB = 2**20
+
+
+@functools.cache
+def _model_config() -> dict:
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())["model"]
+    config["init_args"].update(vision_weights=None, decoder_weights=None)
+    return config
+
+
+def default_flamingo_task(quick: bool = False) -> LightningModule:
+    """The FlamingoTask of the default CPU config, frozen parts frozen, in eval mode."""
+    from vlm.checkpoint import build_task
+
+    torch.manual_seed(0)
+    return build_task(copy.deepcopy(_model_config())).eval()
+
+
+def flamingo_step(task: LightningModule, batch: int) -> Callable[[], None]:
+    """One training step of ``task`` (forward, loss, backward, AdamW) on a fixed synthetic batch."""
+    size = task.image_size
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    enc = task.tokenizer.encode_batch([task.tokenizer.prompt + CAPTIONS[i % len(CAPTIONS)] for i in range(batch)])
+    optimizer = task.configure_optimizers()["optimizer"]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        task.compute_loss(images, enc["input_ids"], enc["labels"]).backward()
+        optimizer.step()
+
+    return step
+
+
+def flamingo_memory_rows(suite: str, settings: Settings) -> Iterator[Row]:
+    """Peak memory and time of a step with the vision tower and decoder frozen vs everything trainable."""
+    batch = settings.pick(64, 4)
+    steps = {}
+    for trainable in (False, True):
+        task = default_flamingo_task(settings.quick).train()
+        if trainable:
+            task.model.vision.requires_grad_(True)
+            task.model.decoder.requires_grad_(True)
+        steps["trainable" if trainable else "frozen"] = step = flamingo_step(task, batch)
+        step()  # allocates the optimizer state, which both variants then keep
+    peaks = {name: peak_memory_bytes(step) / MIB for name, step in steps.items()}
+    times = interleaved_medians(steps, repeats=min(settings.repeats, 3))
+    for name, what in (("frozen", "vision + decoder frozen"), ("trainable", "everything trainable")):
+        yield make_row(suite, f"Flamingo default config step (b={batch}), {what}: peak memory", peaks[name], "MiB")
+        yield make_row(suite, f"Flamingo default config step (b={batch}), {what}: time", times[name], "s")
+    saved_memory = 100 * (1 - peaks["frozen"] / peaks["trainable"])
+    yield make_row(suite, "Flamingo step: memory saved by freezing", saved_memory, "%")
+    saved_time = 100 * (1 - times["frozen"] / times["trainable"])
+    yield make_row(suite, "Flamingo step: time saved by freezing", saved_time, "%")

@@ -1,0 +1,112 @@
+"""``generate``: greedy decoding with our DecoderLM against ``transformers``' ``generate`` on GPT-2.
+
+Both hold the same weights (a GPT-2 small-size model, randomly initialised by ``transformers`` and converted with
+:func:`~vlm.models.decoder.convert_gpt2_state_dict`): a 16-token prompt, 64 new tokens, greedy, with the KV cache
+and without it (recomputing the whole prefix at every step), and whether both produce the same tokens. Then
+Flamingo captioning, where the images are encoded and resampled once per caption and their cross-attention keys
+and values reused at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row, median_time, skip_row
+from vlm.generation import generate
+from vlm.models.decoder import DecoderLM, convert_gpt2_state_dict
+
+SUITE = "generate"
+
+
+def gpt2_config(quick: bool, context_length: int = 1024):
+    from transformers import GPT2Config
+
+    size = dict(n_embd=64, n_layer=2, n_head=2, vocab_size=1000, bos_token_id=0, eos_token_id=0) if quick else {}
+    return GPT2Config(n_positions=context_length, **size)
+
+
+def gpt2_pair(quick: bool, context_length: int = 1024, seed: int = 0) -> tuple[DecoderLM, nn.Module]:
+    """Our DecoderLM and a ``transformers`` GPT2LMHeadModel of the same size, holding identical weights."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = gpt2_config(quick, context_length)
+    peer = GPT2LMHeadModel(cfg).eval()
+    peer.generation_config.eos_token_id = None  # always generate the full budget, as ours does without stop ids
+    peer.generation_config.pad_token_id = 0
+    ours = DecoderLM(cfg.vocab_size, cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head).eval()
+    ours.load_state_dict(convert_gpt2_state_dict(peer.state_dict()))
+    return ours, peer
+
+
+def gpt2_size_decoder(quick: bool, context_length: int = 1024) -> DecoderLM:
+    return gpt2_pair(quick, context_length)[0]
+
+
+def decoder_greedy_fn(model: DecoderLM, prompt: Tensor, new_tokens: int, use_cache: bool) -> Callable[[], Tensor]:
+    return lambda: generate(model, prompt, max_new_tokens=new_tokens, use_cache=use_cache)
+
+
+def hf_greedy_fn(model: nn.Module, prompt: Tensor, new_tokens: int, use_cache: bool) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache)  # fmt: skip
+        return out[:, prompt.shape[1] :]
+
+    return run
+
+
+def decoder_rows(settings: Settings) -> Iterator[Row]:
+    ours, peer = gpt2_pair(settings.quick)
+    new = settings.pick(64, 8)
+    prompt = torch.randint(0, ours.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    label = settings.pick("GPT-2 small size", "tiny GPT-2")
+    with torch.no_grad():
+        diff = (ours(prompt) - peer(prompt).logits).abs().max().item()
+    yield make_row(SUITE, f"{label} prompt logits max |ours - transformers|", diff, "abs diff")
+    tokens = {}
+    for use_cache in (True, False):
+        fns = {
+            "ours": decoder_greedy_fn(ours, prompt, new, use_cache),
+            "peer": hf_greedy_fn(peer, prompt, new, use_cache),
+        }
+        tokens[use_cache] = {k: fn() for k, fn in fns.items()}
+        t = interleaved_medians(fns, repeats=settings.repeats if use_cache else min(settings.repeats, 3))
+        cache = "KV cache" if use_cache else "no cache"
+        yield make_row(SUITE, f"{label} greedy {new} new tokens, {cache}", new / t["ours"], "tok/s", new / t["peer"])
+        tokens[use_cache]["seconds"] = t["ours"]
+    same = (tokens[True]["ours"] == tokens[True]["peer"]).float().mean().item()
+    yield make_row(SUITE, f"{label} greedy tokens equal to transformers' (KV cache)", 100 * same, "%")
+    same = (tokens[True]["ours"] == tokens[False]["ours"]).float().mean().item()
+    yield make_row(SUITE, f"{label} greedy tokens equal with and without cache", 100 * same, "%")
+    speedup = tokens[False]["seconds"] / tokens[True]["seconds"]
+    yield make_row(SUITE, f"{label} greedy {new} new tokens: KV cache speed-up over recomputing", speedup, "x")
+
+
+def flamingo_rows(settings: Settings) -> Iterator[Row]:
+    try:
+        from vlm.benchmark.flamingo import default_flamingo_task
+    except ModuleNotFoundError as e:
+        yield skip_row(SUITE, f"Flamingo captioning: module {e.name} does not exist")
+        return
+    from vlm.generation import caption_images
+
+    task = default_flamingo_task(settings.quick)
+    size = task.image_size
+    images = torch.randn(settings.pick(4, 1), 3, size, size, generator=torch.Generator().manual_seed(0))
+    new = settings.pick(20, 4)
+    for use_cache in (True, False):
+        fn = lambda: caption_images(task.model, task.tokenizer, images, max_new_tokens=new, use_cache=use_cache)  # noqa: E731, B023
+        seconds = median_time(fn, repeats=min(settings.repeats, 3))
+        cache = "KV cache + media cached once" if use_cache else "no cache (media re-encoded every step)"
+        yield make_row(SUITE, f"Flamingo default config captioning b={images.shape[0]}, {cache}",
+                       images.shape[0] / seconds, "img/s")  # fmt: skip
+
+
+def run(settings: Settings) -> Iterator[Row]:
+    yield from decoder_rows(settings)
+    yield from flamingo_rows(settings)

@@ -1,0 +1,92 @@
+"""``memory``: peak memory of training steps.
+
+- A ViT-B/16 CLIP step (forward of both towers, contrastive loss, backward) with and without gradient
+  checkpointing. Gradients are allocated before measuring, so the peak is the activation memory (saved tensors
+  and temporaries) that checkpointing exists to cut.
+- A Flamingo step with the vision tower and decoder frozen (the recipe) against the same model with everything
+  trainable: time and peak memory (frozen parameters need no weight gradients and no saved inputs for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row, peak_memory_bytes, skip_row
+
+SUITE = "memory"
+MIB = 2**20
+
+
+def vit_b16_clip(quick: bool) -> nn.Module:
+    """A ViT-B/16 CLIP (OpenAI layout: pre-norm ViT, 12x512 text tower), or a tiny one."""
+    from vlm.models.clip import CLIP
+    from vlm.models.text import TextTransformer
+    from vlm.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    if quick:
+        vision = VisionTransformer(32, 8, width=64, depth=2, num_heads=2, pre_norm=True, patch_bias=False)
+        return CLIP(vision, TextTransformer(context_length=16, width=64, depth=2, num_heads=2), embed_dim=32)
+    vision = VisionTransformer(224, 16, width=768, depth=12, num_heads=12, pre_norm=True, patch_bias=False,
+                               norm_eps=1e-5)  # fmt: skip
+    return CLIP(vision, TextTransformer(context_length=77, width=512, depth=12, num_heads=8), embed_dim=512)
+
+
+def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
+    from vlm.tasks.contrastive import ContrastiveTask
+
+    model = vit_b16_clip(settings.quick)
+    task = ContrastiveTask(model=model)
+    batch = settings.pick(8, 2)
+    gen = torch.Generator().manual_seed(0)
+    size, ctx = model.visual.image_size, model.text.context_length
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    text = torch.randint(1, model.text.vocab_size - 1, (batch, ctx), generator=gen)
+    text[:, -1] = model.text.eot_token_id
+
+    def step() -> None:
+        task.zero_grad(set_to_none=False)  # gradients stay allocated: only activations are measured
+        task.compute_loss(images, text).backward()
+
+    step()  # allocates the gradients
+    peaks = {}
+    for checkpointing in (False, True):
+        model.visual.grad_checkpointing = model.text.grad_checkpointing = checkpointing
+        peaks[checkpointing] = peak_memory_bytes(step) / MIB
+    label = "ViT-B/16 CLIP" if not settings.quick else "tiny CLIP"
+    yield make_row(SUITE, f"{label} step activation peak (b={batch}), no checkpointing", peaks[False], "MiB")
+    yield make_row(SUITE, f"{label} step activation peak (b={batch}), gradient checkpointing", peaks[True], "MiB")
+    yield make_row(SUITE, f"{label} activation memory cut by gradient checkpointing",
+                   100 * (1 - peaks[True] / peaks[False]), "%")  # fmt: skip
+    model.visual.grad_checkpointing = model.text.grad_checkpointing = False
+    times = interleaved_medians({"off": step, "on": _with_checkpointing(model, step)}, repeats=min(settings.repeats, 3))
+    yield make_row(SUITE, f"{label} step time (b={batch}), no checkpointing", times["off"], "s")
+    yield make_row(SUITE, f"{label} step time (b={batch}), gradient checkpointing", times["on"], "s")
+
+
+def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        model.visual.grad_checkpointing = model.text.grad_checkpointing = True
+        try:
+            step()
+        finally:
+            model.visual.grad_checkpointing = model.text.grad_checkpointing = False
+
+    return run
+
+
+def flamingo_rows(settings: Settings) -> Iterator[Row]:
+    try:
+        from vlm.benchmark.flamingo import flamingo_memory_rows
+    except ModuleNotFoundError as e:
+        yield skip_row(SUITE, f"Flamingo step frozen vs trainable: module {e.name} does not exist")
+        return
+    yield from flamingo_memory_rows(SUITE, settings)
+
+
+def run(settings: Settings) -> Iterator[Row]:
+    yield from clip_checkpointing_rows(settings)
+    yield from flamingo_rows(settings)

@@ -1,0 +1,61 @@
+"""``roofline``: the fp32 matrix-multiply throughput of this machine, the practical limit the models are held to.
+
+The limit is the best of a few large square GEMMs with a preallocated output (so neither allocation nor page
+faults are billed to the multiply), with as many threads as torch uses. Model throughput is reported as a share
+of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from vlm.benchmark.core import Row, Settings, make_row, median_time
+
+SUITE = "roofline"
+
+
+@functools.cache
+def gemm_gflops(n: int, m: int, k: int, repeats: int) -> float:
+    """Median GFLOP/s of an fp32 (n, k) @ (k, m) product into a preallocated output."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, k, generator=gen), torch.randn(k, m, generator=gen)
+    out = torch.empty(n, m)
+    seconds = median_time(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=2)
+    return 2 * n * m * k / seconds / 1e9
+
+
+def gemm_probe(settings: Settings) -> tuple[Callable[[], Tensor], int]:
+    """A square fp32 GEMM into a preallocated output and its FLOPs, to time alongside a model: the share of the
+    limit is then measured under the same (shared, noisy) machine conditions as the model itself."""
+    n = max(_square_sizes(settings))
+    gen = torch.Generator().manual_seed(0)
+    a, b, out = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n)
+    return (lambda: torch.mm(a, b, out=out)), 2 * n**3
+
+
+def gemm_limit(settings: Settings) -> float:
+    """The machine's fp32 GEMM limit in GFLOP/s: the best of the square sizes of this run."""
+    return max(gemm_gflops(n, n, n, max(settings.repeats, 5)) for n in _square_sizes(settings))
+
+
+def _square_sizes(settings: Settings) -> tuple[int, ...]:
+    return settings.pick((1024, 2048, 3072), (256,))
+
+
+def run(settings: Settings) -> Iterator[Row]:
+    repeats = max(settings.repeats, 5)
+    for n in _square_sizes(settings):
+        yield make_row(SUITE, f"fp32 GEMM {n}x{n}x{n}", gemm_gflops(n, n, n, repeats), "GFLOP/s")
+    # The GEMMs a ViT-B/16 forward actually runs (batch 8, 197 tokens): K = 768 and 3072 are smaller than the
+    # square sizes, so these show how close to the limit the model's own shapes can get.
+    tokens = settings.pick(8 * 197, 64)
+    width = settings.pick(768, 64)
+    shapes = {"qkv": (3 * width, width), "mlp fc1": (4 * width, width), "mlp fc2": (width, 4 * width)}
+    for name, (m, k) in shapes.items():
+        gflops = gemm_gflops(tokens, m, k, repeats)
+        yield make_row(SUITE, f"fp32 GEMM ViT-B/16 {name} {tokens}x{m}x{k}", gflops, "GFLOP/s")
+    yield make_row(SUITE, "fp32 GEMM limit (best square)", gemm_limit(settings), "GFLOP/s")

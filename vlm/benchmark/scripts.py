@@ -1,0 +1,111 @@
+"""``scripts``: wall time of the user-facing scripts, start-up included, as a user runs them.
+
+Each script runs in a fresh ``python`` process on the model of the default CPU config (exported untrained: the
+weights do not change the cost) and on synthetic images. Running it on one input as well as on all of them
+splits the time into start-up (interpreter, imports, checkpoint loading, one forward) and per-input work; the
+bare ``import torch`` time is the floor no script can go below.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from vlm.benchmark.core import Row, Settings, make_row, skip_row
+
+SUITE = "scripts"
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = ("red circle", "blue square", "green triangle", "yellow star", "purple hexagon",
+          "orange cross", "red square", "blue circle", "green star", "yellow triangle")  # fmt: skip
+
+
+def wall_time(args: list[str], repeats: int) -> float:
+    """Best wall time of running ``python args...`` (best, not median: start-up noise is one-sided)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        best = min(best, time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:1])} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return best
+
+
+def write_images(folder: Path, count: int, size: int) -> list[str]:
+    """``count`` random RGB PNGs of ``size`` px, named in order."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(count):
+        pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=gen).numpy()
+        path = folder / f"{i:05d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def export_default(config_path: Path, out_dir: Path) -> Path:
+    """Builds the task of a shipped config (untrained) and exports it as a weights directory."""
+    import yaml
+
+    from vlm.checkpoint import build_task
+    from vlm.interop.export import export_task
+
+    config = yaml.safe_load(config_path.read_text())["model"]
+    torch.manual_seed(0)
+    return export_task(build_task(config), out_dir)
+
+
+def script_rows(
+    label: str, script: str, ckpt: Path, extra: list[str], paths: list[str], settings: Settings
+) -> Iterator[Row]:
+    repeats = min(settings.repeats, 2)
+    total = wall_time([script, "--checkpoint", str(ckpt), *extra, "--json", *paths], repeats)
+    yield make_row(SUITE, f"{label}, {len(paths)} images: wall time", total, "s")
+    if settings.quick:  # the tests only check that the script runs
+        return
+    one = wall_time([script, "--checkpoint", str(ckpt), *extra, "--json", paths[0]], repeats)
+    yield make_row(SUITE, f"{label}, 1 image: wall time (start-up + load + one forward)", one, "s")
+    yield make_row(SUITE, f"{label}, {len(paths)} images: share that is start-up", 100 * one / total, "%")
+    per_image = max(total - one, 0.0) / max(len(paths) - 1, 1)
+    yield make_row(SUITE, f"{label}: time per further image", 1000 * per_image, "ms")
+
+
+def run(settings: Settings) -> Iterator[Row]:
+    repeats = min(settings.repeats, 2)
+    if not settings.quick:
+        yield make_row(SUITE, "python -c 'import torch' (floor)", wall_time(["-c", "import torch"], repeats), "s")
+        imports = wall_time(["-c", "import vlm.checkpoint"], repeats)
+        yield make_row(SUITE, "python -c 'import vlm.checkpoint' (what every script loads)", imports, "s")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clip_config = ROOT / "configs" / "clip" / "shapes.yaml"
+        if not (ROOT / "scripts" / "zero_shot.py").exists() or not clip_config.exists():
+            yield skip_row(SUITE, "scripts/zero_shot.py or configs/clip/shapes.yaml does not exist")
+        else:
+            ckpt = export_default(clip_config, tmp / "clip")
+            paths = write_images(tmp / "images", settings.pick(100, 3), 64)
+            labels = ["--labels", ",".join(LABELS[: settings.pick(10, 3)])]
+            yield from script_rows(f"zero_shot.py x {len(labels[1].split(','))} labels", "scripts/zero_shot.py",
+                                   ckpt, labels, paths, settings)  # fmt: skip
+        flamingo_config = ROOT / "configs" / "flamingo" / "shapes.yaml"
+        if not (ROOT / "scripts" / "caption.py").exists():
+            yield skip_row(SUITE, "scripts/caption.py does not exist")
+            return
+        try:
+            ckpt = export_default(flamingo_config, tmp / "flamingo")
+        except Exception as e:  # noqa: BLE001 - e.g. the config reads stage-1/2 checkpoints that are not there
+            yield skip_row(SUITE, f"caption.py: cannot build the default Flamingo model ({type(e).__name__}: {e})")
+            return
+        paths = write_images(tmp / "images20", settings.pick(20, 2), 64)
+        yield from script_rows("caption.py", "scripts/caption.py", ckpt, [], paths, settings)

@@ -1,0 +1,100 @@
+"""``vit``: our VisionTransformer against timm's, same configuration and identical weights.
+
+For ViT-S/16 and ViT-B/16 at 224 px: images/s, achieved GFLOP/s and share of the machine's fp32 GEMM limit (a
+square GEMM timed alongside), for inference (forward under ``no_grad``) and for a forward+backward pass, plus the
+largest absolute difference of the two outputs (0 when both compute the same thing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlm.benchmark.core import Row, Settings, clear_grads, count_flops, interleaved_medians, make_row
+from vlm.benchmark.roofline import gemm_probe
+from vlm.models.vit import VisionTransformer
+
+SUITE = "vit"
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    """The constructor arguments shared by our ViT and timm's for one benchmarked model."""
+
+    label: str
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+
+
+FULL_SIZES = (ViTSize("ViT-S/16", 224, 16, 384, 12, 6), ViTSize("ViT-B/16", 224, 16, 768, 12, 12))
+QUICK_SIZES = (ViTSize("ViT-tiny/8", 32, 8, 64, 2, 2),)
+
+
+def vit_pair(size: ViTSize, seed: int = 0) -> tuple[VisionTransformer, nn.Module]:
+    """timm's ViT of this configuration and ours converted from it (identical weights)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from vlm.interop.timm import from_timm
+
+    torch.manual_seed(seed)
+    peer = TimmViT(img_size=size.image_size, patch_size=size.patch_size, embed_dim=size.width, depth=size.depth,
+                   num_heads=size.num_heads, num_classes=0)  # fmt: skip
+    return from_timm(peer), peer
+
+
+def forward_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(images)
+
+    return run
+
+
+def train_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        clear_grads(model)
+        model(images).square().mean().backward()
+
+    return run
+
+
+def compare(
+    label: str, ours: Callable[[], object], peer: Callable[[], object], batch: int, settings: Settings
+) -> Iterator[Row]:
+    """Rows for one workload: images/s, GFLOP/s and share of the GEMM limit, ours vs timm.
+
+    The limit is a square GEMM timed in the same interleaved rounds, so a busy spell slows it as much as the
+    models and the share stays meaningful on a shared machine.
+    """
+    flops = count_flops(ours)
+    gemm, gemm_flops = gemm_probe(settings)
+    t = interleaved_medians({"ours": ours, "peer": peer, "gemm": gemm}, repeats=settings.repeats)
+    limit = gemm_flops / t.pop("gemm") / 1e9
+    gflops = {k: flops / s / 1e9 for k, s in t.items()}
+    yield make_row(SUITE, f"{label} (b={batch})", batch / t["ours"], "img/s", batch / t["peer"])
+    yield make_row(SUITE, f"{label} achieved", gflops["ours"], "GFLOP/s", gflops["peer"])
+    yield make_row(SUITE, f"{label}: fp32 GEMM limit timed alongside", limit, "GFLOP/s")
+    share = {k: 100 * g / limit for k, g in gflops.items()}
+    yield make_row(SUITE, f"{label} share of GEMM limit", share["ours"], "%", share["peer"])
+
+
+def run(settings: Settings) -> Iterator[Row]:
+    batch = settings.pick(8, 2)
+    for size in settings.pick(FULL_SIZES, QUICK_SIZES):
+        ours, peer = vit_pair(size)
+        images = torch.randn(batch, 3, size.image_size, size.image_size, generator=torch.Generator().manual_seed(0))
+        ours.eval(), peer.eval()
+        with torch.no_grad():
+            diff = (ours(images) - peer(images)).abs().max().item()
+        yield make_row(SUITE, f"{size.label} max |ours - timm| forward", diff, "abs diff")
+        label = f"{size.label} {size.image_size}px forward"
+        yield from compare(label, forward_fn(ours, images), forward_fn(peer, images), batch, settings)
+        ours.train(), peer.train()
+        label = f"{size.label} {size.image_size}px forward+backward"
+        yield from compare(label, train_fn(ours, images), train_fn(peer, images), batch, settings)
