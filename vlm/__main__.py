@@ -36,6 +36,7 @@ def cli_main(args: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "data":
         from vlm.data.commands import main as data_main
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.reliability import NonFiniteError
 
     try:
-        cli_main(argv)
+        cli_main(None if from_command_line else argv)  # LightningCLI reads sys.argv itself (and warns if given both)
     except NonFiniteError as e:  # NonFiniteGuard(policy="stop"): one line naming the step, not a traceback
         print(f"vlm: error: {e}", file=sys.stderr)
         return 1
