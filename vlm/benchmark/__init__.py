@@ -3,6 +3,11 @@
 Each suite is a module with ``run(settings) -> Iterator[Row]``; :data:`SUITES` lists them in the order they run.
 Suites import their module lazily so that one whose code (or peer library) is missing yields a
 "not available yet" row while the others still run.
+
+Method: ours and the peer run in the same process on the same inputs with identical weights (converted with
+:mod:`vlm.interop`), after a warm-up, alternately (A B, B A, ...), and the median of the repeats is reported.
+On a busy shared machine, ``--threads 1 --clock cpu`` (CPU seconds of one thread) gives far steadier figures
+than wall time with two OpenMP threads, which stall whenever another process holds one of the cores.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from typing import Any
 from torch import nn
 
 # The clock of every timed comparison: wall time by default. ``process_time`` (CPU seconds of this process, all
-# threads) is far less disturbed by other processes on a busy machine, and equals wall time for one thread.
+# threads) is far less disturbed by other processes on a busy machine: for one thread it is the wall time minus
+# the time spent waiting for a core.
 _clock: Callable[[], float] = time.perf_counter
 
 

@@ -31,7 +31,7 @@ def _model_config() -> dict:
     return config
 
 
-def default_flamingo_task(quick: bool = False) -> LightningModule:
+def default_flamingo_task() -> LightningModule:
     """The FlamingoTask of the default CPU config, frozen parts frozen, in eval mode."""
     from vlm.checkpoint import build_task
 
@@ -59,7 +59,7 @@ def flamingo_memory_rows(suite: str, settings: Settings) -> Iterator[Row]:
     batch = settings.pick(64, 4)
     steps = {}
     for trainable in (False, True):
-        task = default_flamingo_task(settings.quick).train()
+        task = default_flamingo_task().train()
         if trainable:
             task.model.vision.requires_grad_(True)
             task.model.decoder.requires_grad_(True)

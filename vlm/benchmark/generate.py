@@ -75,7 +75,7 @@ def decoder_rows(settings: Settings) -> Iterator[Row]:
             "peer": hf_greedy_fn(peer, prompt, new, use_cache),
         }
         tokens[use_cache] = {k: fn() for k, fn in fns.items()}
-        t = interleaved_medians(fns, repeats=settings.repeats if use_cache else min(settings.repeats, 3))
+        t = interleaved_medians(fns, repeats=settings.repeats)
         cache = "KV cache" if use_cache else "no cache"
         yield make_row(SUITE, f"{label} greedy {new} new tokens, {cache}", new / t["ours"], "tok/s", new / t["peer"])
         tokens[use_cache]["seconds"] = t["ours"]
@@ -95,7 +95,7 @@ def flamingo_rows(settings: Settings) -> Iterator[Row]:
         return
     from vlm.generation import caption_images
 
-    task = default_flamingo_task(settings.quick)
+    task = default_flamingo_task()
     size = task.image_size
     images = torch.randn(settings.pick(4, 1), 3, size, size, generator=torch.Generator().manual_seed(0))
     new = settings.pick(20, 4)
