@@ -29,8 +29,9 @@ def gemm_gflops(n: int, m: int, k: int, repeats: int) -> float:
 
 
 def gemm_probe(settings: Settings) -> tuple[Callable[[], Tensor], int]:
-    """A square fp32 GEMM into a preallocated output and its FLOPs, to time alongside a model: the share of the
-    limit is then measured under the same (shared, noisy) machine conditions as the model itself."""
+    """The largest square fp32 GEMM of this run (into a preallocated output) and its FLOPs, to time alongside a
+    model: the share of the limit is then measured under the same machine conditions as the model itself (other
+    processes, and the sustained AVX-512 clock, which is lower than the short bursts of the smaller squares)."""
     n = max(_square_sizes(settings))
     gen = torch.Generator().manual_seed(0)
     a, b, out = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n)
