@@ -184,3 +184,20 @@ def test_shapes_datamodule_under_a_trainer(tmp_path, tokenizer):
     ShapesDataModule(data_dir=str(root), num_train=99).prepare_data()
     assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
     assert len((root / "train" / "metadata.jsonl").read_text().splitlines()) == 40
+
+
+def test_training_runs_to_the_end_over_bad_samples(shapes_root, tmp_path):
+    """Issue 6: with ~8% truncated / empty / non-image / missing files and empty captions, a real fit finishes."""
+    import lightning as L
+    from conftest import tiny_clip_config
+
+    from vlm.checkpoint import build_task
+
+    train, _ = _corrupt(shapes_root, tmp_path)
+    dm = ImageTextDataModule(train=str(train), batch_size=8)  # tokenizer and image settings come from the task
+    task = build_task(tiny_clip_config())
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=dm)
+    assert trainer.global_step == 7  # every full batch of the epoch was trained on
+    assert dm.skipped["train"] == 5
