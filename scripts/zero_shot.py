@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--templates",
         action="append",
-        help="a template set (simple, openai, openai_simple, shapes) or a prompt with {} (repeatable); "
+        help="a template set (simple, openai, openai_simple, shapes, paraphrased) or a prompt with {} (repeatable); "
         "default: the templates the model was validated with",
     )
     p.add_argument("--top-k", type=int, default=5, help="predictions per image (default 5)")

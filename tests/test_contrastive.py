@@ -120,5 +120,9 @@ def test_zero_shot_classifier_is_a_normalised_template_ensemble(tiny_clip_task):
 def test_named_template_sets():
     assert len(get_templates("openai")) == 80
     assert get_templates("simple") == ["a photo of a {}."]
+    paraphrased = get_templates("paraphrased")
+    assert len(paraphrased) >= 3 and all(t.count("{}") == 1 for t in paraphrased)
+    # worded away from the training captions "a [size] colour shape": no prompt is just "a {}" with a size word
+    assert not {"a {}", "a small {}", "a large {}"} & set(paraphrased)
     with pytest.raises(ValueError, match="unknown template set"):
         get_templates("nonsense")

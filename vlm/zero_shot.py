@@ -18,11 +18,20 @@ Template = str | Callable[[str], str]
 
 # Named template sets. "openai" is the 80-prompt ImageNet ensemble from the CLIP paper, taken from the
 # open_clip package rather than copied here.
-TEMPLATE_SETS = ("simple", "openai", "openai_simple", "shapes")
+TEMPLATE_SETS = ("simple", "openai", "openai_simple", "shapes", "paraphrased")
+# Prompts worded away from the synthetic training captions ("a [size] red circle [relation ...]"): they measure
+# whether a text tower understands the class name or only the caption template it was trained on.
+PARAPHRASED = (
+    "a picture of a {}.",
+    "there is a {} in this image",
+    "an image containing one {}",
+    "a {} on a plain background",
+    "a simple drawing of a {}",
+)
 
 
 def get_templates(spec: str | Sequence[Template]) -> list[Template]:
-    """Resolves template set names (``simple``, ``openai``, ``openai_simple``, ``shapes``) and prompts.
+    """Resolves template set names (``simple``, ``openai``, ``openai_simple``, ``shapes``, ``paraphrased``) and prompts.
 
     ``spec`` is a set name, a prompt with one ``{}``, a callable taking the class name, or a list of those (names
     in a list are expanded in place).
@@ -46,6 +55,8 @@ def _template_set(name: str) -> list[Template]:
         return ["a photo of a {}."]
     if name == "shapes":
         return ["a {}", "a small {}", "a large {}"]
+    if name == "paraphrased":
+        return list(PARAPHRASED)
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     return list(OPENAI_IMAGENET_TEMPLATES if name == "openai" else SIMPLE_IMAGENET_TEMPLATES)
