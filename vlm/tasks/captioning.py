@@ -26,7 +26,8 @@ import contextlib
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -109,6 +110,11 @@ class FlamingoTask(L.LightningModule):
         image_size: input image side (default: the vision tower's ``image_size``).
         image_mean: per-channel normalisation mean (must match how the tower was trained).
         image_std: per-channel normalisation std.
+        compile: ``torch.compile`` the training forward pass (``forward_hidden``) when a Trainer sets the task up:
+            ``True``, or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). Generation stays
+            eager (its growing KV cache would recompile at every length). The weights are untouched, so checkpoints
+            are the same with and without. Off by default: on the CPU it did not pay (0.86x on the CLIP step,
+            ``scripts/benchmark.py --suite compile``).
     """
 
     def __init__(
@@ -135,12 +141,15 @@ class FlamingoTask(L.LightningModule):
         image_size: int | None = None,
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if images_per_sequence < 1:
             raise ValueError(f"images_per_sequence must be >= 1, got {images_per_sequence}")
         self.save_hyperparameters()
         self.model = model
+        self.compile_options = compile
+        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by configure_model
         self._pretrained_sources = {
             "vision": (vision_weights, vision_weights_prefix),
             "decoder": (decoder_weights, decoder_weights_prefix),
@@ -221,6 +230,11 @@ class FlamingoTask(L.LightningModule):
             self.model.init_new_tokens(old)
         self.pretrained_loaded.fill_(True)
 
+    def configure_model(self) -> None:
+        if self.compile_options and self._compiled_forward_hidden is None:
+            options = self.compile_options if isinstance(self.compile_options, dict) else {}
+            self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
+
     # ----------------------------------------------------------------------------------------------- loss
     def _interleave(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """Groups k consecutive samples into one sequence ``<image>c1<|endofchunk|><image>c2...`` (b/k, k images)."""
@@ -239,7 +253,8 @@ class FlamingoTask(L.LightningModule):
     def compute_loss(self, images: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Next-token cross-entropy on the caption tokens (labels ignore padding, ``<image>`` and the prompt)."""
         # Right-padded batches: causal attention never reaches the padding, so no attention mask is needed.
-        hidden = self.model.forward_hidden(images, input_ids)
+        forward_hidden = self._compiled_forward_hidden or self.model.forward_hidden
+        hidden = forward_hidden(images, input_ids)
         return next_token_loss(hidden, labels, self.model.unembed, self.vocab_ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

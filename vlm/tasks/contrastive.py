@@ -4,11 +4,16 @@ The loss is computed across all GPUs: every rank gathers the features of every o
 each image is contrasted with every caption in the global batch, and computes only its own rows of the logit
 matrix (its labels are offset by ``rank * local_batch``). Summed over ranks this is exactly the loss of one
 process holding the whole batch, and so are the gradients.
+
+With ``accumulate_micro_batches=k`` a batch is encoded k micro-batches at a time and still contrasted as a whole
+(GradCache, Gao et al. 2021; open_clip's ``accum_freq``): every image still meets every caption of the global batch,
+the gradient is the full batch's, and the activation memory is about one micro-batch's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,6 +24,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from vlm.data.hf_tokenizer import HFTokenizer
 from vlm.data.tokenizer import CLIPTokenizer
 from vlm.models.clip import CLIP
+from vlm.reliability import restore_rng, snapshot_rng
 from vlm.tasks.optim import build_optimizer
 from vlm.zero_shot import build_classifier
 
@@ -75,6 +81,14 @@ class ContrastiveTask(L.LightningModule):
             name of a template set (see :func:`vlm.zero_shot.get_templates`).
         image_mean: per-channel normalisation mean of the input images.
         image_std: per-channel normalisation std.
+        accumulate_micro_batches: encode each training batch in this many equal micro-batches (the batch size must
+            be divisible by it) for about ``1/k`` of the activation memory, while the loss, its negatives and the
+            gradient stay exactly those of the whole batch (unlike ``Trainer(accumulate_grad_batches)``, which
+            contrasts each small batch only with itself). Costs one extra forward pass per micro-batch.
+        compile: ``torch.compile`` the image and text towers, in place, when a Trainer sets the task up: ``True``,
+            or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). The parameter names do not
+            change, so checkpoints are the same with and without. Off by default: on the CPU it did not pay (0.86x
+            on the default CLIP config's step, ``scripts/benchmark.py --suite compile``).
     """
 
     def __init__(
@@ -94,10 +108,14 @@ class ContrastiveTask(L.LightningModule):
         templates: str | Sequence[str] = ("a photo of a {}.",),
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        accumulate_micro_batches: int = 1,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
+        if accumulate_micro_batches < 1:
+            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         if loss == "siglip" and model.logit_bias is None:
             raise ValueError("the siglip loss needs a model built with init_logit_bias (e.g. -10)")
         self.save_hyperparameters()
@@ -109,6 +127,9 @@ class ContrastiveTask(L.LightningModule):
         self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer()
         self.templates = templates if isinstance(templates, str) else list(templates)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.accumulate_micro_batches = accumulate_micro_batches
+        self.compile_options = compile
+        self._compiled = False
         self._frozen = self._lock(lock_image, lock_image_unlocked_blocks, lock_text)
         self._val_outputs: dict[str, list[Tensor]] = {}
         self._classifier: Tensor | None = None
@@ -156,22 +177,96 @@ class ContrastiveTask(L.LightningModule):
         return self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world, b, d) -> (world*b, d)
 
     def compute_loss(self, images: Tensor, text: Tensor) -> Tensor:
-        image_features, text_features = self.model(images, text)
+        return self.features_loss(*self.model(images, text))
+
+    def features_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """The contrastive loss of this rank's features against every rank's."""
         all_image, all_text = self._gather(image_features), self._gather(text_features)
         offset = (self.global_rank if self._trainer is not None else 0) * image_features.shape[0]
         if self.loss_name == "siglip":
             return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset)
         return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset)
 
+    def accumulated_loss(self, images: Tensor, text: Tensor) -> Tensor:
+        """The batch's loss, with its gradient computed one micro-batch at a time (GradCache).
+
+        1. Every micro-batch is encoded without a graph; the random state before each is kept.
+        2. The loss over all the features (every rank's, gathered) is differentiated w.r.t. the features and the
+           temperature, the only inputs it has.
+        3. Each micro-batch is encoded again, now with a graph, from its saved random state (the same dropout, patch
+           dropout and drop path, hence the same features), and backpropagates its rows of that gradient.
+
+        The gradients of all but the last micro-batch accumulate in ``.grad`` here; the last is left to Lightning:
+        the returned tensor's value is the loss (logged, checked by :class:`~vlm.callbacks.NonFiniteGuard`), its
+        gradient the last micro-batch's share and the temperature's. So Lightning's backward, clipping, optimizer and
+        schedule steps run as usual (no manual optimization, which would refuse ``Trainer(gradient_clip_val)``).
+        Under DDP, the backward passes here run inside DDP's forward (it wraps ``training_step``), before DDP expects
+        gradients, so they stay local; Lightning's backward then all-reduces the accumulated sum once. Lightning zeroes
+        the gradients between ``training_step`` and its backward: with micro-batches :meth:`training_step` zeroes
+        them first instead (see :meth:`optimizer_zero_grad`).
+        """
+        k, b = self.accumulate_micro_batches, images.shape[0]
+        if b % k:
+            raise ValueError(f"the batch size {b} is not divisible by accumulate_micro_batches={k}: choose a batch "
+                             "size that is a multiple of it (and keep drop_last on)")
+        chunks = list(zip(images.chunk(k), text.chunk(k)))
+        states, features = [], []
+        with torch.no_grad():
+            for micro in chunks:
+                states.append(snapshot_rng())
+                features.append(self.model(*micro))
+        image_features = torch.cat([f[0] for f in features]).requires_grad_()
+        text_features = torch.cat([f[1] for f in features]).requires_grad_()
+        temperature = [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None and p.requires_grad]
+        loss = self.features_loss(image_features, text_features)
+        grads = torch.autograd.grad(loss, [image_features, text_features, *temperature], allow_unused=True)
+        image_grads, text_grads = grads[0].chunk(k), grads[1].chunk(k)
+        # Lightning multiplies the returned loss before backpropagating it; the shares backpropagated here alike.
+        factor = self._loss_multiplier()
+        for i, micro in enumerate(chunks[:-1]):
+            restore_rng(states[i])
+            torch.autograd.backward(list(self.model(*micro)), [image_grads[i] * factor, text_grads[i] * factor])
+        restore_rng(states[-1])  # after this replay the generators are where step 1 left them
+        image_last, text_last = self.model(*chunks[-1])
+        share = (image_last * image_grads[-1]).sum() + (text_last * text_grads[-1]).sum()
+        share = share + sum((p * g).sum() for p, g in zip(temperature, grads[2:]) if g is not None)
+        return loss.detach() + (share - share.detach())  # value: the loss; gradient: the share's
+
+    def _loss_multiplier(self) -> float:
+        """What Lightning multiplies the returned loss by before its backward: the fp16 loss scale, divided by
+        ``Trainer(accumulate_grad_batches)``."""
+        if self._trainer is None:
+            return 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return (scaler.get_scale() if scaler is not None else 1.0) / self.trainer.accumulate_grad_batches
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self.compute_loss(batch["image"], batch["text"])
-        b = batch["image"].shape[0]
+        images, text = batch["image"], batch["text"]
+        if self.accumulate_micro_batches > 1:
+            if self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
+                self.optimizers().zero_grad()  # Lightning's own comes after training_step: see optimizer_zero_grad
+            loss = self.accumulated_loss(images, text)
+        else:
+            loss = self.compute_loss(images, text)
+        b = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/temperature", 1.0 / self.model.logit_scale.exp(), batch_size=b)
+        self.log("train/temperature", 1.0 / self.model.logit_scale.detach().exp(), batch_size=b)
         return loss
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.accumulate_micro_batches == 1:  # else training_step zeroed them, before its micro-batches
+            optimizer.zero_grad()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.clamp_logit_scale()  # after every optimizer step, as CLIP does
+
+    def configure_model(self) -> None:
+        if self.compile_options and not self._compiled:
+            # Each tower in place (``nn.Module.compile``): parameter names, hence checkpoints, do not change.
+            options = self.compile_options if isinstance(self.compile_options, dict) else {}
+            self.model.visual.compile(**options)
+            self.model.text.compile(**options)
+            self._compiled = True
 
     # ------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

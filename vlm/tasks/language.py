@@ -7,6 +7,7 @@ The decoder trained here is the one :class:`~vlm.tasks.captioning.FlamingoTask` 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -67,6 +68,11 @@ class LanguageModelTask(L.LightningModule):
         image_size: only so an image-text data module can serve its captions (images are ignored).
         image_mean: as ``image_size``.
         image_std: as ``image_size``.
+        compile: ``torch.compile`` the training forward pass (``forward_hidden``) when a Trainer sets the task up:
+            ``True``, or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). Generation stays
+            eager (its growing KV cache would recompile at every length). The weights are untouched, so checkpoints
+            are the same with and without. Off by default: on the CPU it did not pay (0.86x on the CLIP step,
+            ``scripts/benchmark.py --suite compile``).
     """
 
     def __init__(
@@ -84,10 +90,13 @@ class LanguageModelTask(L.LightningModule):
         image_size: int = 224,
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = model
+        self.compile_options = compile
+        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by configure_model
         length = min(context_length or model.context_length, model.context_length)
         self.tokenizer = CausalLMTokenizer(tokenizer, context_length=length)
         if self.tokenizer.vocab_size > model.vocab_size:
@@ -105,7 +114,8 @@ class LanguageModelTask(L.LightningModule):
 
     def compute_loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         # Right-padded batches: causal attention never reaches the padding, so no attention mask is needed.
-        hidden = self.model.forward_hidden(self.model.embed_tokens(input_ids))
+        forward_hidden = self._compiled_forward_hidden or self.model.forward_hidden
+        hidden = forward_hidden(self.model.embed_tokens(input_ids))
         return next_token_loss(hidden, labels, self.model.unembed, self.vocab_ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -123,6 +133,11 @@ class LanguageModelTask(L.LightningModule):
         # Perplexity per predicted token over the whole validation set (all ranks: torchmetrics syncs).
         self.log("val/perplexity", torch.exp(self.val_nll.compute().clamp(max=50.0)))
         self.val_nll.reset()
+
+    def configure_model(self) -> None:
+        if self.compile_options and self._compiled_forward_hidden is None:
+            options = self.compile_options if isinstance(self.compile_options, dict) else {}
+            self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
 
     def configure_optimizers(self):
         return build_optimizer(self, **self.optim_args)
