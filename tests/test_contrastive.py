@@ -126,3 +126,23 @@ def test_named_template_sets():
     assert not {"a {}", "a small {}", "a large {}"} & set(paraphrased)
     with pytest.raises(ValueError, match="unknown template set"):
         get_templates("nonsense")
+
+
+def test_cached_locked_text_features_give_the_same_loss_and_gradients():
+    images, text = make_batch(8)
+    text[4:] = text[:4]  # recurring captions, as in the synthetic data
+    plain = build_task(tiny_clip_config(lock_text=True))
+    cached = build_task(tiny_clip_config(lock_text=True, cache_locked_text=True))
+    cached.load_state_dict(plain.state_dict())
+    rows = []
+    cached.model.text.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    for _ in range(2):  # the second step is served from the cache
+        for task in (plain, cached):
+            task.zero_grad()
+            task.compute_loss(images, text).backward()
+        for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(q.grad, p.grad, msg=name)
+    assert rows == [4]  # four distinct captions, encoded once
+    with pytest.raises(ValueError, match="cache_locked_text needs lock_text"):
+        build_task(tiny_clip_config(cache_locked_text=True))

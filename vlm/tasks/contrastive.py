@@ -89,6 +89,10 @@ class ContrastiveTask(L.LightningModule):
             or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). The parameter names do not
             change, so checkpoints are the same with and without. Off by default: on the CPU it did not pay (0.86x
             on the default CLIP config's step, ``scripts/benchmark.py --suite compile``).
+        cache_locked_text: with ``lock_text``, remember the frozen text tower's output per distinct caption, so a
+            caption seen before costs nothing (LiT's point: a locked tower's features never change). Pays on data
+            with recurring captions (the synthetic shapes, class-name captions); on web data, where captions rarely
+            repeat, it only grows. The cache lives in memory and is not saved.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class ContrastiveTask(L.LightningModule):
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
         accumulate_micro_batches: int = 1,
         compile: bool | dict[str, Any] = False,
+        cache_locked_text: bool = False,
     ) -> None:
         super().__init__()
         if loss not in ("clip", "siglip"):
@@ -118,6 +123,8 @@ class ContrastiveTask(L.LightningModule):
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         if loss == "siglip" and model.logit_bias is None:
             raise ValueError("the siglip loss needs a model built with init_logit_bias (e.g. -10)")
+        if cache_locked_text and not lock_text:
+            raise ValueError("cache_locked_text needs lock_text=True: a text tower that trains changes its features")
         self.save_hyperparameters()
         # Kept as attributes: under LightningCLI ``hparams`` holds only the keys the config spelled out.
         self.loss_name = loss
@@ -131,6 +138,7 @@ class ContrastiveTask(L.LightningModule):
         self.compile_options = compile
         self._compiled = False
         self._frozen = self._lock(lock_image, lock_image_unlocked_blocks, lock_text)
+        self._text_cache: dict[bytes, Tensor] | None = {} if cache_locked_text else None
         self._val_outputs: dict[str, list[Tensor]] = {}
         self._classifier: Tensor | None = None
 
@@ -176,8 +184,28 @@ class ContrastiveTask(L.LightningModule):
             return x
         return self.all_gather(x, sync_grads=True).flatten(0, 1)  # (world, b, d) -> (world*b, d)
 
+    def encode(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """The unit-length image and text features: ``self.model(images, text)``, through the text cache if on."""
+        if self._text_cache is None:
+            return self.model(images, text)
+        return self.model.encode_image(images), F.normalize(self.model.text_proj(self._cached_text(text)), dim=-1)
+
+    @torch.no_grad()
+    def _cached_text(self, text: Tensor) -> Tensor:
+        """The locked text tower's pooled output (b, width), computed only for captions not seen before."""
+        keys = [row.tobytes() for row in text.cpu().numpy()]
+        new = {k: i for i, k in enumerate(keys) if k not in self._text_cache}  # also de-duplicates the batch
+        if new:
+            out = self.model.text(text[list(new.values())])
+            self._text_cache.update(zip(new, out))
+        return torch.stack([self._text_cache[k] for k in keys])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._text_cache is not None:
+            self._text_cache.clear()  # other weights may arrive (a different locked tower)
+
     def compute_loss(self, images: Tensor, text: Tensor) -> Tensor:
-        return self.features_loss(*self.model(images, text))
+        return self.features_loss(*self.encode(images, text))
 
     def features_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """The contrastive loss of this rank's features against every rank's."""
@@ -214,7 +242,7 @@ class ContrastiveTask(L.LightningModule):
         with torch.no_grad():
             for micro in chunks:
                 states.append(snapshot_rng())
-                features.append(self.model(*micro))
+                features.append(self.encode(*micro))
         image_features = torch.cat([f[0] for f in features]).requires_grad_()
         text_features = torch.cat([f[1] for f in features]).requires_grad_()
         temperature = [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None and p.requires_grad]
@@ -225,9 +253,9 @@ class ContrastiveTask(L.LightningModule):
         factor = self._loss_multiplier()
         for i, micro in enumerate(chunks[:-1]):
             restore_rng(states[i])
-            torch.autograd.backward(list(self.model(*micro)), [image_grads[i] * factor, text_grads[i] * factor])
+            torch.autograd.backward(list(self.encode(*micro)), [image_grads[i] * factor, text_grads[i] * factor])
         restore_rng(states[-1])  # after this replay the generators are where step 1 left them
-        image_last, text_last = self.model(*chunks[-1])
+        image_last, text_last = self.encode(*chunks[-1])
         share = (image_last * image_grads[-1]).sum() + (text_last * text_grads[-1]).sum()
         share = share + sum((p * g).sum() for p, g in zip(temperature, grads[2:]) if g is not None)
         return loss.detach() + (share - share.detach())  # value: the loss; gradient: the share's
@@ -279,7 +307,7 @@ class ContrastiveTask(L.LightningModule):
             self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.templates)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        image_features, text_features = self.model(batch["image"], batch["text"])
+        image_features, text_features = self.encode(batch["image"], batch["text"])
         b = image_features.shape[0]
         scale = self.model.logit_scale.exp()
         logits = scale * image_features @ text_features.T
