@@ -79,3 +79,30 @@ def test_text_tower_pools_at_end_of_text_and_is_causal():
     changed = ids.clone()
     changed[:, 5:] = 9  # tokens after EOT cannot influence the pooled EOT state under the causal mask
     torch.testing.assert_close(text(changed), text(ids))
+
+
+def test_conv_stem_is_local_per_sample_and_keeps_the_token_grid():
+    vit = VisionTransformer(32, 8, width=32, depth=1, num_heads=2, stem="conv").eval()
+    x = torch.randn(3, 3, 32, 32)
+    tokens = vit.patch_embed(x)
+    assert tokens.shape == (3, 16, 32)  # the 4x4 grid of 8-pixel patches, like the patchify stem
+    y = x.clone()
+    y[:, :, :8, :8] += 1.0  # change the top-left patch only
+    changed = (vit.patch_embed(y) - tokens).abs().amax(dim=(0, 2)) > 0
+    # 3x3 stride-2 convolutions see a few pixels past a patch: its right/lower neighbours may change, no more
+    assert changed[0] and not changed.view(4, 4)[2:, :].any() and not changed.view(4, 4)[:, 2:].any()
+    # GroupNorm, not BatchNorm: a sample's features do not depend on the rest of the batch, even in training
+    vit.train()
+    torch.testing.assert_close(vit.patch_embed(x[:1]), vit.patch_embed(x)[:1])
+
+
+def test_conv_stem_errors_and_no_timm_export():
+    from vlm.interop import to_timm
+    from vlm.interop.timm import UnsupportedModelError
+
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        VisionTransformer(36, 6, width=32, depth=1, num_heads=2, stem="conv")
+    with pytest.raises(ValueError, match="stem must be"):
+        VisionTransformer(32, 8, width=32, depth=1, num_heads=2, stem="hybrid")
+    with pytest.raises(UnsupportedModelError, match="'conv' stem"):
+        to_timm(VisionTransformer(32, 8, width=32, depth=1, num_heads=2, stem="conv"))

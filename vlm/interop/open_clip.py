@@ -374,9 +374,11 @@ def open_clip_cfg(clip: CLIP) -> dict[str, Any]:
     found = []
     if vision.cls_token is None:
         found.append("an image tower without class token")
-    if vision.patch_embed.proj.bias is not None:
+    if vision.stem != "patch":
+        found.append(f"a {vision.stem!r} stem (open_clip ViTs patchify with one convolution)")
+    elif vision.patch_embed.proj.bias is not None:
         found.append("a bias on the patch convolution (open_clip's conv1 has none; build with patch_bias=False)")
-    if vision.patch_embed.proj.in_channels != 3:
+    elif vision.patch_embed.proj.in_channels != 3:
         found.append("images with other than 3 channels")
     if vb.attn.qkv.bias is None:
         found.append("attention without qkv bias")

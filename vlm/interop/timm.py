@@ -181,6 +181,9 @@ def from_timm(timm_model: nn.Module, image_size: int | None = None) -> VisionTra
 
 def vit_config(vit: VisionTransformer) -> dict[str, Any]:
     """The constructor arguments of an existing vlm :class:`VisionTransformer`, read off its modules."""
+    if vit.stem != "patch":
+        raise UnsupportedModelError(f"a ViT with a {vit.stem!r} stem has no timm equivalent (timm patchifies with one "
+                                    "convolution)")
     blk0 = vit.blocks[0]
     width = vit.width
     conv = vit.patch_embed.proj

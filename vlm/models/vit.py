@@ -32,6 +32,38 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (b, d, gh, gw) -> (b, gh*gw, d)
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of the patchify convolution (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better").
+
+    ``log2(patch_size)`` stride-2 3x3 convolutions (channels doubling up to ``dim``), each normalised and rectified,
+    then a 1x1 projection: the same token grid as :class:`PatchEmbed` for about the cost of one more block, but
+    local edge and corner features come from overlapping 3x3 filters instead of one linear map per patch, which
+    makes ViTs learn shape much sooner. A per-pixel LayerNorm over channels rather than the paper's BatchNorm keeps
+    every token a function of its own neighbourhood of its own image (so micro-batch accumulation and per-rank batch
+    sizes change nothing).
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        from timm.layers import LayerNorm2d  # here: importing timm costs every script a second at start-up
+
+        stages = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**stages != patch_size:
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {patch_size}")
+        self.patch_size = patch_size
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for i in range(stages):
+            c_out = max(dim // 2 ** (stages - 1 - i), 8)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), LayerNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    forward = PatchEmbed.forward  # same size check and (b, d, gh, gw) -> (b, gh*gw, d) layout
+
+
 def resample_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int) -> Tensor:
     """Bicubically resamples a (1, prefix + gh*gw, d) position embedding to a new patch grid.
 
@@ -72,6 +104,8 @@ class VisionTransformer(nn.Module):
         drop_path: stochastic depth rate, increased linearly over the blocks up to this value.
         patch_dropout: fraction of patch tokens randomly dropped during training (FLIP, Li et al. 2023).
         grad_checkpointing: recompute block activations in the backward pass to save memory.
+        stem: ``patch`` (one strided convolution, as in the paper and timm) or ``conv`` (:class:`ConvStem`, which
+            trains faster from scratch on small data; not loadable into timm).
     """
 
     def __init__(
@@ -95,6 +129,7 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
         patch_dropout: float = 0.0,
         grad_checkpointing: bool = False,
+        stem: Literal["patch", "conv"] = "patch",
     ) -> None:
         super().__init__()
         if pool == "token" and not class_token:
@@ -110,7 +145,13 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         grid = image_size // patch_size
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, width, bias=patch_bias)
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        self.stem = stem
+        if stem == "conv":
+            self.patch_embed = ConvStem(patch_size, in_chans, width)
+        else:
+            self.patch_embed = PatchEmbed(patch_size, in_chans, width, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, width))
         self.norm_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
