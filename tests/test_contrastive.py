@@ -146,3 +146,29 @@ def test_cached_locked_text_features_give_the_same_loss_and_gradients():
     assert rows == [4]  # four distinct captions, encoded once
     with pytest.raises(ValueError, match="cache_locked_text needs lock_text"):
         build_task(tiny_clip_config(cache_locked_text=True))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_same_caption_positive(loss):
+    images, text = make_batch(8)
+    cfg = _siglip_config() if loss == "siglip" else tiny_clip_config()
+    plain = build_task(cfg)
+    cfg["init_args"]["same_caption_positive"] = True
+    task = build_task(cfg)
+    task.load_state_dict(plain.state_dict())
+    # All captions distinct: exactly the usual loss.
+    torch.testing.assert_close(task.compute_loss(images, text), plain.compute_loss(images, text))
+    text[4:] = text[:4]  # caption i == caption i + 4
+    img, txt = task.model(images, text)
+    same = torch.eye(8, dtype=torch.bool) | torch.eye(8, dtype=torch.bool).roll(4, dims=1)
+    logits = task.model.logit_scale.exp() * img @ txt.T
+    if loss == "clip":  # the target spread over both matching captions / images
+        ref = -(F.log_softmax(logits, 1)[same].mean() + F.log_softmax(logits.T, 1)[same].mean()) / 2
+    else:
+        logits = logits + task.model.logit_bias
+        ref = -F.logsigmoid((same.float() * 2 - 1) * logits).sum() / 8
+    torch.testing.assert_close(task.compute_loss(images, text), ref)
+    if loss == "clip":  # two "ranks" with their rows of `same` average to the one-process loss
+        halves = [clip_loss(img[i:i + 4], txt[i:i + 4], img, txt, task.model.logit_scale, i, same[i:i + 4])
+                  for i in (0, 4)]
+        torch.testing.assert_close(sum(halves) / 2, ref)

@@ -32,7 +32,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_loss(image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, logit_scale: Tensor, offset: int):
+def clip_loss(image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, logit_scale: Tensor, offset: int,
+              same: Tensor | None = None):
     """Symmetric InfoNCE over this rank's rows of the global similarity matrix.
 
     Args:
@@ -42,22 +43,32 @@ def clip_loss(image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, 
         all_text: every rank's text features (B, d).
         logit_scale: ``log(1/T)``.
         offset: index of this rank's first sample in the global batch.
+        same: optional (b, B) bool, True where this rank's caption i equals the global caption j: every such pair is
+            a positive, the target spread evenly over them (see ``ContrastiveTask(same_caption_positive)``).
     """
     scale = logit_scale.exp()
     logits_per_image = scale * image @ all_text.T  # (b, B)
     logits_per_text = scale * text @ all_image.T  # (b, B)
+    if same is not None:  # identical captions: image i's positives are texts j, text i's are images j (symmetric)
+        targets = same.float() / same.sum(dim=1, keepdim=True)
+        return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
     labels = torch.arange(image.shape[0], device=image.device) + offset  # the matching pair sits on the diagonal
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int) -> Tensor:
+def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int,
+                same: Tensor | None = None) -> Tensor:
     """Pairwise sigmoid loss: every (image, text) pair is an independent binary classification (SigLIP).
 
-    Normalised by the local batch size as in the paper, so the per-rank losses average to the global one.
+    Normalised by the local batch size as in the paper, so the per-rank losses average to the global one. ``same``
+    (as for :func:`clip_loss`) makes every pair with identical captions a positive.
     """
     logits = logit_scale.exp() * image @ all_text.T + logit_bias  # (b, B)
-    labels = -torch.ones_like(logits)
-    labels[torch.arange(image.shape[0]), torch.arange(image.shape[0]) + offset] = 1.0  # +1 on the pairs, -1 off
+    if same is not None:
+        labels = same.to(logits.dtype) * 2 - 1
+    else:
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(image.shape[0]), torch.arange(image.shape[0]) + offset] = 1.0  # +1 on the pairs
     return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
@@ -89,6 +100,11 @@ class ContrastiveTask(L.LightningModule):
             or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). The parameter names do not
             change, so checkpoints are the same with and without. Off by default: on the CPU it did not pay (0.86x
             on the default CLIP config's step, ``scripts/benchmark.py --suite compile``).
+        same_caption_positive: treat pairs whose captions are identical token for token (anywhere in the global
+            batch) as positives too, instead of asking the model to tell identical captions apart. Matters when
+            captions recur within a batch (synthetic data, class-name captions: the shapes' "a red circle" comes
+            up about twice per 128), where the plain loss pushes same-class images apart; on web data it changes
+            nothing. Off by default, as in CLIP.
         cache_locked_text: with ``lock_text``, remember the frozen text tower's output per distinct caption, so a
             caption seen before costs nothing (LiT's point: a locked tower's features never change). Pays on data
             with recurring captions (the synthetic shapes, class-name captions); on web data, where captions rarely
@@ -114,6 +130,7 @@ class ContrastiveTask(L.LightningModule):
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
         accumulate_micro_batches: int = 1,
         compile: bool | dict[str, Any] = False,
+        same_caption_positive: bool = False,
         cache_locked_text: bool = False,
     ) -> None:
         super().__init__()
@@ -138,6 +155,7 @@ class ContrastiveTask(L.LightningModule):
         self.compile_options = compile
         self._compiled = False
         self._frozen = self._lock(lock_image, lock_image_unlocked_blocks, lock_text)
+        self.same_caption_positive = same_caption_positive
         self._text_cache: dict[bytes, Tensor] | None = {} if cache_locked_text else None
         self._val_outputs: dict[str, list[Tensor]] = {}
         self._classifier: Tensor | None = None
@@ -205,15 +223,23 @@ class ContrastiveTask(L.LightningModule):
             self._text_cache.clear()  # other weights may arrive (a different locked tower)
 
     def compute_loss(self, images: Tensor, text: Tensor) -> Tensor:
-        return self.features_loss(*self.encode(images, text))
+        return self.features_loss(*self.encode(images, text), text)
 
-    def features_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """The contrastive loss of this rank's features against every rank's."""
+    def features_loss(self, image_features: Tensor, text_features: Tensor, text: Tensor | None = None) -> Tensor:
+        """The contrastive loss of this rank's features against every rank's (``text``: this rank's token ids, needed
+        with ``same_caption_positive``)."""
         all_image, all_text = self._gather(image_features), self._gather(text_features)
         offset = (self.global_rank if self._trainer is not None else 0) * image_features.shape[0]
+        same = None
+        if self.same_caption_positive:
+            if text is None:
+                raise ValueError("same_caption_positive needs the captions' token ids")
+            distributed = self._trainer is not None and self.trainer.world_size > 1
+            all_ids = self.all_gather(text).flatten(0, 1) if distributed else text
+            same = (text[:, None, :] == all_ids[None, :, :]).all(dim=-1)  # (b, B), True on the diagonal at offset
         if self.loss_name == "siglip":
-            return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset)
-        return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset)
+            return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset, same)
+        return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset, same)
 
     def accumulated_loss(self, images: Tensor, text: Tensor) -> Tensor:
         """The batch's loss, with its gradient computed one micro-batch at a time (GradCache).
@@ -246,7 +272,7 @@ class ContrastiveTask(L.LightningModule):
         image_features = torch.cat([f[0] for f in features]).requires_grad_()
         text_features = torch.cat([f[1] for f in features]).requires_grad_()
         temperature = [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None and p.requires_grad]
-        loss = self.features_loss(image_features, text_features)
+        loss = self.features_loss(image_features, text_features, text)
         grads = torch.autograd.grad(loss, [image_features, text_features, *temperature], allow_unused=True)
         image_grads, text_grads = grads[0].chunk(k), grads[1].chunk(k)
         # Lightning multiplies the returned loss before backpropagating it; the shares backpropagated here alike.
