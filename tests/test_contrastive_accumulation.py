@@ -167,9 +167,12 @@ def test_fit_gradients_equal_without_micro_batches(tmp_path, case):
     assert len(runs[0]) == len(runs[1]) == 2
     if case == "fp16":  # fp16 rounding: about 1% here (then the weights drift apart); a missed factor 16 fails
         _assert_same_grads(runs[1][0], runs[0][0], rtol=0.05, atol=0.02)
-    else:  # the second step also shows that the gradients were zeroed in between
-        for got, want in zip(runs[1], runs[0]):
-            _assert_same_grads(got, want)
+    else:
+        _assert_same_grads(runs[1][0], runs[0][0])
+        # The second step shows that the gradients were zeroed in between (else they would be about twice as
+        # large). Only up to 1%: AdamW turns the first step's rounding differences in near-zero gradients into
+        # weight differences of up to 2 * lr, which the second step's gradients inherit.
+        _assert_same_grads(runs[1][1], runs[0][1], rtol=0.01, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------- memory
