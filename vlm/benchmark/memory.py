@@ -3,6 +3,10 @@
 - A ViT-B/16 CLIP step (forward of both towers, contrastive loss, backward) with and without gradient
   checkpointing. Gradients are allocated before measuring, so the peak is the activation memory (saved tensors
   and temporaries) that checkpointing exists to cut.
+- Contrastive gradient accumulation that keeps every negative (``ContrastiveTask(accumulate_micro_batches=k)``):
+  the same ViT-B/16 CLIP step over one batch, encoded whole vs k micro-batches at a time; the peer is the
+  whole-batch step (same gradient, tested), so the memory ratio is what accumulation saves and the time ratio what
+  its second forward pass costs.
 - A Flamingo step with the vision tower and decoder frozen (the recipe) against the same model with everything
   trainable: time and peak memory (frozen parameters need no weight gradients and no saved inputs for them).
 """
@@ -67,6 +71,37 @@ def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
     yield make_row(SUITE, f"{label} step time (b={batch}), gradient checkpointing", times["on"], "s")
 
 
+def accumulation_rows(settings: Settings) -> Iterator[Row]:
+    from vlm.tasks.contrastive import ContrastiveTask
+
+    model = vit_b16_clip(settings.quick)
+    k = 4
+    whole, micro = ContrastiveTask(model=model), ContrastiveTask(model=model, accumulate_micro_batches=k)
+    batch = settings.pick(16, 4)
+    gen = torch.Generator().manual_seed(0)
+    size, ctx = model.visual.image_size, model.text.context_length
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    text = torch.randint(1, model.text.vocab_size - 1, (batch, ctx), generator=gen)
+    text[:, -1] = model.text.eot_token_id
+
+    def step_whole() -> None:
+        model.zero_grad(set_to_none=False)  # gradients stay allocated: only activations are measured
+        whole.compute_loss(images, text).backward()
+
+    def step_micro() -> None:
+        model.zero_grad(set_to_none=False)
+        micro.accumulated_loss(images, text).backward()
+
+    step_whole()  # allocates the gradients
+    peaks = {name: peak_memory_bytes(fn) / MIB for name, fn in (("whole", step_whole), ("micro", step_micro))}
+    label = "ViT-B/16 CLIP" if not settings.quick else "tiny CLIP"
+    yield make_row(SUITE, f"{label} step activation peak (b={batch}): {k} accumulated micro-batches vs whole batch",
+                   peaks["micro"], "MiB", peer=peaks["whole"])  # fmt: skip
+    times = interleaved_medians({"whole": step_whole, "micro": step_micro}, repeats=min(settings.repeats, 3))
+    yield make_row(SUITE, f"{label} step time (b={batch}): {k} accumulated micro-batches vs whole batch",
+                   times["micro"], "s", peer=times["whole"])  # fmt: skip
+
+
 def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
         model.visual.grad_checkpointing = model.text.grad_checkpointing = True
@@ -89,4 +124,5 @@ def flamingo_rows(settings: Settings) -> Iterator[Row]:
 
 def run(settings: Settings) -> Iterator[Row]:
     yield from clip_checkpointing_rows(settings)
+    yield from accumulation_rows(settings)
     yield from flamingo_rows(settings)
