@@ -184,6 +184,12 @@ def test_shapes_datamodule_under_a_trainer(tmp_path, tokenizer):
     ShapesDataModule(data_dir=str(root), num_train=99).prepare_data()
     assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
     assert len((root / "train" / "metadata.jsonl").read_text().splitlines()) == 40
+    # ... but refuses data generated for another scene distribution, naming the setting, and leaves it as it was.
+    with pytest.raises(ValueError, match=r"two_object_prob=0.25 \(config: 0.0\)"):
+        ShapesDataModule(data_dir=str(root), two_object_prob=0.0).prepare_data()
+    with pytest.raises(ValueError, match=r"seed=0 \(config: 3\)"):
+        ShapesDataModule(data_dir=str(root), data_seed=3).prepare_data()
+    assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
 
 
 def test_training_runs_to_the_end_over_bad_samples(shapes_root, tmp_path):

@@ -362,6 +362,16 @@ def is_complete(out: str | os.PathLike) -> bool:
     return all(p.is_file() for p in needed)
 
 
+def mismatched_settings(out: str | os.PathLike, **wanted: float) -> dict[str, tuple[float, float]]:
+    """The generation settings of the dataset in ``out`` that differ from ``wanted``, as ``{name: (on disk,
+    wanted)}``; empty when they agree or when ``out/info.json`` does not record a setting."""
+    info_path = Path(out) / "info.json"
+    if not info_path.is_file():
+        return {}
+    info = json.loads(info_path.read_text())
+    return {k: (info[k], v) for k, v in wanted.items() if k in info and info[k] != v}
+
+
 def _start_methods() -> list[str]:
     from multiprocessing import get_all_start_methods
 
@@ -383,6 +393,7 @@ __all__ = [
     "generate_shapes",
     "is_complete",
     "make_sample",
+    "mismatched_settings",
     "render",
     "sample_train_scene",
     "sample_val_scene",
