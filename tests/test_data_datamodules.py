@@ -189,6 +189,10 @@ def test_shapes_datamodule_under_a_trainer(tmp_path, tokenizer):
         ShapesDataModule(data_dir=str(root), two_object_prob=0.0).prepare_data()
     with pytest.raises(ValueError, match=r"seed=0 \(config: 3\)"):
         ShapesDataModule(data_dir=str(root), data_seed=3).prepare_data()
+    info = json.loads((root / "info.json").read_text())
+    (root / "info.json").write_text(json.dumps({**info, "sizes": {"small": 0.25, "large": 0.45}}))  # older data
+    with pytest.raises(ValueError, match=r"sizes=\{'small': 0.25"):
+        ShapesDataModule(data_dir=str(root)).prepare_data()
     assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
 
 

@@ -163,6 +163,11 @@ def test_two_object_fraction_is_configurable(tmp_path):
     rows = [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
     assert all(r["num_objects"] == 1 for r in rows)
     assert json.loads((out / "info.json").read_text())["two_object_prob"] == 0.0
+    # The validation split does not depend on it: the one-object CLIP data and the mixed data share it byte for byte.
+    mixed = generate_shapes(tmp_path / "m", train=40, val=36, seed=1, processes=1, two_object_prob=0.5)
+    for name in ["metadata.jsonl", *(f"{i:05d}.png" for i in range(36))]:
+        assert (out / "validation" / name).read_bytes() == (mixed / "validation" / name).read_bytes()
+    assert (out / "train" / "metadata.jsonl").read_bytes() != (mixed / "train" / "metadata.jsonl").read_bytes()
 
 
 def test_size_mention_is_independent_and_full_caption_kept(tmp_path):

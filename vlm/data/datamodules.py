@@ -34,7 +34,7 @@ from vlm.data.datasets import (
     pil_to_uint8,
 )
 from vlm.data.resumable import EpochSampler, ResumableDataLoader
-from vlm.data.shapes import is_complete, mismatched_settings
+from vlm.data.shapes import SIZES, is_complete, mismatched_settings
 from vlm.data.shards import EqualBatchesDataLoader
 from vlm.data.sources import IMAGE_FALLBACKS, LABEL_FALLBACKS, TEXT_FALLBACKS, Table, load_table, pick_column
 from vlm.data.transforms import eval_geometry, normalize, train_geometry
@@ -342,7 +342,7 @@ class ShapesDataModule(ImageTextDataModule):
     Args:
         data_dir: dataset root with ``train/`` and ``validation/``; generated if it lacks them, never
             regenerated when present (but refused, naming the setting, if it was generated with another
-            ``data_seed``, ``two_object_prob`` or ``size_mention_prob``).
+            ``data_seed``, ``two_object_prob``, ``size_mention_prob`` or object sizes).
         num_train: training images to generate.
         num_val: validation images to generate (a multiple of 36 balances the classes).
         data_seed: generation seed.
@@ -401,7 +401,7 @@ class ShapesDataModule(ImageTextDataModule):
             # Existing data is never regenerated (nothing is lost), but it must be the scenes this config asks for:
             # a dataset written by another config would otherwise train silently on another distribution.
             wrong = mismatched_settings(self.data_dir, seed=self.data_seed, two_object_prob=self.two_object_prob,
-                                        size_mention_prob=self.size_mention_prob)
+                                        size_mention_prob=self.size_mention_prob, sizes=SIZES)
             if wrong:
                 found = ", ".join(f"{k}={disk} (config: {want})" for k, (disk, want) in wrong.items())
                 raise ValueError(f"{self.data_dir} was generated with {found}; point data_dir at another folder "
