@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.interop.export import main as export_main
 
         return export_main(argv[1:])
+    from vlm.data.shapes import StaleDataError
     from vlm.reliability import NonFiniteError
 
     try:
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:  # NonFiniteGuard(policy="stop"): one line naming the step, not a traceback
         print(f"vlm: error: {e}", file=sys.stderr)
         return 1
+    except StaleDataError as e:  # a data folder left by another config: the user's to move, not a crash
+        print(f"vlm: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

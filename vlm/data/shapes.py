@@ -364,6 +364,10 @@ def is_complete(out: str | os.PathLike) -> bool:
     return all(p.is_file() for p in needed)
 
 
+class StaleDataError(ValueError):
+    """An existing dataset folder was generated with other settings than the ones asked for."""
+
+
 def mismatched_settings(out: str | os.PathLike, **wanted: object) -> dict[str, tuple[object, object]]:
     """The generation settings of the dataset in ``out`` that differ from ``wanted``, as ``{name: (on disk,
     wanted)}``; empty when they agree or when ``out/info.json`` does not record a setting."""
@@ -391,6 +395,7 @@ __all__ = [
     "SIZES",
     "Scene",
     "ShapeObject",
+    "StaleDataError",
     "caption",
     "generate_shapes",
     "is_complete",
