@@ -34,7 +34,7 @@ from vlm.data.datasets import (
     pil_to_uint8,
 )
 from vlm.data.resumable import EpochSampler, ResumableDataLoader
-from vlm.data.shapes import SIZES, StaleDataError, is_complete, mismatched_settings
+from vlm.data.shapes import check_generated_with, is_complete
 from vlm.data.shards import EqualBatchesDataLoader
 from vlm.data.sources import IMAGE_FALLBACKS, LABEL_FALLBACKS, TEXT_FALLBACKS, Table, load_table, pick_column
 from vlm.data.transforms import eval_geometry, normalize, train_geometry
@@ -400,12 +400,7 @@ class ShapesDataModule(ImageTextDataModule):
         if is_complete(self.data_dir):
             # Existing data is never regenerated (nothing is lost), but it must be the scenes this config asks for:
             # a dataset written by another config would otherwise train silently on another distribution.
-            wrong = mismatched_settings(self.data_dir, seed=self.data_seed, two_object_prob=self.two_object_prob,
-                                        size_mention_prob=self.size_mention_prob, sizes=SIZES)
-            if wrong:
-                found = ", ".join(f"{k}={disk} (config: {want})" for k, (disk, want) in wrong.items())
-                raise StaleDataError(f"{self.data_dir} was generated with {found}; point data_dir at another folder "
-                                 "(it is generated there on first use) or delete this one to regenerate it")
+            check_generated_with(self.data_dir, self.data_seed, self.two_object_prob, self.size_mention_prob)
             return
         log.warning("generating %d + %d shapes into %s", self.num_train, self.num_val, self.data_dir)
         generate_shapes(

@@ -368,14 +368,19 @@ class StaleDataError(ValueError):
     """An existing dataset folder was generated with other settings than the ones asked for."""
 
 
-def mismatched_settings(out: str | os.PathLike, **wanted: object) -> dict[str, tuple[object, object]]:
-    """The generation settings of the dataset in ``out`` that differ from ``wanted``, as ``{name: (on disk,
-    wanted)}``; empty when they agree or when ``out/info.json`` does not record a setting."""
+def check_generated_with(out: str | os.PathLike, seed: int, two_object_prob: float, size_mention_prob: float) -> None:
+    """Raises :class:`StaleDataError`, naming each setting, if the dataset in ``out`` was generated with another
+    seed, two-object share, size-mention share or other object :data:`SIZES` than asked for (settings that
+    ``out/info.json`` does not record are not checked)."""
     info_path = Path(out) / "info.json"
     if not info_path.is_file():
-        return {}
+        return
     info = json.loads(info_path.read_text())
-    return {k: (info[k], v) for k, v in wanted.items() if k in info and info[k] != v}
+    wanted = dict(seed=seed, two_object_prob=two_object_prob, size_mention_prob=size_mention_prob, sizes=SIZES)
+    wrong = [f"{k}={info[k]} (config: {v})" for k, v in wanted.items() if k in info and info[k] != v]
+    if wrong:
+        raise StaleDataError(f"{out} was generated with {', '.join(wrong)}; point data_dir at another folder (it is "
+                             "generated there on first use) or delete this one to regenerate it")
 
 
 def _start_methods() -> list[str]:
@@ -397,10 +402,10 @@ __all__ = [
     "ShapeObject",
     "StaleDataError",
     "caption",
+    "check_generated_with",
     "generate_shapes",
     "is_complete",
     "make_sample",
-    "mismatched_settings",
     "render",
     "sample_train_scene",
     "sample_val_scene",
