@@ -73,6 +73,9 @@ class Flamingo(nn.Module):
         max_frames: most frames per media item (video), i.e. number of time embeddings.
         media_attend: ``latest``: a text token sees only the image of the last ``<image>`` before it; ``all``:
             every image before it.
+        visual_layer: which of the tower's token layers the resampler reads: -1, its normalised output
+            (Flamingo's choice), -2 the output of the block before the last (LLaVA's choice), and so on. A CLIP
+            loss that reads only the class token never trains the last block's patch outputs.
     """
 
     def __init__(
@@ -87,10 +90,14 @@ class Flamingo(nn.Module):
         resampler_heads: int = 8,
         max_frames: int = 8,
         media_attend: Literal["latest", "all"] = "latest",
+        visual_layer: int = -1,
     ) -> None:
         super().__init__()
         if media_attend not in ("latest", "all"):
             raise ValueError(f"media_attend must be 'latest' or 'all', got {media_attend!r}")
+        if visual_layer >= 0:
+            raise ValueError(f"visual_layer counts from the last layer (-1, -2, ...), got {visual_layer}")
+        self.visual_layer = visual_layer
         if cross_attn_every < 1:
             raise ValueError(f"cross_attn_every must be >= 1, got {cross_attn_every}")
         self.vision = vision
@@ -182,7 +189,11 @@ class Flamingo(nn.Module):
         elif images.ndim != 6:
             raise ValueError(f"images must have 4, 5 or 6 dimensions, got shape {tuple(images.shape)}")
         b, t, f = images.shape[:3]
-        tokens = self.vision.forward_tokens(images.flatten(0, 2))  # (b*T*F, n, dv)
+        flat = images.flatten(0, 2)
+        if self.visual_layer == -1:
+            tokens = self.vision.forward_tokens(flat)  # (b*T*F, n, dv)
+        else:
+            tokens = self.vision.forward_tokens(flat, skip_last_blocks=-1 - self.visual_layer)
         tokens = tokens.view(b, t, f, *tokens.shape[1:])
         return self.resampler(tokens)
 

@@ -179,8 +179,14 @@ class VisionTransformer(nn.Module):
         patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
         return torch.cat([prefix, patches], dim=1)
 
-    def forward_tokens(self, images: Tensor) -> Tensor:
-        """Images (b, c, h, w) -> normalised tokens (b, prefix + patches, width)."""
+    def forward_tokens(self, images: Tensor, skip_last_blocks: int = 0) -> Tensor:
+        """Images (b, c, h, w) -> normalised tokens (b, prefix + patches, width).
+
+        With ``skip_last_blocks=k > 0``: the tokens after all but the last ``k`` blocks, before the final norm (a
+        Hugging Face ``hidden_states[-1 - k]``), e.g. the penultimate layer a captioner reads.
+        """
+        if not 0 <= skip_last_blocks < len(self.blocks):
+            raise ValueError(f"skip_last_blocks must be in [0, {len(self.blocks)}), got {skip_last_blocks}")
         x = self.patch_embed(images)  # (b, n, d)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
@@ -190,6 +196,8 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
         x = self.norm_pre(x)
+        if skip_last_blocks:
+            return checkpoint_blocks(self.blocks[: len(self.blocks) - skip_last_blocks], x, self.grad_checkpointing)
         x = checkpoint_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 
