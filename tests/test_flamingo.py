@@ -28,6 +28,29 @@ def tiny_flamingo(media_attend: str = "latest", cross_attn_every: int = 1, gates
     return model
 
 
+def test_resampler_reads_the_chosen_vision_layer():
+    vision = VisionTransformer(image_size=16, patch_size=8, width=16, depth=3, num_heads=2).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        x = vision.forward_tokens(images, skip_last_blocks=1)
+        # the output of the first two blocks, as a forward that stopped there (no final norm) computes it
+        stem = vision.patch_embed(images)
+        h = torch.cat([vision.cls_token.expand(2, -1, -1), stem], dim=1) + vision.pos_embed
+        for blk in vision.blocks[:2]:
+            h = blk(vision.norm_pre(h) if blk is vision.blocks[0] else h)
+        torch.testing.assert_close(x, h)
+        assert not torch.allclose(x, vision.forward_tokens(images))
+        decoder = DecoderLM(vocab_size=V, context_length=32, width=32, depth=1, num_heads=2)
+        model = Flamingo(vision, decoder, cross_attn_heads=2, num_latents=4, resampler_depth=1, resampler_heads=2,
+                         visual_layer=-2).eval()
+        expected = model.resampler(x[:, None, None])
+        torch.testing.assert_close(model.encode_media(images), expected)
+    with pytest.raises(ValueError, match="skip_last_blocks"):
+        vision.forward_tokens(images, skip_last_blocks=3)
+    with pytest.raises(ValueError, match="visual_layer"):
+        Flamingo(vision, decoder, cross_attn_heads=2, num_latents=4, resampler_heads=2, visual_layer=0)
+
+
 # ------------------------------------------------------------------------------------------- gated block
 def test_gated_block_is_exactly_the_identity_at_init():
     blk = GatedCrossAttentionBlock(dim=32, media_dim=16, num_heads=4)
@@ -252,6 +275,40 @@ def test_interleaved_sequences_train():
     assert (labels == task.model.end_of_chunk_token_id).sum(1).tolist() == [2, 2]
     loss = task.training_step(batch, 0)
     assert torch.isfinite(loss)
+
+
+def test_input_noise_swaps_caption_words_between_rows_and_keeps_every_label():
+    from vlm.tasks.captioning import swap_input_words
+
+    task = build_tiny_task(input_noise=0.5)
+    tok = task.tokenizer
+    captions = ["a small red circle", "a large blue star", "a green square", "a small green square left of a red star"]
+    enc = tok.encode_batch(captions)
+    ids, labels = enc["input_ids"], enc["labels"]
+    special = ids >= task.model.decoder.vocab_size
+    words = (labels != -100) & ~special & (ids != tok.eos_token_id)
+    assert torch.equal(swap_input_words(ids, labels, 0.0, task.model.decoder.vocab_size, tok.eos_token_id), ids)
+    swapped_any = torch.zeros_like(ids, dtype=torch.bool)
+    for seed in range(20):
+        out = swap_input_words(ids, labels, 0.5, task.model.decoder.vocab_size, tok.eos_token_id,
+                               generator=torch.Generator().manual_seed(seed))
+        changed = out != ids
+        assert not (changed & ~words).any()  # bos, <image>, <|endofchunk|>, eos and padding never change
+        # every new word is the word at the same position of another caption
+        for i, j in changed.nonzero().tolist():
+            assert any(out[i, j] == ids[k, j] and words[k, j] for k in range(len(captions)) if k != i)
+        swapped_any |= changed
+    assert swapped_any[words & (ids != ids.roll(1, 0))].float().mean() > 0.5  # swaps do happen where words differ
+    # the training step uses it (the labels it scores are the true captions) and is deterministic per seed
+    task.train()
+    batch = {"image": torch.randn(4, 3, 16, 16), "caption": captions, **enc}
+    torch.manual_seed(0)
+    noisy = task.training_step(batch, 0)
+    task.input_noise = 0.0
+    clean = task.training_step(batch, 0)
+    assert torch.isfinite(noisy) and not torch.equal(noisy, clean)
+    with pytest.raises(ValueError, match="input_noise"):
+        build_tiny_task(input_noise=1.0)
 
 
 def test_checkpoint_is_self_contained(tmp_path):
