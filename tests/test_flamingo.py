@@ -47,8 +47,9 @@ def test_resampler_reads_the_chosen_vision_layer():
         torch.testing.assert_close(model.encode_media(images), expected)
     with pytest.raises(ValueError, match="skip_last_blocks"):
         vision.forward_tokens(images, skip_last_blocks=3)
-    with pytest.raises(ValueError, match="visual_layer"):
-        Flamingo(vision, decoder, cross_attn_heads=2, num_latents=4, resampler_heads=2, visual_layer=0)
+    for bad in (0, -4):  # the tower has 3 blocks: -1, -2, -3 are its layers
+        with pytest.raises(ValueError, match="visual_layer"):
+            Flamingo(vision, decoder, cross_attn_heads=2, num_latents=4, resampler_heads=2, visual_layer=bad)
 
 
 # ------------------------------------------------------------------------------------------- gated block

@@ -74,7 +74,8 @@ class Flamingo(nn.Module):
         media_attend: ``latest``: a text token sees only the image of the last ``<image>`` before it; ``all``:
             every image before it.
         visual_layer: which of the tower's token layers the resampler reads: -1, its normalised output
-            (Flamingo's choice), -2 the output of the block before the last (LLaVA's choice), and so on. A CLIP
+            (Flamingo's choice), -2 the output of the block before the last (LLaVA's choice), and so on (other
+            than -1, the tower's ``forward_tokens`` must take ``skip_last_blocks``, as vlm's ViT does). A CLIP
             loss that reads only the class token never trains the last block's patch outputs.
     """
 
@@ -95,8 +96,10 @@ class Flamingo(nn.Module):
         super().__init__()
         if media_attend not in ("latest", "all"):
             raise ValueError(f"media_attend must be 'latest' or 'all', got {media_attend!r}")
-        if visual_layer >= 0:
-            raise ValueError(f"visual_layer counts from the last layer (-1, -2, ...), got {visual_layer}")
+        depth = len(getattr(vision, "blocks", ()))
+        if visual_layer >= 0 or (visual_layer < -1 and -visual_layer > depth):
+            raise ValueError(f"visual_layer counts from the last layer (-1, -2, ...) of the tower's {depth} blocks, "
+                             f"got {visual_layer}")
         self.visual_layer = visual_layer
         if cross_attn_every < 1:
             raise ValueError(f"cross_attn_every must be >= 1, got {cross_attn_every}")
