@@ -192,11 +192,9 @@ class Flamingo(nn.Module):
         elif images.ndim != 6:
             raise ValueError(f"images must have 4, 5 or 6 dimensions, got shape {tuple(images.shape)}")
         b, t, f = images.shape[:3]
-        flat = images.flatten(0, 2)
-        if self.visual_layer == -1:
-            tokens = self.vision.forward_tokens(flat)  # (b*T*F, n, dv)
-        else:
-            tokens = self.vision.forward_tokens(flat, skip_last_blocks=-1 - self.visual_layer)
+        # Only a deeper layer needs the keyword: any tower with forward_tokens(images) serves the default.
+        skip = {} if self.visual_layer == -1 else {"skip_last_blocks": -1 - self.visual_layer}
+        tokens = self.vision.forward_tokens(images.flatten(0, 2), **skip)  # (b*T*F, n, dv)
         tokens = tokens.view(b, t, f, *tokens.shape[1:])
         return self.resampler(tokens)
 
