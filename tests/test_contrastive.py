@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_clip_config
+from conftest import TINY_CLIP, tiny_clip_config
 from ddp_contrastive import _siglip_config, make_batch
 
 from vlm.checkpoint import build_task
 from vlm.tasks.contrastive import clip_loss, retrieval_recall, siglip_loss
 from vlm.zero_shot import build_classifier, classify, get_templates
+
+TINY_CLIP_MODEL = TINY_CLIP["init_args"]["model"]
 
 
 def test_clip_loss_matches_direct_formula():
@@ -172,3 +174,34 @@ def test_same_caption_positive(loss):
         halves = [clip_loss(img[i:i + 4], txt[i:i + 4], img, txt, task.model.logit_scale, i, same[i:i + 4])
                   for i in (0, 4)]
         torch.testing.assert_close(sum(halves) / 2, ref)
+
+
+def test_init_weights_start_training_from_a_checkpoint_but_not_a_resume(tmp_path):
+    from types import SimpleNamespace
+
+    source = build_task(tiny_clip_config())
+    path = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": source.state_dict(), "global_step": 7}, path)
+    torch.manual_seed(1)
+    task = build_task(tiny_clip_config(init_weights=str(path)))
+    assert not torch.equal(task.model.visual.pos_embed, source.model.visual.pos_embed)
+    task.trainer = SimpleNamespace(ckpt_path=str(tmp_path / "resume.ckpt"))
+    task.setup("fit")  # resuming: the resumed checkpoint brings the weights, init_weights is not read
+    assert not torch.equal(task.model.visual.pos_embed, source.model.visual.pos_embed)
+    task.trainer = SimpleNamespace(ckpt_path=None)
+    task.setup("fit")
+    for name, value in source.model.state_dict().items():
+        assert torch.equal(task.model.state_dict()[name], value), name
+
+
+def test_init_weights_that_do_not_match_name_the_problem(tmp_path):
+    wider = build_task(tiny_clip_config(model={**TINY_CLIP_MODEL, "init_args": {
+        **TINY_CLIP_MODEL["init_args"], "embed_dim": 8}}))
+    path = tmp_path / "wider.ckpt"
+    torch.save({"state_dict": wider.state_dict()}, path)
+    with pytest.raises(ValueError, match=r"init_weights=.*wider\.ckpt.*first mismatched key .*_proj"):
+        build_task(tiny_clip_config(init_weights=str(path))).setup("fit")
+    with pytest.raises(ValueError, match="no weights under the prefix 'clip.'"):
+        build_task(tiny_clip_config(init_weights=str(path), init_weights_prefix="clip.")).setup("fit")
+    with pytest.raises(ValueError, match="not found"):
+        build_task(tiny_clip_config(init_weights=str(tmp_path / "missing.ckpt"))).setup("fit")

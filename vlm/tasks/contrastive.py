@@ -12,6 +12,7 @@ the gradient is the full batch's, and the activation memory is about one micro-b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
 from vlm.tasks.optim import build_optimizer
 from vlm.zero_shot import build_classifier
+
+log = logging.getLogger("vlm.tasks")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -109,6 +112,12 @@ class ContrastiveTask(L.LightningModule):
             caption seen before costs nothing (LiT's point: a locked tower's features never change). Pays on data
             with recurring captions (the synthetic shapes, class-name captions); on web data, where captions rarely
             repeat, it only grows. The cache lives in memory and is not saved.
+        init_weights: a checkpoint or state dict (``.ckpt``, ``.pt``, ``.safetensors``) whose CLIP weights the
+            model starts from when training begins, with a fresh optimizer and schedule (fine-tuning, or a second
+            stage on other data). Its keys under ``init_weights_prefix`` must match the model exactly. Not read
+            when resuming from a checkpoint (``--ckpt_path``), which brings its own weights.
+        init_weights_prefix: the prefix of the CLIP weights in ``init_weights`` (``model.`` in a ContrastiveTask
+            checkpoint, ``""`` for a bare CLIP state dict).
     """
 
     def __init__(
@@ -132,6 +141,8 @@ class ContrastiveTask(L.LightningModule):
         compile: bool | dict[str, Any] = False,
         same_caption_positive: bool = False,
         cache_locked_text: bool = False,
+        init_weights: str | None = None,
+        init_weights_prefix: str = "model.",
     ) -> None:
         super().__init__()
         if loss not in ("clip", "siglip"):
@@ -159,6 +170,30 @@ class ContrastiveTask(L.LightningModule):
         self._text_cache: dict[bytes, Tensor] | None = {} if cache_locked_text else None
         self._val_outputs: dict[str, list[Tensor]] = {}
         self._classifier: Tensor | None = None
+        self.init_weights, self.init_weights_prefix = init_weights, init_weights_prefix
+
+    # ------------------------------------------------------------------------------------------ start weights
+    def setup(self, stage: str) -> None:
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and self.init_weights and not resuming:
+            self.load_init_weights()
+
+    def load_init_weights(self) -> None:
+        """Copies the CLIP weights of ``init_weights`` into the model (keys and shapes checked)."""
+        from vlm.interop.weights import ConversionError, load_checked, read_state_dict
+
+        source, prefix = self.init_weights, self.init_weights_prefix
+        try:
+            state = read_state_dict(source)
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not part:
+                raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
+            load_checked(self.model, part, "the CLIP model in the config")
+        except ConversionError as e:
+            raise ValueError(f"cannot start from init_weights={source!r}: {e}") from None
+        log.info("the CLIP model starts from %s", source)
+        if self._text_cache is not None:
+            self._text_cache.clear()
 
     # ----------------------------------------------------------------------------------------------- freezing
     def _lock(self, lock_image: bool, unlocked_blocks: int, lock_text: bool) -> list[nn.Module]:
