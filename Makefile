@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VLM := $(VENV)/bin/vlm
-# The CLIP stage trains on one-object scenes (configs/clip/shapes.yaml); LM and Flamingo on data/shapes.
-CLIP_DATA := data/shapes-single
+# CLIP trains on one-object scenes (configs/clip/shapes.yaml -> runs/clip), then on the mixed data/shapes
+# (+ configs/clip/shapes_scenes.yaml -> runs/clip-scenes), whose tower the Flamingo stage reads; LM and Flamingo
+# train on data/shapes. The validation split is the same in both folders.
+CLIP_CKPT := runs/clip-scenes/checkpoints/last.ckpt
 # Nothing reaches for a hub: all data and weights are built locally or shipped by packages.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -33,10 +35,11 @@ demo: install demo-clip demo-lm demo-flamingo
 
 demo-clip: install
 	$(VLM) fit --config configs/clip/shapes.yaml
-	$(PY) scripts/zero_shot.py --checkpoint runs/clip/checkpoints/last.ckpt --labels-file $(CLIP_DATA)/classnames.txt \
-		--top-k 3 $(CLIP_DATA)/validation/00000.png $(CLIP_DATA)/validation/00001.png $(CLIP_DATA)/validation/00002.png
-	$(PY) scripts/zero_shot.py --checkpoint runs/clip/checkpoints/last.ckpt --labels-file $(CLIP_DATA)/classnames.txt \
-		--heldout-labels-file $(CLIP_DATA)/heldout.txt --accuracy-only $(CLIP_DATA)/validation
+	$(VLM) fit --config configs/clip/shapes.yaml --config configs/clip/shapes_scenes.yaml
+	$(PY) scripts/zero_shot.py --checkpoint $(CLIP_CKPT) --labels-file data/shapes/classnames.txt \
+		--top-k 3 data/shapes/validation/00000.png data/shapes/validation/00001.png data/shapes/validation/00002.png
+	$(PY) scripts/zero_shot.py --checkpoint $(CLIP_CKPT) --labels-file data/shapes/classnames.txt \
+		--heldout-labels-file data/shapes/heldout.txt --accuracy-only data/shapes/validation
 
 demo-lm: install
 	$(VLM) fit --config configs/lm/shapes.yaml

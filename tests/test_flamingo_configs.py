@@ -54,7 +54,7 @@ def test_flamingo_config_instantiates_and_matches_earlier_stages():
     cfg = _config("configs/flamingo/shapes.yaml")
     assert cfg["trainer"]["default_root_dir"] == "runs/flamingo"
     args = cfg["model"]["init_args"]
-    assert args["vision_weights"] == "runs/clip/checkpoints/last.ckpt"
+    assert args["vision_weights"] == "runs/clip-scenes/checkpoints/last.ckpt"  # stage 1b (tests/test_configs.py)
     assert args["decoder_weights"] == "runs/lm/checkpoints/last.ckpt"
     task = build_task(cfg["model"])  # reads no weights: those are loaded when training starts
     assert not bool(task.pretrained_loaded)

@@ -10,13 +10,14 @@ Where the frozen parts come from
 --------------------------------
 The config gives their *architecture* (``model.init_args.vision`` / ``.decoder``, exactly as in the CLIP and LM
 configs) and, separately, where their *weights* are: ``vision_weights`` / ``decoder_weights`` name an earlier
-stage's checkpoint (``runs/clip/checkpoints/last.ckpt`` and ``runs/lm/checkpoints/last.ckpt`` by default), a
-``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``model.safetensors``, for users with internet);
+stage's checkpoint (``runs/clip-scenes/checkpoints/last.ckpt`` and ``runs/lm/checkpoints/last.ckpt`` in the shapes
+config), a ``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``model.safetensors``, for users with
+internet);
 ``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM task).
 Those files are read only when training starts (``setup("fit")``); the Flamingo checkpoint then holds every
 weight, frozen ones included, and records that they were loaded (the ``pretrained_loaded`` buffer), so
 rebuilding it (:func:`vlm.checkpoint.load_task`, ``scripts/caption.py``) or resuming it never reads those files
-again: it works after ``runs/clip`` and ``runs/lm`` are deleted. Swapping in another tower or a Hugging Face
+again: it works after those runs are deleted. Swapping in another tower or a Hugging Face
 decoder is a config change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
 """
 
