@@ -205,3 +205,25 @@ def test_init_weights_that_do_not_match_name_the_problem(tmp_path):
         build_task(tiny_clip_config(init_weights=str(path), init_weights_prefix="clip.")).setup("fit")
     with pytest.raises(ValueError, match="not found"):
         build_task(tiny_clip_config(init_weights=str(tmp_path / "missing.ckpt"))).setup("fit")
+
+
+def test_fit_with_a_missing_init_checkpoint_is_one_error_line(tmp_path, capsys):
+    """Stage 1b run before stage 1a: `vlm fit` names the missing file, exits 2, no traceback."""
+    from vlm.__main__ import main as vlm_main
+    from vlm.data import shapes as S
+
+    root = tmp_path / "shapes"
+    S.generate_shapes(root, train=40, val=36, seed=0, image_size=32, processes=1, two_object_prob=0.25)
+    configs = Path(__file__).parent.parent / "configs" / "clip"
+    missing = tmp_path / "stage1a" / "last.ckpt"
+    code = vlm_main(["fit", "--config", str(configs / "shapes.yaml"), "--config", str(configs / "shapes_scenes.yaml"),
+                     f"--model.init_args.init_weights={missing}", f"--data.init_args.data_dir={root}",
+                     "--data.init_args.num_train=40", "--data.init_args.num_val=36",
+                     "--data.init_args.image_size_on_disk=32", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                     "--trainer.enable_model_summary=false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"vlm: error: cannot start from init_weights='{missing}': weights file not found" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_main(argv[1:])
     from vlm.data.shapes import StaleDataError
+    from vlm.interop.weights import WeightsSourceError
     from vlm.reliability import NonFiniteError
 
     try:
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm: error: {e}", file=sys.stderr)
         return 1
     except StaleDataError as e:  # a data folder left by another config: the user's to move, not a crash
+        print(f"vlm: error: {e}", file=sys.stderr)
+        return 2
+    except WeightsSourceError as e:  # an earlier stage's checkpoint that is missing or does not fit the config
         print(f"vlm: error: {e}", file=sys.stderr)
         return 2
     return 0

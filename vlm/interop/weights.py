@@ -24,6 +24,11 @@ class UnsupportedModelError(ConversionError):
     """A peer model (or state dict) that uses features vlm's modules do not have."""
 
 
+class WeightsSourceError(ValueError):
+    """A configured weights file (``init_weights``, ``vision_weights``, ...) that is missing or does not fit: the
+    user's to fix (train that stage first, point the key elsewhere), so ``vlm fit`` prints it as one line."""
+
+
 class ShapeMismatchError(ConversionError):
     """A state dict whose keys or shapes do not match the architecture it is loaded into."""
 
@@ -115,6 +120,7 @@ __all__ = [
     "ConversionError",
     "ShapeMismatchError",
     "UnsupportedModelError",
+    "WeightsSourceError",
     "activation_name",
     "check_state_dict",
     "layer_norm_eps",

@@ -231,7 +231,7 @@ class FlamingoTask(L.LightningModule):
 
     def load_pretrained(self) -> None:
         """Reads the frozen parts' weights from ``vision_weights`` / ``decoder_weights``."""
-        from vlm.interop.weights import ConversionError, read_state_dict
+        from vlm.interop.weights import ConversionError, WeightsSourceError, read_state_dict
 
         parts = {"vision": self.model.vision, "decoder": self.model.decoder}
         for name, (source, prefix) in self._pretrained_sources.items():
@@ -240,8 +240,9 @@ class FlamingoTask(L.LightningModule):
             try:
                 state = read_state_dict(_resolve_weights(source))
             except ConversionError as e:
-                raise ValueError(f"cannot read the {name} weights ({name}_weights={source!r}): {e}. Train that stage "
-                                 f"first (see the config's header) or point {name}_weights elsewhere.") from None
+                raise WeightsSourceError(f"cannot read the {name} weights ({name}_weights={source!r}): {e}. Train that "
+                                         f"stage first (see the config's header) or point {name}_weights elsewhere."
+                                         ) from None
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             expected = parts[name].state_dict()
             missing = [k for k in expected if k not in part]
@@ -249,7 +250,7 @@ class FlamingoTask(L.LightningModule):
             if missing or wrong:
                 key = (missing or wrong)[0]
                 detail = "missing" if missing else f"shape {tuple(part[key].shape)} vs {tuple(expected[key].shape)}"
-                raise ValueError(
+                raise WeightsSourceError(
                     f"{source} does not match the {name} in the config (prefix {prefix!r}): {key!r} {detail}; "
                     f"the {name}'s architecture must equal the one that was trained"
                 )

@@ -180,7 +180,7 @@ class ContrastiveTask(L.LightningModule):
 
     def load_init_weights(self) -> None:
         """Copies the CLIP weights of ``init_weights`` into the model (keys and shapes checked)."""
-        from vlm.interop.weights import ConversionError, load_checked, read_state_dict
+        from vlm.interop.weights import ConversionError, WeightsSourceError, load_checked, read_state_dict
 
         source, prefix = self.init_weights, self.init_weights_prefix
         try:
@@ -190,7 +190,8 @@ class ContrastiveTask(L.LightningModule):
                 raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
             load_checked(self.model, part, "the CLIP model in the config")
         except ConversionError as e:
-            raise ValueError(f"cannot start from init_weights={source!r}: {e}") from None
+            raise WeightsSourceError(f"cannot start from init_weights={source!r}: {e}. Train the run it comes from "
+                                     f"first (see the config's header) or point init_weights elsewhere.") from None
         log.info("the CLIP model starts from %s", source)
         if self._text_cache is not None:
             self._text_cache.clear()
