@@ -64,6 +64,11 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tens
     return sd
 
 
+def sub_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under ``prefix`` (e.g. ``model.visual.`` of a training checkpoint), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str = "the model") -> None:
     """Raises :class:`ShapeMismatchError` unless ``given`` has exactly the keys and shapes of ``expected``."""
     for key, ref in expected.items():
@@ -126,4 +131,5 @@ __all__ = [
     "layer_norm_eps",
     "load_checked",
     "read_state_dict",
+    "sub_state_dict",
 ]

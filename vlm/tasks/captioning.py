@@ -12,13 +12,12 @@ The config gives their *architecture* (``model.init_args.vision`` / ``.decoder``
 configs) and, separately, where their *weights* are: ``vision_weights`` / ``decoder_weights`` name an earlier
 stage's checkpoint (``runs/clip-scenes/checkpoints/last.ckpt`` and ``runs/lm/checkpoints/last.ckpt`` in the shapes
 config), a ``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``model.safetensors``, for users with
-internet);
-``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM task).
-Those files are read only when training starts (``setup("fit")``); the Flamingo checkpoint then holds every
-weight, frozen ones included, and records that they were loaded (the ``pretrained_loaded`` buffer), so
+internet); ``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM
+task). Those files are read only when training starts (``setup("fit")``); the Flamingo checkpoint then holds
+every weight, frozen ones included, and records that they were loaded (the ``pretrained_loaded`` buffer), so
 rebuilding it (:func:`vlm.checkpoint.load_task`, ``scripts/caption.py``) or resuming it never reads those files
-again: it works after those runs are deleted. Swapping in another tower or a Hugging Face
-decoder is a config change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
+again: it works after those runs are deleted. Swapping in another tower or a Hugging Face decoder is a config
+change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
 """
 
 from __future__ import annotations
@@ -231,7 +230,7 @@ class FlamingoTask(L.LightningModule):
 
     def load_pretrained(self) -> None:
         """Reads the frozen parts' weights from ``vision_weights`` / ``decoder_weights``."""
-        from vlm.interop.weights import ConversionError, WeightsSourceError, read_state_dict
+        from vlm.interop.weights import ConversionError, WeightsSourceError, read_state_dict, sub_state_dict
 
         parts = {"vision": self.model.vision, "decoder": self.model.decoder}
         for name, (source, prefix) in self._pretrained_sources.items():
@@ -243,7 +242,7 @@ class FlamingoTask(L.LightningModule):
                 raise WeightsSourceError(f"cannot read the {name} weights ({name}_weights={source!r}): {e}. Train that "
                                          f"stage first (see the config's header) or point {name}_weights elsewhere."
                                          ) from None
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            part = sub_state_dict(state, prefix)
             expected = parts[name].state_dict()
             missing = [k for k in expected if k not in part]
             wrong = [k for k in expected if k in part and part[k].shape != expected[k].shape]

@@ -180,12 +180,18 @@ class ContrastiveTask(L.LightningModule):
 
     def load_init_weights(self) -> None:
         """Copies the CLIP weights of ``init_weights`` into the model (keys and shapes checked)."""
-        from vlm.interop.weights import ConversionError, WeightsSourceError, load_checked, read_state_dict
+        from vlm.interop.weights import (
+            ConversionError,
+            WeightsSourceError,
+            load_checked,
+            read_state_dict,
+            sub_state_dict,
+        )
 
         source, prefix = self.init_weights, self.init_weights_prefix
         try:
             state = read_state_dict(source)
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            part = sub_state_dict(state, prefix)
             if not part:
                 raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
             load_checked(self.model, part, "the CLIP model in the config")
