@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +91,62 @@ def test_drop_path_is_identity_in_eval_and_unbiased_in_training():
     y = dp.train()(x)
     assert set(y.unique().tolist()) <= {0.0, 2.0}
     assert abs(y.mean().item() - 1.0) < 0.1
+
+
+# ------------------------------------------------------------------ fp32 CPU linear layers on oneDNN
+@pytest.mark.parametrize("shape", [(6, 16), (2, 5, 16), (2, 3, 4, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_blas_values_and_gradients(shape, bias):
+    from vlm.models.layers import Linear, cpu_linear
+
+    torch.manual_seed(0)
+    layer = Linear(16, 24, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    runs = {}
+    for backend in ("onednn", "blas"):
+        with cpu_linear(backend):
+            out = layer(x)
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, 24)).sum(), [x, *layer.parameters()])
+        runs[backend] = out, grads
+    (out, grads), (ref, ref_grads) = runs["onednn"], runs["blas"]
+    assert out.shape == (*shape[:-1], 24)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_onednn_linear_frozen_weights_and_in_place_residual():
+    """A frozen layer still passes gradients to its input, and its output may take an in-place residual add."""
+    from vlm.models.layers import Linear, cpu_linear
+
+    layer = Linear(8, 8).requires_grad_(False)
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    with cpu_linear("onednn"):
+        out = layer(x).add_(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, layer.weight.sum(0).expand(3, 4, 8) + 1)
+    assert layer.weight.grad is None
+
+
+def test_onednn_mlp_fused_gelu_matches_the_blas_path():
+    from vlm.models.layers import MLP, cpu_linear
+
+    mlp = MLP(16, 64, act="gelu")
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        with cpu_linear("onednn"):
+            fused = mlp(x)
+        with cpu_linear("blas"):
+            ref = mlp(x)
+    torch.testing.assert_close(fused, ref)
+
+
+def test_cpu_linear_names_a_bad_backend_and_autocast_falls_back_to_blas():
+    from vlm.models.layers import Linear, cpu_linear
+
+    with pytest.raises(ValueError, match="'onednn' or 'blas'"):
+        with cpu_linear("mkl"):
+            pass
+    layer = Linear(8, 4)
+    with cpu_linear("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 8)).dtype == torch.bfloat16  # autocast still casts: F.linear ran

@@ -56,6 +56,17 @@ def forward_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Ten
     return run
 
 
+def onednn_fn(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with vlm's opt-in oneDNN linear layers (``VLM_CPU_LINEAR=onednn``)."""
+    from vlm.models.layers import _onednn_linear_available, cpu_linear
+
+    def run() -> object:
+        with cpu_linear("onednn" if _onednn_linear_available() else "blas"):
+            return fn()
+
+    return run
+
+
 def train_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         clear_grads(model)
@@ -72,7 +83,7 @@ def compare(
     The limit is a square GEMM timed in the same interleaved rounds, so a busy spell slows it as much as the
     models and the share stays meaningful on a shared machine.
     """
-    flops = count_flops(ours)
+    flops = count_flops(peer)  # the same work; the FLOP counter has no formula for the oneDNN linear op
     gemm, gemm_flops = gemm_probe(settings)
     t = interleaved_medians({"ours": ours, "peer": peer, "gemm": gemm}, repeats=settings.repeats)
     limit = gemm_flops / t.pop("gemm") / 1e9
@@ -95,6 +106,10 @@ def run(settings: Settings) -> Iterator[Row]:
         yield make_row(SUITE, f"{size.label} max |ours - timm| forward", diff, "abs diff")
         label = f"{size.label} {size.image_size}px forward"
         yield from compare(label, forward_fn(ours, images), forward_fn(peer, images), batch, settings)
+        yield from compare(f"{label} VLM_CPU_LINEAR=onednn", onednn_fn(forward_fn(ours, images)),
+                           forward_fn(peer, images), batch, settings)  # fmt: skip
         ours.train(), peer.train()
         label = f"{size.label} {size.image_size}px forward+backward"
         yield from compare(label, train_fn(ours, images), train_fn(peer, images), batch, settings)
+        yield from compare(f"{label} VLM_CPU_LINEAR=onednn", onednn_fn(train_fn(ours, images)),
+                           train_fn(peer, images), batch, settings)  # fmt: skip

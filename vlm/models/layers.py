@@ -8,6 +8,10 @@ wherever PyTorch has them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +47,95 @@ def activation_(act: nn.Module, x: Tensor) -> Tensor:
     if isinstance(act, QuickGELU):
         return x.mul_(torch.sigmoid(1.702 * x))
     return act(x)
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ``VLM_CPU_LINEAR=onednn`` (or ``set_cpu_linear("onednn")``) runs fp32 CPU linear layers on oneDNN (PyTorch's
+# bundled MKL-DNN) instead of the BLAS ``addmm`` path: on an AMD EPYC development machine its GEMMs were 1.3-1.5x
+# faster at transformer shapes (scripts/benchmark.py --suite roofline prints both). Opt-in until it is measured by
+# the benchmark suite on more than one machine (on an Intel CPU MKL may be as fast).
+_CPU_LINEAR = "onednn" if os.environ.get("VLM_CPU_LINEAR") == "onednn" and _onednn_linear_available() else "blas"
+
+
+def set_cpu_linear(backend: str) -> str:
+    """Selects how fp32 CPU :class:`Linear` layers multiply: ``onednn`` or ``blas``; returns the previous one."""
+    global _CPU_LINEAR
+    if backend not in ("onednn", "blas"):
+        raise ValueError(f"backend must be 'onednn' or 'blas', got {backend!r}")
+    if backend == "onednn" and not _onednn_linear_available():
+        raise RuntimeError("this PyTorch build has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)")
+    previous, _CPU_LINEAR = _CPU_LINEAR, backend
+    return previous
+
+
+@contextlib.contextmanager
+def cpu_linear(backend: str) -> Iterator[None]:
+    """``with cpu_linear("blas"):`` runs the block with that :func:`set_cpu_linear` backend, then restores it."""
+    previous = set_cpu_linear(backend)
+    try:
+        yield
+    finally:
+        set_cpu_linear(previous)
+
+
+def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
+        _CPU_LINEAR == "onednn"
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and type(weight) in (Tensor, nn.Parameter)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", approx: str = "") -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], approx)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ w.T + b`` for 2-D ``x`` with all three GEMMs (forward, input and weight gradients) on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_mm(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = _onednn_mm(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # grad @ w
+        grad_w = _onednn_mm(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # grad.T @ x
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` with the fp32 CPU multiplies on oneDNN (see :func:`set_cpu_linear`); same values to rounding."""
+    if x.dim() < 2 or not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        # A 2-D product viewed back: the Function's own output is then no view, so in-place residual adds stay legal.
+        return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _onednn_mm(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """:class:`torch.nn.Linear` (same parameters and state dict) computed by :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class KVCache:
@@ -116,12 +209,12 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
         if self.is_cross:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+            self.q = Linear(dim, dim, bias=qkv_bias)
+            self.kv = Linear(context_dim, 2 * dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj = Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -191,12 +284,16 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", bias: bool = True, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc1 = Linear(dim, hidden_dim, bias=bias)
         self.act = make_activation(act)
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.fc2 = Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and _use_onednn(x, self.fc1.weight):
+            # Inference on oneDNN: GELU is applied inside fc1's GEMM as it writes its output (one pass fewer).
+            h = _onednn_mm(x, self.fc1.weight, self.fc1.bias, "gelu", self.act.approximate)
+            return self.drop(self.fc2(self.drop(h)))
         h = self.fc1(x)  # (b, n, hidden): the largest activation of a block
         # Without autograd, the activation overwrites fc1's output instead of allocating a second hidden-sized
         # buffer: the same values, and far fewer fresh pages for the allocator to fault in (measured: ~4x fewer
@@ -373,9 +470,13 @@ __all__ = [
     "GatedCrossAttentionBlock",
     "KVCache",
     "LayerScale",
+    "Linear",
     "MLP",
     "QuickGELU",
     "checkpoint_blocks",
+    "cpu_linear",
     "init_weights_trunc_normal",
+    "linear",
     "make_activation",
+    "set_cpu_linear",
 ]
