@@ -9,6 +9,7 @@ wherever PyTorch has them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -49,7 +50,9 @@ def activation_(act: nn.Module, x: Tensor) -> Tensor:
     return act(x)
 
 
+@functools.cache
 def _onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear kernel (probed once: set_cpu_linear asks on every switch)."""
     try:
         x, w = torch.ones(2, 3), torch.ones(4, 3)
         return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
@@ -290,7 +293,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and _use_onednn(x, self.fc1.weight):
+        fusable = isinstance(self.act, nn.GELU) and x.dim() >= 2
+        if fusable and not torch.is_grad_enabled() and _use_onednn(x, self.fc1.weight):
             # Inference on oneDNN: GELU is applied inside fc1's GEMM as it writes its output (one pass fewer).
             h = _onednn_mm(x, self.fc1.weight, self.fc1.bias, "gelu", self.act.approximate)
             return self.drop(self.fc2(self.drop(h)))
