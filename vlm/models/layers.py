@@ -61,9 +61,8 @@ def _onednn_linear_available() -> bool:
 
 
 # ``VLM_CPU_LINEAR=onednn`` (or ``set_cpu_linear("onednn")``) runs fp32 CPU linear layers on oneDNN (PyTorch's
-# bundled MKL-DNN) instead of the BLAS ``addmm`` path: on an AMD EPYC development machine its GEMMs were 1.3-1.5x
-# faster at transformer shapes (scripts/benchmark.py --suite roofline prints both). Opt-in until it is measured by
-# the benchmark suite on more than one machine (on an Intel CPU MKL may be as fast).
+# bundled MKL-DNN) instead of the BLAS ``addmm`` path (scripts/benchmark.py --suite roofline prints both kernels'
+# GEMM rates). Opt-in until --suite vit has measured it on more than one machine.
 _CPU_LINEAR = "onednn" if os.environ.get("VLM_CPU_LINEAR") == "onednn" and _onednn_linear_available() else "blas"
 
 
