@@ -3,6 +3,11 @@ parameter equals the whole batch's (CLIP and SigLIP losses, with drop path and p
 keeps Lightning's clipping, schedule, NaN guard and temperature clamp, the activations saved for backward shrink
 to about one micro-batch's, and under 2-process DDP the gradients equal one process on the whole batch.
 
+The gradient comparisons run in float64 (Trainer(precision="64-true") in the fits): the accumulated and the whole
+batch sums are taken in another order, and in float32 that rounding alone reaches the tolerance on some CPUs' BLAS
+kernels, while in float64 it is ~1e-12 of each gradient and any real error (a lost micro-batch, a missed loss scale)
+is still orders of magnitude above the tolerance.
+
 Also a script: ``python tests/test_contrastive_accumulation.py OUT`` runs one accumulated DDP step (see the test).
 """
 
@@ -27,13 +32,13 @@ from vlm.checkpoint import build_task
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
 
-def _task(k: int, loss: str = "clip", **vision):
+def _task(k: int, loss: str = "clip", dtype: torch.dtype = torch.float64, **vision):
     """The tiny CLIP (SigLIP: with a logit bias), the same weights for every ``k``, in training mode."""
     cfg = _siglip_config() if loss == "siglip" else tiny_clip_config(warmup_steps=0)
     cfg["init_args"]["accumulate_micro_batches"] = k
     cfg["init_args"]["model"]["init_args"]["vision"]["init_args"].update(vision)
     torch.manual_seed(0)
-    return build_task(cfg).train()
+    return build_task(cfg).train().to(dtype)
 
 
 def _grads(task) -> dict[str, torch.Tensor]:
@@ -50,6 +55,7 @@ def _assert_same_grads(got: dict, want: dict, rtol: float = 1e-5, atol: float = 
 
 def _step(task, images, text) -> torch.Tensor:
     """One training step's loss and backward, as Lightning runs them."""
+    images = images.to(next(task.parameters()).dtype)
     loss = task.training_step({"image": images, "text": text}, 0)
     loss.backward()
     return loss.detach()
@@ -74,6 +80,7 @@ def test_random_layers_are_replayed_exactly(loss):
     k, stochastic = 4, dict(drop_path=0.5, patch_dropout=0.5)
     images, text = make_batch(8)
     ref = _task(1, loss, **stochastic)
+    images = images.double()
     torch.manual_seed(1)
     features = [ref.model(i, t) for i, t in zip(images.chunk(k), text.chunk(k))]
     ref_loss = ref.features_loss(torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]))
@@ -120,14 +127,14 @@ class StepGrads(Callback):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
-def _fit(tmp_path, k: int, callbacks=(), max_steps: int = 4, **trainer_args):
+def _fit(tmp_path, k: int, callbacks=(), max_steps: int = 4, precision="64-true", **trainer_args):
     cfg = tiny_clip_config(warmup_steps=2, accumulate_micro_batches=k)
     cfg["init_args"]["model"]["init_args"]["init_logit_scale"] = 5.0  # above the clamp ln(100)
     torch.manual_seed(0)
     task = build_task(cfg)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        callbacks=list(callbacks), **trainer_args)
+                        callbacks=list(callbacks), precision=precision, **trainer_args)
     trainer.fit(task, torch.utils.data.DataLoader(Pairs(), batch_size=4, drop_last=True))
     return task, trainer
 
@@ -161,7 +168,10 @@ def test_fit_gradients_equal_without_micro_batches(tmp_path, case):
     runs = []
     for k in (1, 2):
         steps = StepGrads()
-        args = dict(accumulate_grad_batches=2) if case == "accumulate_grad_batches" else dict(plugins=[_fp16_on_cpu()])
+        if case == "accumulate_grad_batches":
+            args = dict(accumulate_grad_batches=2)
+        else:  # float32 weights under fp16 autocast
+            args = dict(plugins=[_fp16_on_cpu()], precision=None)
         _fit(tmp_path, k, [steps], max_steps=2, **args)
         runs.append(steps.grads)
     assert len(runs[0]) == len(runs[1]) == 2
@@ -235,7 +245,7 @@ def _ddp_main(out: str) -> None:
     warnings.filterwarnings("ignore")
     task = _task(2)
     L.seed_everything(0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, precision="64-true",
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[SaveGrads(out)])
     trainer.fit(task, torch.utils.data.DataLoader(Pairs(), batch_size=4))  # Lightning adds a DistributedSampler

@@ -77,7 +77,7 @@ def assert_same_embeddings(reference, ours, images, tokens) -> None:
         assert (reference.encode_text(tokens) - ours.encode_text(tokens, normalize=False)).abs().max() <= TOL
 
 
-def zero_shot_predictions(model, images, reference: bool) -> torch.Tensor:
+def zero_shot_logits(model, images, reference: bool) -> torch.Tensor:
     tokenizer = TOKENIZER
     with torch.no_grad():
         if reference:  # open_clip's own classifier builder
@@ -86,7 +86,19 @@ def zero_shot_predictions(model, images, reference: bool) -> torch.Tensor:
             ).T
         else:
             classifier = build_classifier(model, tokenizer, CLASSES, TEMPLATES)
-        return (model.encode_image(images, normalize=True) @ classifier.T).argmax(dim=-1)
+        return model.encode_image(images, normalize=True) @ classifier.T
+
+
+def assert_same_zero_shot(ours, reference, images, decisive: bool = True) -> None:
+    """The class scores agree to float32 rounding, and so does the predicted class of every image whose best score
+    leads the runner-up by more than that rounding (a near-tie may fall either way in either library). ``decisive``:
+    every image must have such a lead, so that the predictions are really compared."""
+    got, want = zero_shot_logits(ours, images, False), zero_shot_logits(reference, images, True)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    top2 = want.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 4 * TOL
+    assert clear.all() or not decisive, "near-tied scores: these weights do not test the predicted class"
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 VARIANTS = {
@@ -106,7 +118,7 @@ def test_from_open_clip_equal_embeddings_and_zero_shot(name, images, tokens):
     ours = from_open_clip(reference)
     assert not ours.training
     assert_same_embeddings(reference, ours, images, tokens)
-    assert torch.equal(zero_shot_predictions(ours, images, False), zero_shot_predictions(reference, images, True))
+    assert_same_zero_shot(ours, reference, images)
     assert torch.equal(ours.logit_scale, reference.logit_scale)
     # and back: the open_clip model rebuilt from vlm's has the very same state dict
     back = to_open_clip(ours).eval()
@@ -134,7 +146,9 @@ def test_to_open_clip_from_a_vlm_clip(eot, images, tokens):
     reference = to_open_clip(ours).eval()
     assert reference.text_pool_type == ("argmax" if eot == 49407 else "eos")
     assert_same_embeddings(reference, ours, images, tokens)
-    assert torch.equal(zero_shot_predictions(ours, images, False), zero_shot_predictions(reference, images, True))
+    # Pooled at start-of-text, which leads every prompt, a causal tower gives all classes one embedding: the scores
+    # tie, and only their equality is checked.
+    assert_same_zero_shot(ours, reference, images, decisive=eot == 49407)
 
 
 def test_export_loads_with_open_clip_create_model(tmp_path, images, tokens):
@@ -148,7 +162,7 @@ def test_export_loads_with_open_clip_create_model(tmp_path, images, tokens):
     open_clip.add_model_config(tmp_path / "configs")
     by_name = open_clip.create_model("vlm-tiny-test", pretrained=str(weights)).eval()
     assert_same_embeddings(by_name, ours, images, tokens)
-    assert torch.equal(zero_shot_predictions(ours, images, False), zero_shot_predictions(by_name, images, True))
+    assert_same_zero_shot(ours, by_name, images)
 
 
 def test_load_open_clip_checkpoint_files(tmp_path, images, tokens):
