@@ -94,9 +94,17 @@ def test_drop_path_is_identity_in_eval_and_unbiased_in_training():
 
 
 # ------------------------------------------------------------------ fp32 CPU linear layers on oneDNN
+@pytest.fixture
+def onednn_at_any_size(monkeypatch):
+    """These layers are far below the size from which oneDNN is used: lower it, so that the oneDNN path runs."""
+    from vlm.models import layers
+
+    monkeypatch.setattr(layers, "_ONEDNN_MIN_MACS", 0)
+
+
 @pytest.mark.parametrize("shape", [(6, 16), (2, 5, 16), (2, 3, 4, 16)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_matches_blas_values_and_gradients(shape, bias):
+def test_onednn_linear_matches_blas_values_and_gradients(shape, bias, onednn_at_any_size):
     from vlm.models.layers import Linear, cpu_linear
 
     torch.manual_seed(0)
@@ -115,7 +123,7 @@ def test_onednn_linear_matches_blas_values_and_gradients(shape, bias):
         torch.testing.assert_close(g, r)
 
 
-def test_onednn_linear_frozen_weights_and_in_place_residual():
+def test_onednn_linear_frozen_weights_and_in_place_residual(onednn_at_any_size):
     """A frozen layer still passes gradients to its input, and its output may take an in-place residual add."""
     from vlm.models.layers import Linear, cpu_linear
 
@@ -128,7 +136,7 @@ def test_onednn_linear_frozen_weights_and_in_place_residual():
     assert layer.weight.grad is None
 
 
-def test_onednn_mlp_fused_gelu_matches_the_blas_path():
+def test_onednn_mlp_fused_gelu_matches_the_blas_path(onednn_at_any_size):
     from vlm.models.layers import MLP, cpu_linear
 
     mlp = MLP(16, 64, act="gelu")
@@ -141,7 +149,7 @@ def test_onednn_mlp_fused_gelu_matches_the_blas_path():
     torch.testing.assert_close(fused, ref)
 
 
-def test_cpu_linear_names_a_bad_backend_and_autocast_falls_back_to_blas():
+def test_cpu_linear_names_a_bad_backend_and_autocast_falls_back_to_blas(onednn_at_any_size):
     from vlm.models.layers import Linear, cpu_linear
 
     with pytest.raises(ValueError, match="'onednn' or 'blas'"):
@@ -150,3 +158,81 @@ def test_cpu_linear_names_a_bad_backend_and_autocast_falls_back_to_blas():
     layer = Linear(8, 4)
     with cpu_linear("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(2, 8)).dtype == torch.bfloat16  # autocast still casts: F.linear ran
+
+
+def test_default_cpu_linear_is_onednn_exactly_where_mkl_runs_its_generic_path(monkeypatch):
+    from vlm.models import layers
+
+    for generic, expected in ((True, "onednn"), (False, "blas")):
+        monkeypatch.setattr(layers, "_mkl_runs_its_generic_path", lambda generic=generic: generic)
+        assert layers._default_cpu_linear(None) == expected
+        assert layers._default_cpu_linear("auto") == expected
+        assert layers._default_cpu_linear("BLAS") == "blas"  # an explicit choice wins either way
+        assert layers._default_cpu_linear("onednn") == "onednn"
+    with pytest.warns(UserWarning, match=r"VLM_CPU_LINEAR must be .*got 'mkl'"):
+        assert layers._default_cpu_linear("mkl") == "blas"  # named, then the automatic choice
+
+
+def test_mkl_generic_path_is_read_off_the_cpu_vendor(monkeypatch, tmp_path):
+    from vlm.models import layers
+
+    real_open = open
+
+    def cpuinfo(vendor):
+        path = tmp_path / vendor
+        path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n\nprocessor\t: 1\nvendor_id\t: {vendor}\n")
+        return lambda name, *a, **k: real_open(path if name == "/proc/cpuinfo" else name, *a, **k)
+
+    monkeypatch.setattr(layers.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr("builtins.open", cpuinfo("AuthenticAMD"))
+    assert layers._mkl_runs_its_generic_path()
+    monkeypatch.setattr("builtins.open", cpuinfo("GenuineIntel"))
+    assert not layers._mkl_runs_its_generic_path()
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # another BLAS: PyTorch's choice stands
+    monkeypatch.setattr("builtins.open", cpuinfo("AuthenticAMD"))
+    assert not layers._mkl_runs_its_generic_path()
+
+
+def test_clip_projections_and_the_tied_lm_head_take_the_chosen_backend(monkeypatch, onednn_at_any_size):
+    """The CLIP projections and the decoder's unembedding are vlm linears too: on oneDNN when it is chosen, with the
+    same values as on BLAS."""
+    from vlm.models import layers
+    from vlm.models.decoder import DecoderLM
+
+    calls = []
+    real_mm = layers._onednn_mm
+    monkeypatch.setattr(layers, "_onednn_mm", lambda x, w, *a: calls.append(tuple(w.shape)) or real_mm(x, w, *a))
+    torch.manual_seed(0)
+    lm = DecoderLM(vocab_size=50, context_length=8, width=16, depth=1, num_heads=2).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        with layers.cpu_linear("onednn"):
+            fast = lm(ids)
+        assert (50, 16) in calls  # the tied unembedding
+        assert len(calls) == 5  # and qkv, proj, fc1 (GELU fused), fc2
+        with layers.cpu_linear("blas"):
+            ref = lm(ids)
+    torch.testing.assert_close(fast, ref)
+    assert len(calls) == 5  # nothing on oneDNN under BLAS
+
+    from vlm.models.clip import CLIP
+    from vlm.models.text import TextTransformer
+    from vlm.models.vit import VisionTransformer
+
+    clip = CLIP(VisionTransformer(16, 8, width=16, depth=1, num_heads=2),
+                TextTransformer(context_length=8, width=16, depth=1, num_heads=2), embed_dim=12)  # fmt: skip
+    assert isinstance(clip.visual_proj, layers.Linear) and isinstance(clip.text_proj, layers.Linear)
+
+
+def test_small_products_stay_on_blas():
+    """oneDNN's per-call cost only pays off from about a million multiply-adds: smaller products keep BLAS."""
+    from vlm.models import layers
+
+    with layers.cpu_linear("onednn"):
+        assert not layers._use_onednn(torch.zeros(2, 17, 64), torch.zeros(192, 64))  # 0.4M: a tiny test ViT's qkv
+        assert layers._use_onednn(torch.zeros(128, 128), torch.zeros(384, 128))  # 6.3M
+        assert layers._use_onednn(torch.zeros(4, 768), torch.zeros(768, 768))  # 2.4M: batched decoding steps
+        assert not layers._use_onednn(torch.zeros(0, 768), torch.zeros(768, 768))
+    with layers.cpu_linear("blas"):
+        assert not layers._use_onednn(torch.zeros(128, 128), torch.zeros(384, 128))

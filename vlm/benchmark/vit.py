@@ -2,7 +2,9 @@
 
 For ViT-S/16 and ViT-B/16 at 224 px: images/s, achieved GFLOP/s and share of the machine's fp32 GEMM limit (a
 square GEMM timed alongside), for inference (forward under ``no_grad``) and for a forward+backward pass, plus the
-largest absolute difference of the two outputs (0 when both compute the same thing).
+largest absolute difference of the two outputs (0 when both compute the same thing). The unmarked rows are vlm's
+default fp32 CPU linear backend on this machine; the rows marked ``VLM_CPU_LINEAR=...`` the other one, so that the
+gain of the backend and of the rest of the code path can be told apart.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from vlm.benchmark.core import Row, Settings, clear_grads, count_flops, interleaved_medians, make_row
 from vlm.benchmark.roofline import gemm_probe
+from vlm.models.layers import cpu_linear
 from vlm.models.vit import VisionTransformer
 
 SUITE = "vit"
@@ -56,15 +59,24 @@ def forward_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Ten
     return run
 
 
-def onednn_fn(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with vlm's opt-in oneDNN linear layers (``VLM_CPU_LINEAR=onednn``)."""
-    from vlm.models.layers import _onednn_linear_available, cpu_linear
+def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]:
+    """``fn`` with vlm's fp32 CPU linear layers on ``backend`` (``onednn`` or ``blas``, see ``VLM_CPU_LINEAR``)."""
+    from vlm.models.layers import cpu_linear
 
     def run() -> object:
-        with cpu_linear("onednn" if _onednn_linear_available() else "blas"):
+        with cpu_linear(backend):
             return fn()
 
     return run
+
+
+def backends() -> list[str]:
+    """The default CPU linear backend first (what users get), then the other one where this build has it."""
+    from vlm.models.layers import _onednn_linear_available, cpu_linear_backend
+
+    default = cpu_linear_backend()
+    other = "blas" if default == "onednn" else "onednn"
+    return [default, other] if other == "blas" or _onednn_linear_available() else [default]
 
 
 def train_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
@@ -101,15 +113,15 @@ def run(settings: Settings) -> Iterator[Row]:
         ours, peer = vit_pair(size)
         images = torch.randn(batch, 3, size.image_size, size.image_size, generator=torch.Generator().manual_seed(0))
         ours.eval(), peer.eval()
-        with torch.no_grad():
-            diff = (ours(images) - peer(images)).abs().max().item()
-        yield make_row(SUITE, f"{size.label} max |ours - timm| forward", diff, "abs diff")
-        label = f"{size.label} {size.image_size}px forward"
-        yield from compare(label, forward_fn(ours, images), forward_fn(peer, images), batch, settings)
-        yield from compare(f"{label} VLM_CPU_LINEAR=onednn", onednn_fn(forward_fn(ours, images)),
-                           forward_fn(peer, images), batch, settings)  # fmt: skip
-        ours.train(), peer.train()
-        label = f"{size.label} {size.image_size}px forward+backward"
-        yield from compare(label, train_fn(ours, images), train_fn(peer, images), batch, settings)
-        yield from compare(f"{label} VLM_CPU_LINEAR=onednn", onednn_fn(train_fn(ours, images)),
-                           train_fn(peer, images), batch, settings)  # fmt: skip
+        for mode, make_fn in (("forward", forward_fn), ("forward+backward", train_fn)):
+            if mode == "forward+backward":
+                ours.train(), peer.train()
+            for i, backend in enumerate(backends()):
+                if mode == "forward":
+                    with torch.no_grad(), cpu_linear(backend):
+                        diff = (ours(images) - peer(images)).abs().max().item()
+                    yield make_row(SUITE, f"{size.label} max |ours - timm| forward, {backend} linear", diff, "abs diff")
+                tag = "" if i == 0 else f" VLM_CPU_LINEAR={backend}"  # the first rows are the default's
+                label = f"{size.label} {size.image_size}px {mode}{tag}"
+                yield from compare(label, with_backend(make_fn(ours, images), backend), make_fn(peer, images), batch,
+                                   settings)  # fmt: skip

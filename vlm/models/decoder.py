@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.models.layers import Block, KVCache
+from vlm.models.layers import Block, KVCache, linear
 
 
 def positions_from_mask(attention_mask: Tensor, n: int) -> Tensor:
@@ -172,7 +171,7 @@ class DecoderLM(nn.Module):
     def unembed(self, hidden: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """Hidden states (..., width) -> logits (..., vocab_size), or only those of ``token_ids`` (..., k)."""
         weight = self.token_embedding.weight
-        return F.linear(hidden, weight if token_ids is None else weight[token_ids])
+        return linear(hidden, weight if token_ids is None else weight[token_ids])
 
     def forward(
         self,
