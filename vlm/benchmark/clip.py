@@ -1,6 +1,7 @@
 """``clip``: our CLIP against open_clip's, same configuration (ViT-B/32) and identical weights.
 
-Image encoding and text encoding (inference), and one full training step: forward of both towers, the
+Image encoding and text encoding (inference; with vlm's default fp32 CPU linear backend, then the other one), and
+one full training step: forward of both towers, the
 contrastive loss, backward and AdamW. Ours runs the project's own training path (``ContrastiveTask.compute_loss``
 and the optimizer its ``configure_optimizers`` builds); open_clip runs its ``ClipLoss`` and the ``AdamW`` its
 training script builds, with the same hyper-parameters and the same decay / no-decay split.
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.benchmark.core import Row, Settings, clear_grads, interleaved_medians, make_row
+from vlm.benchmark.vit import backends, with_backend
 
 SUITE = "clip"
 
@@ -96,20 +98,25 @@ def run(settings: Settings) -> Iterator[Row]:
     with torch.no_grad():
         diff_i = (ours.encode_image(images) - peer.encode_image(images, normalize=True)).abs().max().item()
         diff_t = (ours.encode_text(text) - peer.encode_text(text, normalize=True)).abs().max().item()
-        t = interleaved_medians(
-            {"ours": lambda: ours.encode_image(images), "peer": lambda: peer.encode_image(images, normalize=True)},
-            repeats=settings.repeats,
-        )
         yield make_row(SUITE, f"{label} image encode max |ours - open_clip|", diff_i, "abs diff")
-        yield make_row(SUITE, f"{label} image encode (b={batch})", batch / t["ours"], "img/s", batch / t["peer"])
-        t = interleaved_medians(
-            {"ours": lambda: ours.encode_text(text), "peer": lambda: peer.encode_text(text, normalize=True)},
-            repeats=settings.repeats,
-        )
         yield make_row(SUITE, f"{label} text encode max |ours - open_clip|", diff_t, "abs diff")
         longest = int((text != 0).sum(dim=1).max())
-        name = f"{label} text encode (b={text_batch}, captions of <= {longest} tokens in a {text.shape[1]} context)"
-        yield make_row(SUITE, name, text_batch / t["ours"], "texts/s", text_batch / t["peer"])
+        for i, backend in enumerate(backends()):  # the default CPU linear backend first, then the other one
+            tag = "" if i == 0 else f" VLM_CPU_LINEAR={backend}"
+            t = interleaved_medians(
+                {"ours": with_backend(lambda: ours.encode_image(images), backend),
+                 "peer": lambda: peer.encode_image(images, normalize=True)},
+                repeats=settings.repeats,
+            )  # fmt: skip
+            rate = {k: batch / v for k, v in t.items()}
+            yield make_row(SUITE, f"{label} image encode (b={batch}){tag}", rate["ours"], "img/s", rate["peer"])
+            t = interleaved_medians(
+                {"ours": with_backend(lambda: ours.encode_text(text), backend),
+                 "peer": lambda: peer.encode_text(text, normalize=True)},
+                repeats=settings.repeats,
+            )  # fmt: skip
+            name = f"{label} text encode (b={text_batch}, captions of <= {longest} tokens in a {text.shape[1]} context)"
+            yield make_row(SUITE, name + tag, text_batch / t["ours"], "texts/s", text_batch / t["peer"])
     ours.train(), peer.train()
     ours_step, peer_step, loss_diff = train_steps(ours, peer, images, text[:batch])
     yield make_row(SUITE, f"{label} train step first loss |ours - open_clip|", loss_diff, "abs diff")
