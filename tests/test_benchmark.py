@@ -12,7 +12,7 @@ import torch
 
 from vlm.benchmark import SUITES, run_suite
 from vlm.benchmark.core import Row, Settings, fit_exponent, interleaved_medians, make_row, peak_memory_bytes
-from vlm.models.layers import cpu_linear
+from vlm.models.linear_kernels import cpu_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"suite", "name", "ours", "peer", "unit", "ratio"}

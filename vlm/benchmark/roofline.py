@@ -31,7 +31,7 @@ def gemm_gflops(n: int, m: int, k: int, repeats: int) -> float:
 @functools.cache
 def onednn_gemm_gflops(n: int, repeats: int) -> float:
     """Median GFLOP/s of an fp32 n^3 product on oneDNN (the kernel vlm's CPU linear layers use), 0 if absent."""
-    from vlm.models.layers import _onednn_linear_available, _onednn_mm
+    from vlm.models.linear_kernels import _onednn_linear_available, _onednn_mm
 
     if not _onednn_linear_available():
         return 0.0
@@ -49,7 +49,7 @@ def gemm_probe(settings: Settings) -> tuple[Callable[[], Tensor], int]:
     gen = torch.Generator().manual_seed(0)
     a, b, out = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n)
     if onednn_gemm_gflops(n, 3) > gemm_gflops(n, n, n, 3):
-        from vlm.models.layers import _onednn_mm
+        from vlm.models.linear_kernels import _onednn_mm
 
         return (lambda: _onednn_mm(a, b, None)), 2 * n**3
     return (lambda: torch.mm(a, b, out=out)), 2 * n**3

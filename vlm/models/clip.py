@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.models.layers import Linear
+from vlm.models.linear_kernels import Linear
 
 
 class CLIP(nn.Module):

@@ -22,7 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from vlm.models.layers import Block, KVCache, linear
+from vlm.models.layers import Block, KVCache
+from vlm.models.linear_kernels import linear
 
 
 def positions_from_mask(attention_mask: Tensor, n: int) -> Tensor:
