@@ -17,7 +17,7 @@ from torch import nn
 
 from vlm.benchmark.core import Row, Settings, clear_grads, count_flops, interleaved_medians, make_row
 from vlm.benchmark.roofline import gemm_probe
-from vlm.models.linear_kernels import cpu_linear
+from vlm.models.linear_kernels import _onednn_linear_available, cpu_linear, cpu_linear_backend
 from vlm.models.vit import VisionTransformer
 
 SUITE = "vit"
@@ -61,7 +61,6 @@ def forward_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Ten
 
 def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]:
     """``fn`` with vlm's fp32 CPU linear layers on ``backend`` (``onednn`` or ``blas``, see ``VLM_CPU_LINEAR``)."""
-    from vlm.models.linear_kernels import cpu_linear
 
     def run() -> object:
         with cpu_linear(backend):
@@ -72,8 +71,6 @@ def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]
 
 def backends() -> list[str]:
     """The default CPU linear backend first (what users get), then the other one where this build has it."""
-    from vlm.models.linear_kernels import _onednn_linear_available, cpu_linear_backend
-
     default = cpu_linear_backend()
     other = "blas" if default == "onednn" else "onednn"
     return [default, other] if other == "blas" or _onednn_linear_available() else [default]
