@@ -1,10 +1,10 @@
 """``clip``: our CLIP against open_clip's, same configuration (ViT-B/32) and identical weights.
 
 Image encoding and text encoding (inference; with vlm's default fp32 CPU linear backend, then the other one), and
-one full training step: forward of both towers, the
-contrastive loss, backward and AdamW. Ours runs the project's own training path (``ContrastiveTask.compute_loss``
-and the optimizer its ``configure_optimizers`` builds); open_clip runs its ``ClipLoss`` and the ``AdamW`` its
-training script builds, with the same hyper-parameters and the same decay / no-decay split.
+one full training step: forward of both towers, the contrastive loss, backward and AdamW. Ours runs the project's
+own training path (``ContrastiveTask.compute_loss`` and the optimizer its ``configure_optimizers`` builds); open_clip
+runs its ``ClipLoss`` and the ``AdamW`` its training script builds, with the same hyper-parameters and the same
+decay / no-decay split.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from vlm.benchmark.core import Row, Settings, clear_grads, interleaved_medians, make_row
-from vlm.benchmark.vit import backends, with_backend
+from vlm.benchmark.core import Row, Settings, backends, clear_grads, interleaved_medians, make_row, with_backend
 
 SUITE = "clip"
 

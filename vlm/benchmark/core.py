@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from vlm.models.linear_kernels import _onednn_linear_available, cpu_linear, cpu_linear_backend
+
 # The clock of every timed comparison: wall time by default. ``process_time`` (CPU seconds of this process, all
 # threads) is far less disturbed by other processes on a busy machine: for one thread it is the wall time minus
 # the time spent waiting for a core.
@@ -183,6 +185,23 @@ def clear_grads(module: nn.Module) -> None:
     """Drops gradients (as ``optimizer.zero_grad()`` does), so each step allocates its own like in training."""
     for p in module.parameters():
         p.grad = None
+
+
+def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]:
+    """``fn`` with vlm's fp32 CPU linear layers on ``backend`` (``onednn`` or ``blas``, see ``VLM_CPU_LINEAR``)."""
+
+    def run() -> object:
+        with cpu_linear(backend):
+            return fn()
+
+    return run
+
+
+def backends() -> list[str]:
+    """The default CPU linear backend first (what users get), then the other one where this build has it."""
+    default = cpu_linear_backend()
+    other = "blas" if default == "onednn" else "onednn"
+    return [default, other] if other == "blas" or _onednn_linear_available() else [default]
 
 
 @dataclass

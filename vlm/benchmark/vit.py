@@ -15,9 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlm.benchmark.core import Row, Settings, clear_grads, count_flops, interleaved_medians, make_row
+from vlm.benchmark.core import (
+    Row,
+    Settings,
+    backends,
+    clear_grads,
+    count_flops,
+    interleaved_medians,
+    make_row,
+    with_backend,
+)
 from vlm.benchmark.roofline import gemm_probe
-from vlm.models.linear_kernels import _onednn_linear_available, cpu_linear, cpu_linear_backend
+from vlm.models.linear_kernels import cpu_linear
 from vlm.models.vit import VisionTransformer
 
 SUITE = "vit"
@@ -59,23 +68,6 @@ def forward_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Ten
     return run
 
 
-def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]:
-    """``fn`` with vlm's fp32 CPU linear layers on ``backend`` (``onednn`` or ``blas``, see ``VLM_CPU_LINEAR``)."""
-
-    def run() -> object:
-        with cpu_linear(backend):
-            return fn()
-
-    return run
-
-
-def backends() -> list[str]:
-    """The default CPU linear backend first (what users get), then the other one where this build has it."""
-    default = cpu_linear_backend()
-    other = "blas" if default == "onednn" else "onednn"
-    return [default, other] if other == "blas" or _onednn_linear_available() else [default]
-
-
 def train_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         clear_grads(model)
@@ -110,14 +102,14 @@ def run(settings: Settings) -> Iterator[Row]:
         ours, peer = vit_pair(size)
         images = torch.randn(batch, 3, size.image_size, size.image_size, generator=torch.Generator().manual_seed(0))
         ours.eval(), peer.eval()
+        for backend in backends():
+            with torch.no_grad(), cpu_linear(backend):
+                diff = (ours(images) - peer(images)).abs().max().item()
+            yield make_row(SUITE, f"{size.label} max |ours - timm| forward, {backend} linear", diff, "abs diff")
         for mode, make_fn in (("forward", forward_fn), ("forward+backward", train_fn)):
             if mode == "forward+backward":
                 ours.train(), peer.train()
             for i, backend in enumerate(backends()):
-                if mode == "forward":
-                    with torch.no_grad(), cpu_linear(backend):
-                        diff = (ours(images) - peer(images)).abs().max().item()
-                    yield make_row(SUITE, f"{size.label} max |ours - timm| forward, {backend} linear", diff, "abs diff")
                 tag = "" if i == 0 else f" VLM_CPU_LINEAR={backend}"  # the first rows are the default's
                 label = f"{size.label} {size.image_size}px {mode}{tag}"
                 yield from compare(label, with_backend(make_fn(ours, images), backend), make_fn(peer, images), batch,
