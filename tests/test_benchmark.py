@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from vlm.benchmark import SUITES, run_suite
-from vlm.benchmark.core import Row, Settings, fit_exponent, interleaved_medians, make_row, peak_memory_bytes
+from vlm.benchmark.core import (
+    Row,
+    Settings,
+    count_flops,
+    fit_exponent,
+    interleaved_medians,
+    make_row,
+    peak_memory_bytes,
+)
 from vlm.models.linear_kernels import cpu_linear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +57,32 @@ def test_interleaving_alternates_the_order_after_warmup():
     medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
     assert set(medians) == {"a", "b"} and all(t >= 0 for t in medians.values())
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "forward+backward"])
+def test_cpu_attention_kernel_flops_equal_its_products(train):
+    """The fused CPU attention kernel is counted as the products it computes: the same count as attention written
+    out as matmuls (which PyTorch's counter sees), forward and backward; a mask does not change it."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 4, generator=gen).requires_grad_(train) for n in (5, 7, 7))
+    mask = torch.rand(5, 7, generator=gen) > 0.3
+    mask[:, 0] = True
+
+    def run(fused: bool) -> None:
+        if fused:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+            out = scores.softmax(-1) @ v
+        if train:
+            out.square().sum().backward()
+
+    with torch.profiler.profile() as prof:
+        run(fused=True)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.name for e in prof.events()}
+    expected = 2 * 2 * 3 * 5 * 7 * (4 + 4) * (3 if train else 1)  # backward: two products per forward product
+    assert count_flops(lambda: run(fused=False)) == expected
+    assert count_flops(lambda: run(fused=True)) == expected
 
 
 def test_peak_memory_sees_a_freed_temporary():

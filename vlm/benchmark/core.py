@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlm.models.linear_kernels import _onednn_linear_available, cpu_linear, cpu_linear_backend
@@ -106,10 +107,31 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call of ``fn`` (matmuls, convolutions, attention; forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Floating-point operations of one call of ``fn`` (matmuls, convolutions, attention; forward and backward).
 
-    counter = FlopCounterMode(display=False)
+    PyTorch's counter has formulas for the CUDA attention kernels but none for the CPU one that
+    ``scaled_dot_product_attention`` runs here, so it would count that kernel's products (``q @ k.T`` and
+    ``p @ v`` per head) as zero. They are counted as model FLOPs: the forward with PyTorch's own attention formula
+    (masks and causality do not change it, as on CUDA), the backward as the four products of the gradients, i.e.
+    twice the forward, without the kernel's recomputation of the scores.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def forward(q, k, v, *_, out_shape=None, **__) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad, q, k, v, *_, out_shape=None, **__) -> int:
+        return 2 * sdpa_flop_count(q, k, v)
+
+    # The counter looks an op up by overload to decide whether to decompose it (into the math path's products,
+    # which is not what runs), then by packet to count it: both keys are needed.
+    cpu_attention = {}
+    for packet, formula in (
+        (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, forward),
+        (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, backward),
+    ):
+        cpu_attention[packet] = cpu_attention[packet.default] = formula
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
     with counter:
         fn()
     return counter.get_total_flops()
