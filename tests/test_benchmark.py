@@ -162,11 +162,12 @@ def test_inference_mlp_in_place_activation_gives_the_autograd_values(act):
     assert torch.equal(fast, reference.detach())
 
 
-def test_block_in_place_residuals_keep_values_and_gradients():
+@pytest.mark.parametrize("layer_scale", [None, 0.5])
+def test_block_residuals_keep_values_and_gradients(layer_scale):
     from vlm.models.layers import Block
 
     torch.manual_seed(0)
-    blk = Block(32, 4, layer_scale=0.5)
+    blk = Block(32, 4, layer_scale=layer_scale)
     x = torch.randn(2, 7, 32, requires_grad=True)
     out = blk(x, is_causal=True)
     h = x + blk.ls1(blk.attn(blk.norm1(x), is_causal=True))  # the textbook form, out of place
@@ -176,6 +177,16 @@ def test_block_in_place_residuals_keep_values_and_gradients():
     ref_grads = torch.autograd.grad(reference.square().sum(), [x, *blk.parameters()])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+    # Under autograd the residuals are out of place: no in-place write to a view that the backward must undo.
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    assert "CopySlices" not in {type(node).__name__ for node in seen}
+    with torch.no_grad():
+        assert torch.equal(blk(x, is_causal=True), reference)  # in place without autograd: the same values
 
 
 @pytest.mark.parametrize("pool", ["eot", "mean"])
