@@ -187,6 +187,10 @@ def test_block_residuals_keep_values_and_gradients(layer_scale):
     assert "CopySlices" not in {type(node).__name__ for node in seen}
     with torch.no_grad():
         assert torch.equal(blk(x, is_causal=True), reference)  # in place without autograd: the same values
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 branches, float32 stream: float32 out, grad or not
+        assert blk(x).dtype == torch.float32
+        with torch.no_grad():
+            assert blk(x).dtype == torch.float32
 
 
 @pytest.mark.parametrize("pool", ["eot", "mean"])

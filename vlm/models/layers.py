@@ -300,8 +300,12 @@ def _residual(x: Tensor, branch: Tensor) -> Tensor:
     """``x + branch``. Without autograd the sum is written into the branch output, a fresh tensor nothing else
     holds, so no new (b, n, dim) buffer is allocated (x + a == a + x exactly). Under autograd it is out of place:
     a linear layer's output is a view of its 2-D product, and an in-place add on a view makes autograd rebuild the
-    base in the backward (CopySlices: measured 6 extra (b, n, dim) copies a block, ~2% of a ViT-S/16 train step)."""
-    return x + branch if branch.requires_grad else branch.add_(x)
+    base in the backward (CopySlices: measured 6 extra (b, n, dim) copies a block, ~2% of a ViT-S/16 train step).
+    Under autocast the branch may be bf16/fp16 and ``x`` float32: then too it is out of place, so the residual
+    stream keeps the promoted dtype with or without autograd."""
+    if branch.requires_grad or branch.dtype != x.dtype or branch.shape != x.shape:
+        return x + branch
+    return branch.add_(x)
 
 
 class GatedCrossAttentionBlock(nn.Module):
