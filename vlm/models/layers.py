@@ -303,7 +303,7 @@ def _residual(x: Tensor, branch: Tensor) -> Tensor:
     base in the backward (CopySlices: measured 6 extra (b, n, dim) copies a block, ~2% of a ViT-S/16 train step).
     Under autocast the branch may be bf16/fp16 and ``x`` float32: then too it is out of place, so the residual
     stream keeps the promoted dtype with or without autograd."""
-    if branch.requires_grad or branch.dtype != x.dtype or branch.shape != x.shape:
+    if branch.requires_grad or branch.dtype != x.dtype:
         return x + branch
     return branch.add_(x)
 
