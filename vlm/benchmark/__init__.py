@@ -28,11 +28,20 @@ SUITES: dict[str, str] = {
     "data": "vlm.benchmark.data",
     "scripts": "vlm.benchmark.scripts",
     "compile": "vlm.benchmark.compile",
+    "ddp": "vlm.benchmark.ddp",
 }
+
+
+# The suites that run on the settings' device and precision; the others measure the CPU in fp32 only.
+DEVICE_SUITES = ("roofline", "vit", "clip", "memory", "ddp")
 
 
 def run_suite(name: str, settings: Settings) -> Iterator[Row]:
     """Rows of one suite; a missing ``vlm`` module becomes a skip row, any other failure an ``error:`` row."""
+    if name not in DEVICE_SUITES and (settings.on_gpu or settings.precision != "32"):
+        yield Row(name, f"skipped: {name} measures the CPU in fp32 only (run it without --device / --precision)",
+                  None, None, "", None)  # fmt: skip
+        return
     try:
         module = importlib.import_module(SUITES[name])
         yield from module.run(settings)
@@ -46,4 +55,4 @@ def run_suite(name: str, settings: Settings) -> Iterator[Row]:
         yield Row(name, f"error: {type(e).__name__}: {first_line}", None, None, "", None)
 
 
-__all__ = ["SUITES", "Row", "Settings", "run_suite"]
+__all__ = ["DEVICE_SUITES", "SUITES", "Row", "Settings", "run_suite"]

@@ -3,7 +3,8 @@
 Every comparison is made inside one process, on the same inputs, with ours and the reference library ("peer")
 run alternately (ABBA order) after a warm-up, and the median of the repeats reported. The machine is shared and
 noisy: interleaving spreads any slow period over both sides so the *ratio* stays meaningful even when the absolute
-figures wander.
+figures wander. On a GPU every timed call ends with a synchronisation, so the time is that of the kernels, not of
+queueing them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def set_clock(name: str) -> None:
 
 
 # Units where a bigger number is better; for every other unit (seconds, bytes...) smaller is better.
-HIGHER_IS_BETTER = {"img/s", "texts/s", "tok/s", "GFLOP/s", "%", "steps/s", "x"}
+HIGHER_IS_BETTER = {"img/s", "texts/s", "tok/s", "GFLOP/s", "TFLOP/s", "%", "steps/s", "x"}
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,20 @@ def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int, warm
     try:
         for r in range(repeats):
             for name in names if r % 2 == 0 else reversed(names):
+                _synchronize()
                 start = _clock()
                 fns[name]()
+                _synchronize()
                 times[name].append(_clock() - start)
     finally:
         gc.enable()
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _synchronize() -> None:
+    """Waits for queued GPU work, where this process has used CUDA (a no-op otherwise)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -137,16 +146,24 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def peak_memory_bytes(fn: Callable[[], Any]) -> int:
-    """Peak bytes of tensor memory allocated by one call of ``fn`` above what was live before it.
+def peak_memory_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated by one call of ``fn`` on ``device`` above what was live before it.
 
-    CPU tensors have no ``max_memory_allocated``; the profiler's memory events carry the running total of bytes
-    allocated since profiling began, so its maximum over the call is the peak. Weights, optimizer state and
-    gradients that already exist before the call are not counted; gradients created by the call are.
+    On CUDA that is the allocator's own peak counter. CPU tensors have no ``max_memory_allocated``; the profiler's
+    memory events carry the running total of bytes allocated since profiling began, so its maximum over the call
+    is the peak. Weights, optimizer state and gradients that already exist before the call are not counted;
+    gradients created by the call are.
     """
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,22 +236,86 @@ def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]
     return run
 
 
-def backends() -> list[str]:
-    """The default CPU linear backend first (what users get), then the other one where this build has it."""
+def backends(settings: Settings | None = None) -> list[str]:
+    """The default CPU linear backend first (what users get), then the other one where this build has it; only the
+    default on a GPU, where the choice does not apply."""
     default = cpu_linear_backend()
+    if settings is not None and settings.on_gpu:
+        return [default]
     other = "blas" if default == "onednn" else "onednn"
     return [default, other] if other == "blas" or _onednn_linear_available() else [default]
 
 
+PRECISIONS = ("32", "bf16-mixed")
+
+
 @dataclass
 class Settings:
-    """Sizes and repeats of a run: ``quick`` uses tiny models so the whole suite runs in seconds (tests)."""
+    """Sizes, repeats and placement of a run.
+
+    ``quick`` uses tiny models so the whole suite runs in seconds (tests). ``device`` and ``precision`` (Lightning's
+    names: ``32`` or ``bf16-mixed``, i.e. bf16 autocast around fp32 weights) apply to ours and the peer alike; the
+    suites that support a GPU (roofline, vit, clip, memory, ddp) read them, the others run on the CPU in fp32.
+    ``peak_tflops`` overrides the nominal dense bf16 peak of the GPU that model FLOPs utilisation is measured against.
+    """
 
     quick: bool = False
     repeats: int = 5
+    device: str = "cpu"
+    precision: str = "32"
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def pick(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full
+
+    @property
+    def on_gpu(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    @property
+    def tag(self) -> str:
+        """Marks the names of rows measured anywhere but the CPU in fp32 (the rows' names there carry none)."""
+        return "" if not self.on_gpu and self.precision == "32" else f" [{self.device} {self.precision}]"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context every measured call runs in (ours and the peer's)."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` run under :meth:`autocast`."""
+
+        def run() -> Any:
+            with self.autocast():
+                return fn()
+
+        return run
+
+
+# Nominal dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets, by device name.
+# Model FLOPs utilisation is measured against these; ``--peak-tflops`` gives the figure for any other device.
+NOMINAL_BF16_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),  # SXM
+    ("A100", 312.0),
+)
+
+
+def nominal_peak_tflops(settings: Settings) -> float | None:
+    """The dense bf16 peak of the settings' GPU (``settings.peak_tflops`` first), None where it is not known."""
+    if settings.peak_tflops is not None:
+        return settings.peak_tflops
+    if not settings.on_gpu:
+        return None
+    name = torch.cuda.get_device_name(torch.device(settings.device))
+    return next((tflops for key, tflops in NOMINAL_BF16_TFLOPS if key in name), None)
 
 
 Suite = Callable[[Settings], Iterator[Row]]

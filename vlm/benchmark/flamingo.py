@@ -39,16 +39,21 @@ def default_flamingo_task() -> LightningModule:
     return build_task(copy.deepcopy(_model_config())).eval()
 
 
-def flamingo_step(task: LightningModule, batch: int) -> Callable[[], None]:
-    """One training step of ``task`` (forward, loss, backward, AdamW) on a fixed synthetic batch."""
+def flamingo_step(task: LightningModule, batch: int, settings: Settings | None = None) -> Callable[[], None]:
+    """One training step of ``task`` (forward, loss, backward, AdamW) on a fixed synthetic batch, on the settings'
+    device and precision (the task must already be there)."""
+    settings = settings or Settings()
     size = task.image_size
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(settings.device)
     enc = task.tokenizer.encode_batch([task.tokenizer.prompt + CAPTIONS[i % len(CAPTIONS)] for i in range(batch)])
+    ids, labels = enc["input_ids"].to(settings.device), enc["labels"].to(settings.device)
     optimizer = task.configure_optimizers()["optimizer"]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        task.compute_loss(images, enc["input_ids"], enc["labels"]).backward()
+        with settings.autocast():
+            loss = task.compute_loss(images, ids, labels)
+        loss.backward()
         optimizer.step()
 
     return step
@@ -59,17 +64,18 @@ def flamingo_memory_rows(suite: str, settings: Settings) -> Iterator[Row]:
     batch = settings.pick(64, 4)
     steps = {}
     for trainable in (False, True):
-        task = default_flamingo_task().train()
+        task = default_flamingo_task().to(settings.device).train()
         if trainable:
             task.model.vision.requires_grad_(True)
             task.model.decoder.requires_grad_(True)
-        steps["trainable" if trainable else "frozen"] = step = flamingo_step(task, batch)
+        steps["trainable" if trainable else "frozen"] = step = flamingo_step(task, batch, settings)
         step()  # allocates the optimizer state, which both variants then keep
-    peaks = {name: peak_memory_bytes(step) / MIB for name, step in steps.items()}
+    peaks = {name: peak_memory_bytes(step, settings.device) / MIB for name, step in steps.items()}
     times = interleaved_medians(steps, repeats=min(settings.repeats, 3))
     for name, what in (("frozen", "vision + decoder frozen"), ("trainable", "everything trainable")):
-        yield make_row(suite, f"Flamingo default config step (b={batch}), {what}: peak memory", peaks[name], "MiB")
-        yield make_row(suite, f"Flamingo default config step (b={batch}), {what}: time", times[name], "s")
+        label = f"Flamingo default config step{settings.tag} (b={batch}), {what}"
+        yield make_row(suite, f"{label}: peak memory", peaks[name], "MiB")
+        yield make_row(suite, f"{label}: time", times[name], "s")
     saved_memory = 100 * (1 - peaks["frozen"] / peaks["trainable"])
     yield make_row(suite, "Flamingo step: memory saved by freezing", saved_memory, "%")
     saved_time = 100 * (1 - times["frozen"] / times["trainable"])

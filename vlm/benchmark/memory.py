@@ -42,25 +42,23 @@ def vit_b16_clip(quick: bool) -> nn.Module:
 def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
     from vlm.tasks.contrastive import ContrastiveTask
 
-    model = vit_b16_clip(settings.quick)
+    model = vit_b16_clip(settings.quick).to(settings.device)
     task = ContrastiveTask(model=model)
-    batch = settings.pick(8, 2)
-    gen = torch.Generator().manual_seed(0)
-    size, ctx = model.visual.image_size, model.text.context_length
-    images = torch.randn(batch, 3, size, size, generator=gen)
-    text = torch.randint(1, model.text.vocab_size - 1, (batch, ctx), generator=gen)
-    text[:, -1] = model.text.eot_token_id
+    batch = settings.pick(128 if settings.on_gpu else 8, 2)
+    images, text = clip_batch(model, batch, settings.device)
 
     def step() -> None:
         task.zero_grad(set_to_none=False)  # gradients stay allocated: only activations are measured
-        task.compute_loss(images, text).backward()
+        with settings.autocast():
+            loss = task.compute_loss(images, text)
+        loss.backward()
 
     step()  # allocates the gradients
     peaks = {}
     for checkpointing in (False, True):
         model.visual.grad_checkpointing = model.text.grad_checkpointing = checkpointing
-        peaks[checkpointing] = peak_memory_bytes(step) / MIB
-    label = "ViT-B/16 CLIP" if not settings.quick else "tiny CLIP"
+        peaks[checkpointing] = peak_memory_bytes(step, settings.device) / MIB
+    label = ("ViT-B/16 CLIP" if not settings.quick else "tiny CLIP") + settings.tag
     yield make_row(SUITE, f"{label} step activation peak (b={batch}), no checkpointing", peaks[False], "MiB")
     yield make_row(SUITE, f"{label} step activation peak (b={batch}), gradient checkpointing", peaks[True], "MiB")
     yield make_row(SUITE, f"{label} activation memory cut by gradient checkpointing",
@@ -74,32 +72,43 @@ def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
 def accumulation_rows(settings: Settings) -> Iterator[Row]:
     from vlm.tasks.contrastive import ContrastiveTask
 
-    model = vit_b16_clip(settings.quick)
+    model = vit_b16_clip(settings.quick).to(settings.device)
     k = 4
     whole, micro = ContrastiveTask(model=model), ContrastiveTask(model=model, accumulate_micro_batches=k)
-    batch = settings.pick(16, 4)
-    gen = torch.Generator().manual_seed(0)
-    size, ctx = model.visual.image_size, model.text.context_length
-    images = torch.randn(batch, 3, size, size, generator=gen)
-    text = torch.randint(1, model.text.vocab_size - 1, (batch, ctx), generator=gen)
-    text[:, -1] = model.text.eot_token_id
+    batch = settings.pick(256 if settings.on_gpu else 16, 4)
+    images, text = clip_batch(model, batch, settings.device)
 
     def step_whole() -> None:
         model.zero_grad(set_to_none=False)  # gradients stay allocated: only activations are measured
-        whole.compute_loss(images, text).backward()
+        with settings.autocast():
+            loss = whole.compute_loss(images, text)
+        loss.backward()
 
     def step_micro() -> None:
         model.zero_grad(set_to_none=False)
-        micro.accumulated_loss(images, text).backward()
+        with settings.autocast():
+            loss = micro.accumulated_loss(images, text)
+        loss.backward()
 
     step_whole()  # allocates the gradients
-    peaks = {name: peak_memory_bytes(fn) / MIB for name, fn in (("whole", step_whole), ("micro", step_micro))}
-    label = "ViT-B/16 CLIP" if not settings.quick else "tiny CLIP"
+    peaks = {name: peak_memory_bytes(fn, settings.device) / MIB
+             for name, fn in (("whole", step_whole), ("micro", step_micro))}  # fmt: skip
+    label = ("ViT-B/16 CLIP" if not settings.quick else "tiny CLIP") + settings.tag
     yield make_row(SUITE, f"{label} step activation peak (b={batch}): {k} accumulated micro-batches vs whole batch",
                    peaks["micro"], "MiB", peer=peaks["whole"])  # fmt: skip
     times = interleaved_medians({"whole": step_whole, "micro": step_micro}, repeats=min(settings.repeats, 3))
     yield make_row(SUITE, f"{label} step time (b={batch}): {k} accumulated micro-batches vs whole batch",
                    times["micro"], "s", peer=times["whole"])  # fmt: skip
+
+
+def clip_batch(model: nn.Module, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and full-length token rows (ending in end-of-text) for ``model``, on ``device``."""
+    gen = torch.Generator().manual_seed(0)
+    size, ctx = model.visual.image_size, model.text.context_length
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    text = torch.randint(1, model.text.vocab_size - 1, (batch, ctx), generator=gen)
+    text[:, -1] = model.text.eot_token_id
+    return images.to(device), text.to(device)
 
 
 def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:

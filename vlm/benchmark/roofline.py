@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from vlm.benchmark.core import Row, Settings, make_row, median_time
+from vlm.benchmark.core import Row, Settings, make_row, median_time, nominal_peak_tflops
 
 SUITE = "roofline"
 
@@ -40,12 +40,30 @@ def onednn_gemm_gflops(n: int, repeats: int) -> float:
     return 2 * n**3 / median_time(lambda: _onednn_mm(a, b, None), repeats=repeats, warmup=2) / 1e9
 
 
+def compute_dtype(settings: Settings) -> torch.dtype:
+    """The dtype the models' matrix products run in under the settings' precision."""
+    return torch.bfloat16 if settings.precision == "bf16-mixed" else torch.float32
+
+
+def device_gemm_tflops(n: int, settings: Settings) -> float:
+    """Median TFLOP/s of an n^3 product on the settings' GPU, in its compute dtype, into a preallocated output."""
+    gen = torch.Generator(settings.device).manual_seed(0)
+    kw = dict(generator=gen, device=settings.device, dtype=compute_dtype(settings))
+    a, b, out = torch.randn(n, n, **kw), torch.randn(n, n, **kw), torch.empty(n, n, **kw)
+    return 2 * n**3 / median_time(lambda: torch.mm(a, b, out=out), repeats=max(settings.repeats, 5), warmup=3) / 1e12
+
+
 def gemm_probe(settings: Settings) -> tuple[Callable[[], Tensor], int]:
-    """The largest square fp32 GEMM of this run and its FLOPs, to time alongside a model: the share of the limit
+    """The largest square GEMM of this run and its FLOPs, to time alongside a model: the share of the limit
     is then measured under the same machine conditions as the model itself (other processes, and the sustained
-    AVX-512 clock, which is lower than the short bursts of the smaller squares). Whichever of BLAS (into a
-    preallocated output) and oneDNN is faster on this machine is the probe, so the limit is the practical one."""
+    AVX-512 clock, which is lower than the short bursts of the smaller squares). On the CPU whichever of BLAS (into
+    a preallocated output) and oneDNN is faster on this machine is the probe, so the limit is the practical one; on
+    a GPU it is a product in the precision's compute dtype."""
     n = max(_square_sizes(settings))
+    if settings.on_gpu:
+        kw = dict(device=settings.device, dtype=compute_dtype(settings))
+        a, b, out = torch.randn(n, n, **kw), torch.randn(n, n, **kw), torch.empty(n, n, **kw)
+        return (lambda: torch.mm(a, b, out=out)), 2 * n**3
     gen = torch.Generator().manual_seed(0)
     a, b, out = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n)
     if onednn_gemm_gflops(n, 3) > gemm_gflops(n, n, n, 3):
@@ -56,16 +74,35 @@ def gemm_probe(settings: Settings) -> tuple[Callable[[], Tensor], int]:
 
 
 def gemm_limit(settings: Settings) -> float:
-    """The machine's fp32 GEMM limit in GFLOP/s: the best of the square sizes of this run, BLAS or oneDNN."""
+    """The machine's GEMM limit in GFLOP/s: the best of the square sizes of this run (on the CPU: fp32, BLAS or
+    oneDNN; on a GPU: the precision's compute dtype)."""
+    if settings.on_gpu:
+        return 1e3 * max(device_gemm_tflops(n, settings) for n in _square_sizes(settings))
     r = max(settings.repeats, 5)
     return max(max(gemm_gflops(n, n, n, r), onednn_gemm_gflops(n, r)) for n in _square_sizes(settings))
 
 
 def _square_sizes(settings: Settings) -> tuple[int, ...]:
+    if settings.on_gpu:
+        return settings.pick((4096, 8192), (256,))
     return settings.pick((1024, 2048, 3072), (256,))
 
 
+def gpu_rows(settings: Settings) -> Iterator[Row]:
+    dtype = str(compute_dtype(settings)).removeprefix("torch.")
+    for n in _square_sizes(settings):
+        yield make_row(SUITE, f"{dtype} GEMM {n}x{n}x{n} on {settings.device}", device_gemm_tflops(n, settings),
+                       "TFLOP/s")  # fmt: skip
+    peak = nominal_peak_tflops(settings)
+    if peak is not None and dtype == "bfloat16":
+        yield make_row(SUITE, "bf16 GEMM limit as a share of the nominal dense bf16 peak "
+                       f"({peak:g} TFLOP/s)", 100 * gemm_limit(settings) / 1e3 / peak, "%")  # fmt: skip
+
+
 def run(settings: Settings) -> Iterator[Row]:
+    if settings.on_gpu:
+        yield from gpu_rows(settings)
+        return
     repeats = max(settings.repeats, 5)
     for n in _square_sizes(settings):
         yield make_row(SUITE, f"fp32 GEMM {n}x{n}x{n} (BLAS)", gemm_gflops(n, n, n, repeats), "GFLOP/s")

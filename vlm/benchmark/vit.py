@@ -23,6 +23,7 @@ from vlm.benchmark.core import (
     count_flops,
     interleaved_medians,
     make_row,
+    nominal_peak_tflops,
     with_backend,
 )
 from vlm.benchmark.roofline import gemm_probe
@@ -89,28 +90,38 @@ def compare(
     t = interleaved_medians({"ours": ours, "peer": peer, "gemm": gemm}, repeats=settings.repeats)
     limit = gemm_flops / t.pop("gemm") / 1e9
     gflops = {k: flops / s / 1e9 for k, s in t.items()}
+    dtype = "bf16" if settings.on_gpu and settings.precision == "bf16-mixed" else "fp32"  # the probe's (CPU: fp32)
     yield make_row(SUITE, f"{label} (b={batch})", batch / t["ours"], "img/s", batch / t["peer"])
     yield make_row(SUITE, f"{label} achieved", gflops["ours"], "GFLOP/s", gflops["peer"])
-    yield make_row(SUITE, f"{label}: fp32 GEMM limit timed alongside", limit, "GFLOP/s")
+    yield make_row(SUITE, f"{label}: {dtype} GEMM limit timed alongside", limit, "GFLOP/s")
     share = {k: 100 * g / limit for k, g in gflops.items()}
     yield make_row(SUITE, f"{label} share of GEMM limit", share["ours"], "%", share["peer"])
+    peak = nominal_peak_tflops(settings)
+    if peak is not None and dtype == "bf16":
+        mfu = {k: 100 * g / 1e3 / peak for k, g in gflops.items()}
+        yield make_row(SUITE, f"{label} model FLOPs utilisation (of {peak:g} TFLOP/s bf16)", mfu["ours"], "%",
+                       mfu["peer"])  # fmt: skip
 
 
 def run(settings: Settings) -> Iterator[Row]:
-    batch = settings.pick(8, 2)
+    # On a GPU: ViT-B/16 at a batch that fills it; on the CPU the batch of the README's figures.
+    batch = settings.pick(256 if settings.on_gpu else 8, 2)
+    where = settings.tag
     for size in settings.pick(FULL_SIZES, QUICK_SIZES):
-        ours, peer = vit_pair(size)
+        ours, peer = (m.to(settings.device) for m in vit_pair(size))
         images = torch.randn(batch, 3, size.image_size, size.image_size, generator=torch.Generator().manual_seed(0))
+        images = images.to(settings.device)
         ours.eval(), peer.eval()
-        for backend in backends():
-            with torch.no_grad(), cpu_linear(backend):
-                diff = (ours(images) - peer(images)).abs().max().item()
-            yield make_row(SUITE, f"{size.label} max |ours - timm| forward, {backend} linear", diff, "abs diff")
+        for backend in backends(settings):
+            with torch.no_grad(), cpu_linear(backend), settings.autocast():
+                diff = (ours(images).float() - peer(images).float()).abs().max().item()
+            name = f"{size.label} max |ours - timm| forward, {backend} linear{where}"
+            yield make_row(SUITE, name, diff, "abs diff")
         for mode, make_fn in (("forward", forward_fn), ("forward+backward", train_fn)):
             if mode == "forward+backward":
                 ours.train(), peer.train()
-            for i, backend in enumerate(backends()):
+            for i, backend in enumerate(backends(settings)):
                 tag = "" if i == 0 else f" VLM_CPU_LINEAR={backend}"  # the first rows are the default's
-                label = f"{size.label} {size.image_size}px {mode}{tag}"
-                yield from compare(label, with_backend(make_fn(ours, images), backend), make_fn(peer, images), batch,
-                                   settings)  # fmt: skip
+                label = f"{size.label} {size.image_size}px {mode}{tag}{where}"
+                ours_fn = settings.wrap(with_backend(make_fn(ours, images), backend))
+                yield from compare(label, ours_fn, settings.wrap(make_fn(peer, images)), batch, settings)
