@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,17 @@ def test_device_suites_run_in_bf16_mixed(script, capsys, suite):
     if suite == "clip":  # the training step's model FLOPs utilisation: a share, for ours and open_clip
         util = [r for r in rows if "FLOPs utilisation" in r.name]
         assert len(util) == 1 and 0 < util[0].ours <= 100 and 0 < util[0].peer <= 100
+
+
+def test_ddp_suite_leaves_the_process_environment_as_it_was(monkeypatch):
+    # Lightning's DDP launcher writes LOCAL_RANK, MASTER_PORT... into os.environ: a DDP run started afterwards in
+    # a subprocess (tests/ddp_contrastive.py) would inherit them, take itself for a worker and wait forever.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    before, threads = dict(os.environ), torch.get_num_threads()
+    rows = list(run_suite("ddp", Settings(quick=True, repeats=1)))
+    assert rows and not any(r.name.startswith("error") for r in rows)
+    assert dict(os.environ) == before and torch.get_num_threads() == threads
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def test_cpu_only_suites_say_they_were_skipped_off_cpu_fp32(script, capsys):

@@ -12,6 +12,7 @@ suite was written for have one.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Iterator
 
@@ -102,12 +103,19 @@ def run(settings: Settings) -> Iterator[Row]:
     data = _Pairs(batch * steps, model.visual.image_size, text.context_length, text.vocab_size, text.vocab_size - 2,
                   text.eot_token_id)  # fmt: skip
     was_initialized = dist.is_available() and dist.is_initialized()
+    # Lightning's DDP launcher writes the rendezvous and rank (MASTER_*, LOCAL_RANK, ...) and OMP_NUM_THREADS into
+    # this process's environment and may change torch's thread count: a process started later would inherit them
+    # and take itself for a DDP worker. Leave the process as it was.
+    environ, threads = dict(os.environ), torch.get_num_threads()
     try:
         plain = _fit(copy.deepcopy(model), data, batch, steps, "auto", settings)
         ddp = _fit(copy.deepcopy(model), data, batch, steps, "ddp", settings)
     finally:
         if dist.is_available() and dist.is_initialized() and not was_initialized:
-            dist.destroy_process_group()  # the DDP run's one-process group: leave the process as it was
+            dist.destroy_process_group()  # the DDP run's one-process group
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
     label = f"CLIP training, {steps} steps of b={batch}{settings.tag}"
     timed = steps - 2
     yield make_row(SUITE, f"{label}: DDP (one process) vs single-device strategy, steps/s", timed / ddp[1], "steps/s",
