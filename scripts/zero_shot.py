@@ -72,15 +72,16 @@ def read_labels(inline: str | None, path: str | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so --help and usage errors are instant.
-    from vlm.checkpoint import CheckpointError, load_task
+    # Without Lightning where the checkpoint allows (vlm.inference): it would take longer to import than torch.
+    from vlm.checkpoint import CheckpointError
     from vlm.data.images import display_path
     from vlm.data.transforms import eval_transform
+    from vlm.inference import load_zero_shot
     from vlm.inputs import expand_paths, folder_metadata, load_batches
-    from vlm.tasks.contrastive import ContrastiveTask
     from vlm.zero_shot import build_classifier, classify
 
     try:
-        task = load_task(args.checkpoint, expected=ContrastiveTask)
+        task = load_zero_shot(args.checkpoint)
         classifier = build_classifier(task.model, task.tokenizer, args.labels, args.templates or task.templates)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

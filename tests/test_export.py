@@ -48,6 +48,8 @@ def test_cli_export_and_load_back_without_pickle(tmp_path, trained_like_task, mo
     assert "model.safetensors" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
+    # the constructor config, plus the resolved settings that let zero-shot classification load it without Lightning
+    assert config.pop("inference") == json.loads(json.dumps(trained_like_task.inference_settings()))
     assert config == json.loads(json.dumps(task_config(dict(trained_like_task.hparams))))
     assert config["class_path"] == "vlm.tasks.contrastive.ContrastiveTask"
     assert config["init_args"]["model"]["init_args"]["vision"]["class_path"] == "vlm.models.vit.VisionTransformer"

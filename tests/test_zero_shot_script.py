@@ -14,6 +14,7 @@ from conftest import tiny_clip_config
 from PIL import Image
 
 from vlm.checkpoint import CheckpointError, build_task, load_task
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -162,3 +163,80 @@ def test_subprocess_has_no_traceback_for_user_errors(checkpoint, tmp_path):
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "error" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ loading without Lightning
+def _classify(loaded, folder) -> torch.Tensor:
+    from vlm.data.images import load_image
+    from vlm.data.transforms import eval_transform
+    from vlm.zero_shot import build_classifier, classify
+
+    transform = eval_transform(loaded.image_size, loaded.image_mean, loaded.image_std)
+    images = torch.stack([transform(load_image(folder / f"{i:02d}.png")) for i in range(3)])
+    classes = build_classifier(loaded.model, loaded.tokenizer, ["red", "blue", "green"], loaded.templates)
+    return classify(loaded.model, images, classes)
+
+
+def test_checkpoint_records_the_inference_settings_and_loads_them_without_the_task(checkpoint, folder):
+    from vlm.inference import load_zero_shot
+
+    settings = torch.load(checkpoint, weights_only=True)["inference"]
+    tokenizer = {"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"context_length": 16}}
+    assert settings == {"tokenizer": tokenizer, "templates": ["a {}"], "image_mean": list(OPENAI_CLIP_MEAN),
+                        "image_std": list(OPENAI_CLIP_STD)}  # fmt: skip
+    fast, task = load_zero_shot(checkpoint), load_task(checkpoint)
+    assert not fast.model.training and fast.image_size == task.image_size == 16
+    assert fast.tokenizer.context_length == 16 and fast.templates == task.templates
+    assert torch.equal(_classify(fast, folder), _classify(task, folder))
+
+
+def test_without_inference_settings_the_full_task_loads_it(checkpoint, folder, tmp_path):
+    from vlm.inference import load_zero_shot
+
+    old = tmp_path / "old.ckpt"  # as written before checkpoints carried the settings
+    ckpt = torch.load(checkpoint, weights_only=True)
+    del ckpt["inference"]
+    torch.save(ckpt, old)
+    assert torch.equal(_classify(load_zero_shot(old), folder), _classify(load_zero_shot(checkpoint), folder))
+
+
+@pytest.mark.parametrize("tokenizer, message", [
+    ({"class_path": "os.system", "init_args": {"command": "true"}}, "only vlm classes can be loaded"),
+    ({"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"nope": 1}}, "cannot build"),
+])  # fmt: skip
+def test_bad_inference_settings_are_checkpoint_errors(checkpoint, folder, tmp_path, capsys, tokenizer, message):
+    crafted = tmp_path / "crafted.ckpt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["inference"]["tokenizer"] = tokenizer
+    torch.save(ckpt, crafted)
+    code, _, err = run(capsys, "--checkpoint", str(crafted), "--labels", "a,b", str(folder))
+    assert code == 2 and message in err
+
+
+def test_script_classifies_without_importing_lightning(checkpoint, folder):
+    # Lightning (and the torchmetrics, transformers and SciPy it imports) took most of a short run's time.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import zero_shot; "
+        "rc = zero_shot.main(['--checkpoint', sys.argv[2], '--labels', 'red,blue,green', '--json', sys.argv[3]]); "
+        "heavy = [m for m in ('lightning', 'torchmetrics', 'scipy') if m in sys.modules]; "
+        "print('heavy', heavy, file=sys.stderr); sys.exit(rc or bool(heavy))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts"), str(checkpoint), str(folder)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "heavy []" in proc.stderr and len(proc.stdout.splitlines()) == 3
+
+
+def test_an_export_loads_without_the_task_and_classifies_alike(checkpoint, folder, tmp_path):
+    from vlm.inference import load_zero_shot
+    from vlm.interop.export import main as export_main
+
+    out = tmp_path / "exported"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert "inference" in json.loads((out / "config.json").read_text())
+    assert torch.equal(_classify(load_zero_shot(out), folder), _classify(load_task(checkpoint), folder))
+    # an export without the settings (written before they existed) still loads, through the task
+    config = json.loads((out / "config.json").read_text())
+    del config["inference"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert torch.equal(_classify(load_zero_shot(out), folder), _classify(load_task(checkpoint), folder))

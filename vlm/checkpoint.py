@@ -11,10 +11,12 @@ import importlib
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning import LightningModule
+
+if TYPE_CHECKING:  # Lightning is imported only where a task is built: reading a checkpoint does not need it
+    from lightning import LightningModule
 
 
 class CheckpointError(ValueError):
@@ -23,6 +25,8 @@ class CheckpointError(ValueError):
 
 def _resolve_task_class(class_path: str) -> type[LightningModule]:
     """Imports ``class_path`` only if it names a LightningModule subclass inside the ``vlm`` package."""
+    from lightning import LightningModule
+
     module_name, _, name = class_path.rpartition(".")
     if not module_name.startswith("vlm."):
         raise CheckpointError(f"refusing to build {class_path!r}: only tasks from the vlm package can be loaded")
@@ -91,13 +95,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_task(path: str | Path, expected: type | tuple[type, ...] = LightningModule) -> LightningModule:
+def load_task(path: str | Path, expected: type | tuple[type, ...] | None = None) -> LightningModule:
     """Rebuilds a task from a Lightning checkpoint or an exported weights directory, in eval mode on the CPU.
 
     Args:
         path: a ``.ckpt`` file written by ``vlm fit`` or a directory written by ``vlm export``.
-        expected: the task class(es) the caller can use; any other kind raises :class:`CheckpointError`.
+        expected: the task class(es) the caller can use (default: any task); any other kind raises
+            :class:`CheckpointError`.
     """
+    from lightning import LightningModule
+
+    expected = LightningModule if expected is None else expected
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         from vlm.interop.export import load_exported

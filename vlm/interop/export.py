@@ -4,7 +4,9 @@ An export directory holds two files:
 
 - ``model.safetensors``: the task's state dict (tensors only; shared tensors such as tied embeddings stored once);
 - ``config.json``: the task's constructor config ``{"class_path": ..., "init_args": {...}}``, exactly the
-  hyper-parameters LightningCLI saved (nested models and tokenizers are ``class_path`` dicts too).
+  hyper-parameters LightningCLI saved (nested models and tokenizers are ``class_path`` dicts too), plus, for a task
+  that has them (``inference_settings()``), the resolved settings inference needs under ``"inference"`` (what lets
+  :func:`vlm.inference.load_zero_shot` load it without Lightning).
 
 :func:`load_exported` rebuilds the task from the config (``vlm.checkpoint.build_task``: only vlm task classes) and
 copies the weights, so a directory from an untrusted source can at worst hold wrong numbers, never code.
@@ -16,11 +18,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning import LightningModule
+from torch import Tensor, nn
 
 from vlm.checkpoint import CheckpointError, build_task, load_task, task_config
+
+if TYPE_CHECKING:  # reading an export does not need Lightning; building its task does (build_task imports it)
+    from lightning import LightningModule
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -49,6 +54,9 @@ def export_task(task: LightningModule, out_dir: str | Path) -> Path:
     from safetensors.torch import save_model
 
     config = _plain(task_config(dict(task.hparams)), "config")
+    settings = task.inference_settings() if hasattr(task, "inference_settings") else None
+    if settings is not None:
+        config["inference"] = _plain(settings, "inference")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(task, str(out / WEIGHTS_FILE), metadata={"format": "pt", "class_path": config["class_path"]})
@@ -79,24 +87,40 @@ def load_exported(path: str | Path) -> LightningModule:
         CheckpointError: missing or unreadable files, a task class outside vlm, or weights that do not fit the
             config (the first mismatched key and both shapes are named).
     """
+    path = Path(path)
+    config = read_export_config(path)
+    weights = read_export_weights(path)
+    task = build_task(config)
+    load_weights(task, weights, path)
+    return task.eval()
+
+
+def read_export_weights(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of an export directory's ``model.safetensors``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    config = read_export_config(path)
     try:
-        weights = load_file(str(path / WEIGHTS_FILE))
+        return load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
-    task = build_task(config)
-    expected = task.state_dict()
+
+
+def load_weights(module: nn.Module, weights: dict[str, Tensor], path: str | Path) -> None:
+    """Copies ``weights`` into ``module``; every key must match a tensor of the same shape and none may be missing.
+
+    Raises:
+        CheckpointError: the first mismatched key and both shapes, or the missing / unexpected keys.
+    """
+    expected = module.state_dict()
     for key, ref in expected.items():  # in the model's order, so "first" is stable
         if key in weights and tuple(weights[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{path} does not match its config: first mismatched key {key!r} has shape "
                 f"{tuple(weights[key].shape)} in {WEIGHTS_FILE} but {tuple(ref.shape)} in the model"
             )
-    missing, unexpected = task.load_state_dict(weights, strict=False)
+    missing, unexpected = module.load_state_dict(weights, strict=False)
     # Tied parameters are stored once (safetensors refuses shared tensors): a missing name whose storage is
     # shared with a loaded one was filled through it.
     loaded = {expected[k].data_ptr() for k in weights if k in expected}
@@ -106,7 +130,6 @@ def load_exported(path: str | Path) -> LightningModule:
             f"{path} does not match its config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
-    return task.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from vlm.data.hf_tokenizer import HFTokenizer
 from vlm.data.tokenizer import CLIPTokenizer
+from vlm.inference import INFERENCE_KEY, zero_shot_settings
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
 from vlm.tasks.optim import build_optimizer
@@ -259,6 +260,16 @@ class ContrastiveTask(L.LightningModule):
             out = self.model.text(text[list(new.values())])
             self._text_cache.update(zip(new, out))
         return torch.stack([self._text_cache[k] for k in keys])
+
+    def inference_settings(self) -> dict[str, Any] | None:
+        """What zero-shot classification needs besides the weights, resolved (tokenizer config, templates, image
+        statistics), for checkpoints and exports: with it ``scripts/zero_shot.py`` loads without Lightning."""
+        return zero_shot_settings(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        settings = self.inference_settings()
+        if settings is not None:
+            checkpoint[INFERENCE_KEY] = settings
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._text_cache is not None:
