@@ -67,18 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing, so --help and usage errors are instant.
     import torch
 
-    from vlm.checkpoint import CheckpointError, load_task
+    # Without Lightning where the checkpoint allows (vlm.inference): it would take longer to import than torch.
+    from vlm.checkpoint import CheckpointError
     from vlm.data.images import ImageLoadError, display_path, load_image
     from vlm.data.transforms import eval_transform
+    from vlm.inference import load_captioner
     from vlm.inputs import expand_paths, folder_metadata, load_batches
-    from vlm.tasks.captioning import FlamingoTask
 
     def usage_error(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
     try:
-        task = load_task(args.checkpoint, expected=FlamingoTask)
+        task = load_captioner(args.checkpoint)
     except CheckpointError as e:
         return usage_error(str(e))
     tokenizer = task.tokenizer
@@ -143,14 +144,15 @@ def emit(as_json: bool, record: dict, text: str) -> None:
 
 def report_scores(task, scored: list[tuple[str, str, bool]], as_json: bool, to_stderr: bool) -> None:
     """BLEU-4, CIDEr and attribute accuracy (overall, held-out and seen) over the images with references."""
-    from vlm.tasks.captioning import attribute_correct, caption_scores
+    from vlm.captions import attribute_correct, caption_scores
 
     if not scored:
         return
     preds, refs, heldout = zip(*scored)
     scores = {"images": len(scored), **caption_scores(preds, refs)}
     if task.attribute_words:
-        hits = [attribute_correct(p, r, task.attribute_words) for p, r in zip(preds, refs)]
+        words = set(task.attribute_words)
+        hits = [attribute_correct(p, r, words) for p, r in zip(preds, refs)]
         scores["attribute_accuracy"] = sum(hits) / len(hits)
         for name, keep in (("heldout", True), ("seen", False)):
             sel = [h for h, held in zip(hits, heldout) if held == keep]

@@ -150,3 +150,63 @@ def test_subprocess_end_to_end(setup):
     records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert "caption" in records[0] and "error" in records[1]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ loading without Lightning
+@pytest.fixture(scope="module")
+def with_settings(tmp_path_factory):
+    """A checkpoint as vlm fit writes it (with the inference settings) and an export of it, of a task whose
+    gates are open (the images matter) and whose decoding is restricted to a vocabulary."""
+    import copy
+
+    from vlm.checkpoint import build_task
+    from vlm.interop.export import export_task
+
+    tmp = tmp_path_factory.mktemp("caption-fast")
+    config = copy.deepcopy(TINY)
+    config["init_args"].update(vocabulary=["a", "small", "large", "red", "blue", "circle", "star"], num_beams=2)
+    torch.manual_seed(0)
+    task = build_task(config)
+    with torch.no_grad():
+        for blk in task.model.cross_attn:
+            blk.attn_gate.fill_(1.0)
+            blk.mlp_gate.fill_(1.0)
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp / "fast.ckpt")
+    return task.eval(), tmp / "fast.ckpt", export_task(task, tmp / "exported")
+
+
+def test_checkpoint_and_export_caption_alike_without_the_task(with_settings):
+    from vlm.inference import load_captioner
+
+    task, ckpt, exported = with_settings
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = task.generate_captions(images)
+    assert torch.load(ckpt, weights_only=True)["inference"]["vocab_ids"] == task.vocab_ids.tolist()
+    for path in (ckpt, exported):
+        loaded = load_captioner(path)
+        assert not loaded.model.training and loaded.num_beams == 2 and loaded.max_new_tokens == 5
+        assert loaded.vocab_ids == task.vocab_ids.tolist() and set(loaded.attribute_words) == task.attribute_words
+        assert loaded.tokenizer.encode_prompts(["<image>a"])["input_ids"].tolist() == \
+            task.tokenizer.encode_prompts(["<image>a"])["input_ids"].tolist()
+        assert loaded.generate_captions(images) == expected
+
+
+def test_caption_script_runs_without_importing_lightning(with_settings, setup):
+    _, ckpt, _ = with_settings
+    code = (
+        "import runpy, sys\n"
+        "script, ckpt, folder = sys.argv[1:4]\n"
+        "sys.argv = [script, '--checkpoint', ckpt, '--json', folder]\n"
+        "try:\n    runpy.run_path(script, run_name='__main__')\n    rc = 0\n"
+        "except SystemExit as e:\n    rc = e.code\n"
+        "heavy = [m for m in ('lightning', 'torchmetrics', 'scipy') if m in sys.modules]\n"
+        "print('heavy', heavy, file=sys.stderr)\n"
+        "sys.exit(rc or bool(heavy))\n"
+    )
+    args = [sys.executable, "-c", code, str(ROOT / "scripts" / "caption.py"), str(ckpt), str(setup["folder"])]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "heavy []" in proc.stderr
+    assert [json.loads(line)["path"].endswith(".png") for line in proc.stdout.splitlines()] == [True] * 3

@@ -3,8 +3,8 @@
 Each script runs in a fresh ``python`` process on the model of the default CPU config (exported untrained: the
 weights do not change the cost) and on synthetic images. Running it on one input as well as on all of them
 splits the time into start-up (interpreter, imports, checkpoint loading, one forward) and per-input work; the
-bare ``import torch`` time is the floor no script can go below. ``zero_shot.py`` is also run on a copy of its
-export without the inference settings, which it then loads through the task (importing Lightning) as it did before
+bare ``import torch`` time is the floor no script can go below. Each script is also run on a copy of its export
+without the inference settings, which it then loads through the task (importing Lightning) as it did before
 :mod:`vlm.inference`: the ratio is what loading without Lightning saves.
 """
 
@@ -83,8 +83,10 @@ def script_rows(
     yield make_row(SUITE, f"{label}: time per further image", 1000 * per_image, "ms")
 
 
-def loader_rows(export: Path, copy_dir: Path, labels: list[str], paths: list[str], settings: Settings) -> Iterator[Row]:
-    """zero_shot.py on the export as written (loaded without Lightning) vs on a copy without its inference settings
+def loader_rows(
+    script: str, export: Path, copy_dir: Path, extra: list[str], paths: list[str], settings: Settings
+) -> Iterator[Row]:
+    """``script`` on the export as written (loaded without Lightning) vs on a copy without its inference settings
     (loaded through the task, with Lightning, as before they existed), run alternately."""
     import json
     import shutil
@@ -97,9 +99,9 @@ def loader_rows(export: Path, copy_dir: Path, labels: list[str], paths: list[str
     for r in range(min(settings.repeats, 3)):
         for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
             ckpt = export if name == "ours" else copy_dir
-            args = ["scripts/zero_shot.py", "--checkpoint", str(ckpt), *labels, "--json", *paths]
+            args = [f"scripts/{script}", "--checkpoint", str(ckpt), *extra, "--json", *paths]
             best[name] = min(best[name], wall_time(args, 1))
-    name = f"zero_shot.py, {len(paths)} images: loaded without Lightning vs through the task (Lightning)"
+    name = f"{script}, {len(paths)} images: loaded without Lightning vs through the task (Lightning)"
     yield make_row(SUITE, name, best["ours"], "s", best["peer"])
 
 
@@ -122,7 +124,7 @@ def run(settings: Settings) -> Iterator[Row]:
             labels = ["--labels", ",".join(LABELS[: settings.pick(10, 3)])]
             yield from script_rows(f"zero_shot.py x {len(labels[1].split(','))} labels", "scripts/zero_shot.py",
                                    ckpt, labels, paths, settings)  # fmt: skip
-            yield from loader_rows(ckpt, tmp / "clip-through-task", labels, paths, settings)
+            yield from loader_rows("zero_shot.py", ckpt, tmp / "clip-through-task", labels, paths, settings)
         flamingo_config = ROOT / "configs" / "flamingo" / "shapes.yaml"
         if not (ROOT / "scripts" / "caption.py").exists():
             yield skip_row(SUITE, "scripts/caption.py does not exist")
@@ -134,3 +136,4 @@ def run(settings: Settings) -> Iterator[Row]:
             return
         paths = write_images(tmp / "images20", settings.pick(20, 2), 64)
         yield from script_rows("caption.py", "scripts/caption.py", ckpt, [], paths, settings)
+        yield from loader_rows("caption.py", ckpt, tmp / "flamingo-through-task", [], paths, settings)

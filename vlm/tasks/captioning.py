@@ -22,10 +22,7 @@ change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,51 +30,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from vlm.captions import attribute_correct, caption_scores, normalize_caption, shapes_attribute_words
 from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, FlamingoTokenizer
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from vlm.generation import caption_images
+from vlm.inference import INFERENCE_KEY, Captioner, caption_settings
 from vlm.models.flamingo import Flamingo
 from vlm.tasks.language import next_token_loss, vocabulary_token_ids
 from vlm.tasks.optim import build_optimizer
 
 log = logging.getLogger("vlm.tasks")
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def normalize_caption(text: str) -> str:
-    """Lower case, punctuation removed, single spaces: the words the scorers compare."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def caption_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
-    """Corpus BLEU-4 and CIDEr-D of ``predictions`` against one or more references each."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    if not predictions:
-        return {}
-    gts = {i: [normalize_caption(r) for r in ([ref] if isinstance(ref, str) else ref)]
-           for i, ref in enumerate(references)}
-    res = {i: [normalize_caption(p) or "<empty>"] for i, p in enumerate(predictions)}
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their statistics
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        cider, _ = Cider().compute_score(gts, res)
-    return {"bleu4": float(bleu[3]), "cider": float(cider)}
-
-
-def shapes_attribute_words() -> list[str]:
-    """Colour, shape and size words of the built-in synthetic data."""
-    from vlm.data.shapes import COLOURS, SHAPES, SIZES
-
-    return [*COLOURS, *SHAPES, *SIZES]
-
-
-def attribute_correct(prediction: str, reference: str, words: set[str]) -> bool:
-    """Whether the prediction names exactly the reference's attribute words, in order."""
-    def attrs(text: str) -> list[str]:
-        return [w for w in normalize_caption(text).split() if w in words]
-
-    return attrs(prediction) == attrs(reference)
 
 
 def swap_input_words(
@@ -314,7 +275,6 @@ class FlamingoTask(L.LightningModule):
         self._val["ref"] += list(batch["caption"])
         self._val["label"] += list(batch.get("label", [""] * b))
 
-    @torch.no_grad()
     def generate_captions(
         self,
         images: Tensor,
@@ -323,15 +283,31 @@ class FlamingoTask(L.LightningModule):
         num_beams: int | None = None,
         **kwargs,
     ) -> list[str]:
-        """Captions of a batch of images (greedy or beam search; defaults from the task's arguments).
+        """Captions of a batch of images (greedy or beam search; defaults from the task's arguments): see
+        :meth:`vlm.inference.Captioner.generate_captions`."""
+        return self.captioner().generate_captions(images, prompt, max_new_tokens, num_beams, **kwargs)
 
-        ``images`` is (b, 3, H, W), or (b, T, 3, H, W) with a ``prompt`` holding T ``<image>`` markers (few-shot);
-        ``kwargs`` go to :func:`vlm.generation.generate` (e.g. ``length_penalty``, ``do_sample``, ``top_p``).
-        """
-        if self.vocab_ids is not None:
-            kwargs.setdefault("allowed_token_ids", self.vocab_ids.tolist())
-        return caption_images(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
-                              num_beams or self.num_beams, **kwargs)
+    def captioner(self) -> Captioner:
+        """What captioning needs of this task (sharing its model and tokenizer): ``scripts/caption.py``'s view."""
+        return Captioner(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            image_size=self.image_size,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            vocab_ids=None if self.vocab_ids is None else self.vocab_ids.tolist(),
+            attribute_words=sorted(self.attribute_words),
+        )
+
+    def inference_settings(self) -> dict[str, Any]:
+        """:meth:`captioner`'s settings besides the model, resolved, for checkpoints and exports: with them
+        ``scripts/caption.py`` loads without Lightning."""
+        return caption_settings(self.captioner())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[INFERENCE_KEY] = self.inference_settings()
 
     def on_validation_epoch_end(self) -> None:
         val = self._val
