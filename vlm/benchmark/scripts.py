@@ -110,9 +110,10 @@ def run(settings: Settings) -> Iterator[Row]:
     if not settings.quick:
         yield make_row(SUITE, "python -c 'import torch' (floor)", wall_time(["-c", "import torch"], repeats), "s")
         imports = wall_time(["-c", "import vlm.inference"], repeats)
-        yield make_row(SUITE, "python -c 'import vlm.inference' (zero_shot.py's loader, no Lightning)", imports, "s")
+        yield make_row(SUITE, "python -c 'import vlm.inference' (the scripts' loader, no Lightning)", imports, "s")
         imports = wall_time(["-c", "import vlm.tasks"], repeats)
-        yield make_row(SUITE, "python -c 'import vlm.tasks' (the tasks, with Lightning: caption.py)", imports, "s")
+        name = "python -c 'import vlm.tasks' (the tasks, with Lightning: what the scripts loaded before)"
+        yield make_row(SUITE, name, imports, "s")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clip_config = ROOT / "configs" / "clip" / "shapes.yaml"
