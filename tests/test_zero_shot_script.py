@@ -203,11 +203,15 @@ def test_without_inference_settings_the_full_task_loads_it(checkpoint, folder, t
 @pytest.mark.parametrize("tokenizer, message", [
     ({"class_path": "os.system", "init_args": {"command": "true"}}, "only vlm classes can be loaded"),
     ({"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"nope": 1}}, "cannot build"),
+    (None, "inference settings are incomplete"),  # a setting deleted by hand
 ])  # fmt: skip
 def test_bad_inference_settings_are_checkpoint_errors(checkpoint, folder, tmp_path, capsys, tokenizer, message):
     crafted = tmp_path / "crafted.ckpt"
     ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["inference"]["tokenizer"] = tokenizer
+    if tokenizer is None:
+        del ckpt["inference"]["templates"]
+    else:
+        ckpt["inference"]["tokenizer"] = tokenizer
     torch.save(ckpt, crafted)
     code, _, err = run(capsys, "--checkpoint", str(crafted), "--labels", "a,b", str(folder))
     assert code == 2 and message in err

@@ -13,7 +13,9 @@ message says so.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,13 +128,14 @@ def load_zero_shot(path: str | Path) -> ZeroShotModel:
         task = load_task(path, expected=ContrastiveTask)
         return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std)
     model, settings = loaded
-    return ZeroShotModel(
-        model=model,
-        tokenizer=_instantiate_vlm_class(settings["tokenizer"], path),
-        templates=settings["templates"],
-        image_mean=tuple(settings["image_mean"]),
-        image_std=tuple(settings["image_std"]),
-    )
+    with _settings_checked(path):
+        return ZeroShotModel(
+            model=model,
+            tokenizer=_instantiate_vlm_class(settings["tokenizer"], path),
+            templates=settings["templates"],
+            image_mean=tuple(float(x) for x in settings["image_mean"]),
+            image_std=tuple(float(x) for x in settings["image_std"]),
+        )
 
 
 def load_captioner(path: str | Path) -> Captioner:
@@ -152,17 +155,27 @@ def load_captioner(path: str | Path) -> Captioner:
 
         return load_task(path, expected=FlamingoTask).captioner()
     model, settings = loaded
-    return Captioner(
-        model=model,
-        tokenizer=_instantiate_vlm_class(settings["tokenizer"], path),
-        image_size=int(settings["image_size"]),
-        image_mean=tuple(settings["image_mean"]),
-        image_std=tuple(settings["image_std"]),
-        max_new_tokens=int(settings["max_new_tokens"]),
-        num_beams=int(settings["num_beams"]),
-        vocab_ids=None if settings["vocab_ids"] is None else [int(i) for i in settings["vocab_ids"]],
-        attribute_words=list(settings["attribute_words"]),
-    )
+    with _settings_checked(path):
+        return Captioner(
+            model=model,
+            tokenizer=_instantiate_vlm_class(settings["tokenizer"], path),
+            image_size=int(settings["image_size"]),
+            image_mean=tuple(float(x) for x in settings["image_mean"]),
+            image_std=tuple(float(x) for x in settings["image_std"]),
+            max_new_tokens=int(settings["max_new_tokens"]),
+            num_beams=int(settings["num_beams"]),
+            vocab_ids=None if settings["vocab_ids"] is None else [int(i) for i in settings["vocab_ids"]],
+            attribute_words=[str(w) for w in settings["attribute_words"]],
+        )
+
+
+@contextlib.contextmanager
+def _settings_checked(path: Path) -> Iterator[None]:
+    """A missing or malformed inference setting (a file edited by hand) becomes a :class:`CheckpointError`."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its inference settings are incomplete or malformed ({e!r})") from None
 
 
 def _load_without_task(path: Path, task_class_path: str, base: type) -> tuple[nn.Module, dict] | None:
