@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(quick=args.quick, repeats=args.repeats, device=args.device, precision=args.precision,
                         peak_tflops=args.peak_tflops)  # fmt: skip
-    default_suites = list(SUITES) if settings.tag == "" else list(DEVICE_SUITES)
+    default_suites = list(SUITES) if settings.cpu_fp32 else list(DEVICE_SUITES)
     if args.keep_freed_memory and not keep_freed_memory():
         print("warning: --keep-freed-memory needs glibc; running with the default allocator", file=sys.stderr)
     set_clock(args.clock)

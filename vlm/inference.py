@@ -181,7 +181,7 @@ def _settings_checked(path: Path) -> Iterator[None]:
 def _load_without_task(path: Path, task_class_path: str, base: type) -> tuple[nn.Module, dict] | None:
     """The model (weights loaded, eval mode) and inference settings of a checkpoint or export of the task
     ``task_class_path``, or None where the file must go through the task (no settings, or another task kind)."""
-    from vlm.interop.export import CONFIG_FILE, load_weights, read_export_config, read_export_weights
+    from vlm.interop.export import CONFIG_FILE, WEIGHTS_FILE, copy_weights, read_export_config, read_export_weights
 
     if path.is_dir() and (path / CONFIG_FILE).exists():  # a vlm export
         config = read_export_config(path)
@@ -193,8 +193,9 @@ def _load_without_task(path: Path, task_class_path: str, base: type) -> tuple[nn
         return None
     holder = nn.Module()  # the task's layout: its model's weights are named model.*
     holder.model = _instantiate_model(config.get("init_args", {}).get("model"), base, path)
+    source = WEIGHTS_FILE if weights is None else "its state_dict"
     weights = read_export_weights(path) if weights is None else weights
-    load_weights(holder, {k: v for k, v in weights.items() if k.startswith("model.")}, path)
+    copy_weights(holder, {k: v for k, v in weights.items() if k.startswith("model.")}, path, source)
     return holder.model.eval(), settings
 
 

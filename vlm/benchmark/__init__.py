@@ -38,7 +38,7 @@ DEVICE_SUITES = ("roofline", "vit", "clip", "memory", "ddp")
 
 def run_suite(name: str, settings: Settings) -> Iterator[Row]:
     """Rows of one suite; a missing ``vlm`` module becomes a skip row, any other failure an ``error:`` row."""
-    if name not in DEVICE_SUITES and (settings.on_gpu or settings.precision != "32"):
+    if name not in DEVICE_SUITES and not settings.cpu_fp32:
         yield Row(name, f"skipped: {name} measures the CPU in fp32 only (run it without --device / --precision)",
                   None, None, "", None)  # fmt: skip
         return

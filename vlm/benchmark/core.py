@@ -154,8 +154,6 @@ def peak_memory_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
     is the peak. Weights, optimizer state and gradients that already exist before the call are not counted;
     gradients created by the call are.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -164,6 +162,8 @@ def peak_memory_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,9 +277,14 @@ class Settings:
         return torch.device(self.device).type == "cuda"
 
     @property
+    def cpu_fp32(self) -> bool:
+        """The CPU in fp32: where every suite runs and the rows' names carry no placement."""
+        return not self.on_gpu and self.precision == "32"
+
+    @property
     def tag(self) -> str:
         """Marks the names of rows measured anywhere but the CPU in fp32 (the rows' names there carry none)."""
-        return "" if not self.on_gpu and self.precision == "32" else f" [{self.device} {self.precision}]"
+        return "" if self.cpu_fp32 else f" [{self.device} {self.precision}]"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The precision context every measured call runs in (ours and the peer's)."""

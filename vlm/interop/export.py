@@ -91,7 +91,7 @@ def load_exported(path: str | Path) -> LightningModule:
     config = read_export_config(path)
     weights = read_export_weights(path)
     task = build_task(config)
-    load_weights(task, weights, path)
+    copy_weights(task, weights, path)
     return task.eval()
 
 
@@ -107,8 +107,9 @@ def read_export_weights(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
 
 
-def load_weights(module: nn.Module, weights: dict[str, Tensor], path: str | Path) -> None:
-    """Copies ``weights`` into ``module``; every key must match a tensor of the same shape and none may be missing.
+def copy_weights(module: nn.Module, weights: dict[str, Tensor], path: str | Path, source: str = WEIGHTS_FILE) -> None:
+    """Copies ``weights`` (read from ``source`` of ``path``) into ``module``; every key must match a tensor of the
+    same shape and none may be missing (except tied parameters, which safetensors stores once).
 
     Raises:
         CheckpointError: the first mismatched key and both shapes, or the missing / unexpected keys.
@@ -118,7 +119,7 @@ def load_weights(module: nn.Module, weights: dict[str, Tensor], path: str | Path
         if key in weights and tuple(weights[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{path} does not match its config: first mismatched key {key!r} has shape "
-                f"{tuple(weights[key].shape)} in {WEIGHTS_FILE} but {tuple(ref.shape)} in the model"
+                f"{tuple(weights[key].shape)} in {source} but {tuple(ref.shape)} in the model"
             )
     missing, unexpected = module.load_state_dict(weights, strict=False)
     # Tied parameters are stored once (safetensors refuses shared tensors): a missing name whose storage is
