@@ -3,7 +3,7 @@
 :class:`CLIPTokenizer` is OpenAI's CLIP byte-pair encoding (49,408 tokens) with ids equal to open_clip's
 ``SimpleTokenizer``, so pretrained CLIP text towers load. It reads the BPE merges file that ``open-clip-torch``
 ships and runs it on Hugging Face ``tokenizers`` (Rust): the same ids, without importing open_clip, whose package
-import (its model zoo, timm, transformers) took ~2.2 s of a ~8 s ``scripts/zero_shot.py`` run.
+import (its model zoo, timm, transformers) took 1.3-2.2 s of a 6-10 s ``scripts/zero_shot.py`` run.
 
 Every tokenizer in vlm offers ``encode_batch(texts) -> dict[str, Tensor]``: the data modules call it in their
 collate function and merge the result into the batch, so the task that owns the tokenizer decides which text
