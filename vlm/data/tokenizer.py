@@ -54,6 +54,11 @@ def byte_table() -> dict[int, str]:
 
 
 @cache
+def _byte_of_char() -> dict[str, int]:
+    return {c: b for b, c in byte_table().items()}
+
+
+@cache
 def _open_clip_tokenizer():
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -161,7 +166,7 @@ class CLIPTokenizer:
             ids = ids.tolist()
         special = (0, self.sot_token_id, self.eot_token_id)
         text = "".join(self._tokens[i] for i in ids if i not in special)
-        to_byte = {c: b for b, c in byte_table().items()}
+        to_byte = _byte_of_char()
         return bytes(to_byte[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
 
