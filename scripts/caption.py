@@ -11,39 +11,80 @@ image before the caption (e.g. ``"A photo of"``); a prompt with ``<image>`` mark
 one marker per image: the ``--example`` images (whose captions it then spells out itself) plus the input image.
 When the images come from a folder whose ``metadata.jsonl`` has captions, BLEU-4, CIDEr and the attribute
 accuracy (every colour, shape and size word right) are reported at the end; ``--score-only`` prints only those.
+A malformed ``metadata.jsonl`` line or file costs only its captions (one ``warning:`` line per file).
 Exit codes: 0 all inputs captioned, 1 some input failed, 2 usage error (bad arguments, missing or wrong checkpoint,
-a prompt that does not fit the images or the context).
+a checkpoint or example image that is a FIFO or device, a prompt that does not fit the images or the context).
+
+Output: one line per input, in input order. With ``--json`` each is an object ``{"path", "caption"}`` or
+``{"path", "error"}``; the path is exact (a file name that is not UTF-8 is written with ``surrogateescape``, so
+``os.fsencode(record["path"])`` gives back its bytes). In text mode, control characters in paths, captions and
+messages are escaped (``\\n``, ``\\x1b``...) so every input prints as one line.
+
+Bounds (larger values are usage errors): ``--max-new-tokens`` 1 to 1,024, ``--num-beams`` 1 to 64,
+``--length-penalty`` finite with absolute value at most 10, ``--batch-size`` 1 to 4,096, ``--prompt`` and each
+``--example`` caption at most 10,000 characters, at most 32 ``--example`` pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+from vlm.data.files import UnsafeFileError, check_regular
+from vlm.inputs import printable
+
+MAX_NEW_TOKENS = 1024
+MAX_BEAMS = 64
+MAX_LENGTH_PENALTY = 10.0
+MAX_BATCH_SIZE = 4096
+MAX_PROMPT_CHARS = 10_000  # a prompt or an example caption; the decoder's context is far shorter anyway
+MAX_EXAMPLES = 32  # each example is an image per input: the batch holds (examples + 1) x batch-size images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--checkpoint", required=True, help="a Flamingo checkpoint (.ckpt) or a vlm export directory")
-    p.add_argument("--prompt", help="text after the image (or a full prompt with <image> markers)")
+    p.add_argument("--prompt",
+                   help="text after the image (or a full prompt with <image> markers), at most 10,000 characters")
     p.add_argument("--example", nargs=2, action="append", default=[], metavar=("IMAGE", "CAPTION"),
-                   help="an in-context example shown before each input (repeatable: few-shot)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="caption length limit (default: the task's)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
-    p.add_argument("--batch-size", type=int, default=32)
+                   help="an in-context example shown before each input (repeatable, at most 32: few-shot)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="caption length limit, at most 1,024 (default: the task's)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width, at most 64 (1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty, -10 to 10")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch, at most 4,096")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--score-only", action="store_true",
                    help="print only BLEU-4, CIDEr and attribute accuracy against the folders' metadata.jsonl captions")
     args = p.parse_args(argv)
-    for name in ("num_beams", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
+    for name, most in (("num_beams", MAX_BEAMS), ("batch_size", MAX_BATCH_SIZE)):
+        if not 1 <= getattr(args, name) <= most:
+            raise SystemExit(error(f"--{name.replace('_', '-')} must be between 1 and {most:,}"))
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise SystemExit(error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS:,}"))
+    if not (math.isfinite(args.length_penalty) and abs(args.length_penalty) <= MAX_LENGTH_PENALTY):
+        raise SystemExit(error(f"--length-penalty must be a finite number between -{MAX_LENGTH_PENALTY:g} and "
+                               f"{MAX_LENGTH_PENALTY:g}"))
+    if args.prompt is not None and len(args.prompt) > MAX_PROMPT_CHARS:
+        raise SystemExit(error(f"--prompt is {len(args.prompt):,} characters long: at most {MAX_PROMPT_CHARS:,}"))
+    if len(args.example) > MAX_EXAMPLES:
+        raise SystemExit(error(f"{len(args.example)} --example pairs: at most {MAX_EXAMPLES}"))
+    for _, caption in args.example:
+        if len(caption) > MAX_PROMPT_CHARS:
+            raise SystemExit(error(f"an --example caption is {len(caption):,} characters long: at most "
+                                   f"{MAX_PROMPT_CHARS:,}"))
     return args
+
+
+def error(message: str) -> int:
+    """Prints one ``error:`` line on stderr, escaped (it may quote a path, a template or a prompt); returns 2, the
+    usage-error exit status."""
+    print(f"error: {printable(message)}", file=sys.stderr)
+    return 2
 
 
 def build_prompt(prompt: str | None, examples: list[list[str]], tokenizer) -> str:
@@ -64,24 +105,25 @@ def build_prompt(prompt: str | None, examples: list[list[str]], tokenizer) -> st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # before any loading: a FIFO or device would block or never end
+        check_regular(args.checkpoint, "checkpoint", directory_ok=True)
+        for image, _ in args.example:
+            check_regular(image, "example image")
+    except UnsafeFileError as e:
+        return error(str(e))
     # Heavy imports after argument parsing, so --help and usage errors are instant.
     import torch
 
-    # Without Lightning where the checkpoint allows (vlm.inference): it would take longer to import than torch.
-    from vlm.checkpoint import CheckpointError
-    from vlm.data.images import ImageLoadError, display_path, load_image
+    # Without Lightning where the checkpoint allows (vlm.formats): it would take longer to import than torch.
+    from vlm.data.images import ImageLoadError, load_image
     from vlm.data.transforms import eval_transform
-    from vlm.inference import load_captioner
+    from vlm.formats import CheckpointError, load_captioner
     from vlm.inputs import expand_paths, folder_metadata, load_batches
-
-    def usage_error(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return 2
 
     try:
         task = load_captioner(args.checkpoint)
     except CheckpointError as e:
-        return usage_error(str(e))
+        return error(str(e))
     tokenizer = task.tokenizer
     transform = eval_transform(task.image_size, task.image_mean, task.image_std)
     try:
@@ -92,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{task.model.context_length} tokens")
         examples = torch.stack([transform(load_image(path)) for path, _ in args.example]) if args.example else None
     except ImageLoadError as e:
-        return usage_error(f"example image {e}")
+        return error(f"example image {e}")
     except ValueError as e:
-        return usage_error(str(e))
-    paths = expand_paths(args.paths)
+        return error(str(e))
+    unlistable: dict[Path, str] = {}  # folders that could not be listed: one error line each
+    paths = expand_paths(args.paths, unlistable)
     if not paths:
-        return usage_error("no images found in the given paths")
+        return error("no images found in the given paths")
 
     metadata = folder_metadata(paths)
     references = {p: row["caption"] for p, row in metadata.items() if isinstance(row.get("caption"), str)}
@@ -105,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     scored: list[tuple[str, str, bool]] = []  # (prediction, reference, held out) for images with a reference
     quiet = args.score_only
-    for batch in load_batches(paths, transform, args.batch_size):
+    for batch in load_batches(paths, transform, args.batch_size, unlistable):
         captions: dict[Path, str] = {}
         if batch.images is not None:
             images = batch.images
@@ -116,20 +159,23 @@ def main(argv: list[str] | None = None) -> int:
                 texts = task.generate_captions(images, prompt, max_new_tokens, args.num_beams,
                                                length_penalty=args.length_penalty)
             except ValueError as e:  # e.g. the prompt plus caption outgrow the context
-                return usage_error(str(e))
+                return error(str(e))
             captions = dict(zip(batch.ok_paths, texts))
         for path in batch.paths:
-            shown = display_path(path)
+            # JSON gets the exact name (str(path) carries non-UTF-8 bytes as surrogates, which json.dumps writes
+            # as \udcXX escapes); text mode gets it, and the model's caption, escaped onto one line.
+            exact, shown = str(path), printable(path)
             if path in batch.errors:
                 failed += 1
-                error = batch.errors[path]
+                reason = batch.errors[path]
                 if not quiet:
-                    emit(args.json, {"path": shown, "error": error}, f"{shown}: error: {error}")
+                    emit(args.json, {"path": exact, "error": reason}, f"{shown}: error: {printable(reason)}")
                 continue
             if path in references:
                 scored.append((captions[path], references[path], bool(metadata[path].get("heldout", False))))
             if not quiet:
-                emit(args.json, {"path": shown, "caption": captions[path]}, f"{shown}: {captions[path]}")
+                caption = captions[path]
+                emit(args.json, {"path": exact, "caption": caption}, f"{shown}: {printable(caption)}")
     report_scores(task, scored, as_json=args.json, to_stderr=args.json and not quiet)
     if args.score_only and not scored:
         print("no labelled images: --score-only needs folders with metadata.jsonl captions", file=sys.stderr)
@@ -139,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def emit(as_json: bool, record: dict, text: str) -> None:
+    """Prints one output line: ``record`` as JSON, or ``text`` (already escaped with :func:`printable`)."""
     print(json.dumps(record) if as_json else text, flush=True)
 
 

@@ -4,8 +4,17 @@
     python scripts/zero_shot.py --checkpoint CKPT --labels-file data/shapes/classnames.txt --json data/shapes/validation
 
 A folder's images are processed in sorted order. If a folder holds a ``metadata.jsonl`` with a ``label`` column,
-the accuracy over those images is reported at the end. Exit codes: 0 all inputs classified, 1 some input failed,
-2 usage error (bad arguments, missing or wrong checkpoint).
+the accuracy over those images is reported at the end (a malformed line or file costs only its labels: one
+``warning:`` line per file). Exit codes: 0 all inputs classified, 1 some input failed, 2 usage error (bad arguments,
+missing or wrong checkpoint, a checkpoint or labels file that is a FIFO, device or too large).
+
+Output: one line per input, in input order. With ``--json`` each is an object ``{"path", "predictions": [{"label",
+"prob"}]}`` or ``{"path", "error"}``; the path is exact (a file name that is not UTF-8 is written with
+``surrogateescape``, so ``os.fsencode(record["path"])`` gives back its bytes). In text mode, control characters in
+paths, labels and messages are escaped (``\\n``, ``\\x1b``...) so every input prints as one line.
+
+Bounds: ``--top-k`` 1 to 1,000 (clipped to the number of labels), ``--batch-size`` 1 to 4,096; a template has one
+plain ``{}`` and at most 1,000 characters; a labels file is a regular UTF-8 file of at most 16 MiB.
 """
 
 from __future__ import annotations
@@ -13,7 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from vlm.data.files import UnsafeFileError, check_regular, read_text_bounded
+from vlm.inputs import printable
+
+MAX_TOP_K = 1000
+MAX_BATCH_SIZE = 4096
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,31 +43,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a template set (simple, openai, openai_simple, shapes, paraphrased) or a prompt with {} (repeatable); "
         "default: the templates the model was validated with",
     )
-    p.add_argument("--top-k", type=int, default=5, help="predictions per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=5, help="predictions per image, at most 1,000 (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch, at most 4,096")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--accuracy-only", action="store_true", help="print only the accuracy over labelled images")
     p.add_argument("--heldout-labels-file", help="class names whose accuracy is also reported on its own")
     args = p.parse_args(argv)
-    if args.top_k < 1:
-        p.error("--top-k must be at least 1")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
+    if not 1 <= args.top_k <= MAX_TOP_K:
+        raise SystemExit(error(f"--top-k must be between 1 and {MAX_TOP_K:,}"))
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise SystemExit(error(f"--batch-size must be between 1 and {MAX_BATCH_SIZE:,}"))
     try:
+        if args.templates:  # checked before the checkpoint is loaded: a bad one is a usage error, not a crash later
+            from vlm.zero_shot import get_templates
+
+            args.templates = get_templates(args.templates)
         args.labels = read_labels(args.labels, args.labels_file)
         args.heldout = set(read_labels(None, args.heldout_labels_file)) if args.heldout_labels_file else set()
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # UnsafeFileError included
+        raise SystemExit(error(str(e))) from None
     return args
 
 
+def error(message: str) -> int:
+    """Prints one ``error:`` line on stderr, escaped (it may quote a path, a template or a prompt); returns 2, the
+    usage-error exit status."""
+    print(f"error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
 def read_labels(inline: str | None, path: str | None) -> list[str]:
-    """Class names from a comma-separated string or a file; blank, duplicate or missing ones are usage errors."""
+    """Class names from a comma-separated string or a file; blank, duplicate or missing ones are usage errors.
+
+    The file must be a regular UTF-8 file of at most :data:`vlm.data.files.TEXT_LIMIT` bytes: a FIFO or device
+    would block or never end, a huge file would be read whole.
+    """
     if path is not None:
-        try:
-            raw = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read labels file {path}: {e}") from None
+        raw = read_text_bounded(path, "labels file").splitlines()  # UnsafeFileError is a ValueError
         raw = [line for line in raw if line.strip()]
     else:
         raw = inline.split(",")
@@ -71,12 +97,14 @@ def read_labels(inline: str | None, path: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # before any loading: a FIFO or device would block or never end
+        check_regular(args.checkpoint, "checkpoint", directory_ok=True)
+    except UnsafeFileError as e:
+        return error(str(e))
     # Heavy imports after argument parsing, so --help and usage errors are instant.
-    # Without Lightning where the checkpoint allows (vlm.inference): it would take longer to import than torch.
-    from vlm.checkpoint import CheckpointError
-    from vlm.data.images import display_path
+    # Without Lightning where the checkpoint allows (vlm.formats): it would take longer to import than torch.
     from vlm.data.transforms import eval_transform
-    from vlm.inference import load_zero_shot
+    from vlm.formats import CheckpointError, load_zero_shot
     from vlm.inputs import expand_paths, folder_metadata, load_batches
     from vlm.zero_shot import build_classifier, classify
 
@@ -84,18 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         task = load_zero_shot(args.checkpoint)
         classifier = build_classifier(task.model, task.tokenizer, args.labels, args.templates or task.templates)
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = expand_paths(args.paths)
+        return error(str(e))
+    unlistable: dict = {}  # folders that could not be listed: one error line each
+    paths = expand_paths(args.paths, unlistable)
     if not paths:
-        print("error: no images found in the given paths", file=sys.stderr)
-        return 2
-    truth = {p: row.get("label") for p, row in folder_metadata(paths).items()}
+        return error("no images found in the given paths")
+    # Labels that are not strings (a hand-edited file) are not ground truth: they would break the comparisons.
+    truth = {p: row["label"] for p, row in folder_metadata(paths).items() if isinstance(row.get("label"), str)}
     transform = eval_transform(task.image_size, task.image_mean, task.image_std)
     k = min(args.top_k, len(args.labels))
     failed = 0
     hits: list[tuple[str, bool]] = []  # (true label, correct) for labelled images
-    for batch in load_batches(paths, transform, args.batch_size):
+    for batch in load_batches(paths, transform, args.batch_size, unlistable):
         if batch.images is not None:
             probs = classify(task.model, batch.images, classifier)
             top = probs.topk(k, dim=1)
@@ -104,22 +132,23 @@ def main(argv: list[str] | None = None) -> int:
                 for p, vals, idx in zip(batch.ok_paths, top.values, top.indices)
             }
         for path in batch.paths:
-            shown = display_path(path)
+            # JSON gets the exact name (str(path) carries non-UTF-8 bytes as surrogates, which json.dumps writes
+            # as \udcXX escapes); text mode gets it escaped onto one line.
+            exact, shown = str(path), printable(path)
             if path in batch.errors:
                 failed += 1
                 if not args.accuracy_only:
-                    emit(
-                        args.json, {"path": shown, "error": batch.errors[path]}, f"{shown}: error: {batch.errors[path]}"
-                    )
+                    reason = batch.errors[path]
+                    emit(args.json, {"path": exact, "error": reason}, f"{shown}: error: {printable(reason)}")
                 continue
             preds = results[path]
-            if truth.get(path) is not None:
+            if path in truth:
                 hits.append((truth[path], preds[0][0] == truth[path]))
             if not args.accuracy_only:
-                text = ", ".join(f"{label} ({prob:.3f})" for label, prob in preds)
+                text = ", ".join(f"{printable(label)} ({prob:.3f})" for label, prob in preds)
                 emit(
                     args.json,
-                    {"path": shown, "predictions": [{"label": lb, "prob": round(pr, 6)} for lb, pr in preds]},
+                    {"path": exact, "predictions": [{"label": lb, "prob": round(pr, 6)} for lb, pr in preds]},
                     f"{shown}: {text}",
                 )
     report_accuracy(hits, args.heldout, to_stderr=args.json and not args.accuracy_only)
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def emit(as_json: bool, record: dict, text: str) -> None:
+    """Prints one output line: ``record`` as JSON, or ``text`` (already escaped with :func:`printable`)."""
     print(json.dumps(record) if as_json else text, flush=True)
 
 

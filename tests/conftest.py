@@ -48,7 +48,7 @@ def tiny_clip_config(**overrides) -> dict:
 
 @pytest.fixture
 def tiny_clip_task():
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     torch.manual_seed(0)
     return build_task(tiny_clip_config())

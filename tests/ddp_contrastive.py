@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from conftest import tiny_clip_config  # noqa: E402
 
-from vlm.checkpoint import build_task  # noqa: E402
+from vlm.formats import build_task  # noqa: E402
 
 
 def make_batch(n: int = 8):

@@ -38,7 +38,7 @@ def _load_script():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     tmp = tmp_path_factory.mktemp("caption")
     torch.manual_seed(0)
@@ -159,8 +159,8 @@ def with_settings(tmp_path_factory):
     gates are open (the images matter) and whose decoding is restricted to a vocabulary."""
     import copy
 
-    from vlm.checkpoint import build_task
-    from vlm.interop.export import export_task
+    from vlm.formats import build_task
+    from vlm.formats.export import export_task
 
     tmp = tmp_path_factory.mktemp("caption-fast")
     config = copy.deepcopy(TINY)
@@ -178,7 +178,7 @@ def with_settings(tmp_path_factory):
 
 
 def test_checkpoint_and_export_caption_alike_without_the_task(with_settings):
-    from vlm.inference import load_captioner
+    from vlm.formats import load_captioner
 
     task, ckpt, exported = with_settings
     images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))

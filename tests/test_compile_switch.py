@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_clip_config
 from ddp_contrastive import Pairs, make_batch
 
-from vlm.checkpoint import build_task, load_task
+from vlm.formats import build_task, load_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import TINY_CLIP, tiny_clip_config
 from ddp_contrastive import _siglip_config, make_batch
 
-from vlm.checkpoint import build_task
+from vlm.formats import build_task
 from vlm.tasks.contrastive import clip_loss, retrieval_recall, siglip_loss
 from vlm.zero_shot import build_classifier, classify, get_templates
 

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
 from vlm.callbacks import NonFiniteGuard
-from vlm.checkpoint import build_task
+from vlm.formats import build_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 

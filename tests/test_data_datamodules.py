@@ -201,7 +201,7 @@ def test_training_runs_to_the_end_over_bad_samples(shapes_root, tmp_path):
     import lightning as L
     from conftest import tiny_clip_config
 
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     train, _ = _corrupt(shapes_root, tmp_path)
     dm = ImageTextDataModule(train=str(train), batch_size=8)  # tokenizer and image settings come from the task

@@ -102,7 +102,7 @@ def test_lm_tokenizer_batches():
 
 
 def test_language_model_task_trains_and_loss_drops():
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     cfg = {"class_path": "vlm.tasks.language.LanguageModelTask", "init_args": {
         "model": {"class_path": "vlm.models.decoder.DecoderLM", "init_args": {
@@ -123,7 +123,7 @@ def test_language_model_task_trains_and_loss_drops():
 
 
 def test_closed_vocabulary_loss_is_the_softmax_over_those_tokens():
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     words = ["a", "small", "large", "red", "blue", "circle", "star", "left", "of"]
     cfg = {"class_path": "vlm.tasks.language.LanguageModelTask", "init_args": {

@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from resume_helpers import clip_task_config, one_thread
 
-from vlm.checkpoint import build_task
 from vlm.data import shapes as S
 from vlm.data.datamodules import ShapesDataModule
+from vlm.formats import build_task
 
 STEPS = 50
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import tiny_clip_config
 
-from vlm.checkpoint import CheckpointError, build_task, load_task, task_config
-from vlm.interop.export import export_task, load_exported, main
+from vlm.cli import export_main as main
+from vlm.formats import CheckpointError, build_task, load_task, task_config
+from vlm.formats.export import export_task
 
 
 def save_lightning_checkpoint(task, path) -> None:
@@ -55,10 +56,10 @@ def test_cli_export_and_load_back_without_pickle(tmp_path, trained_like_task, mo
     assert config["init_args"]["model"]["init_args"]["vision"]["class_path"] == "vlm.models.vit.VisionTransformer"
 
     def no_unpickling(*args, **kwargs):
-        raise AssertionError("load_exported must not unpickle anything")
+        raise AssertionError("loading an export must not unpickle anything")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    loaded = load_exported(out)
+    loaded = load_task(out)
     assert type(loaded) is type(trained_like_task) and not loaded.training
     for ours, ref in zip(encodings(loaded), encodings(trained_like_task)):
         assert torch.equal(ours, ref)
@@ -85,13 +86,14 @@ def test_load_weights_reads_task_checkpoints_and_names_families(tmp_path, traine
 
 
 def test_cli_bad_input_exit_codes(tmp_path, capsys):
-    assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")]) == 1
+    # A missing or refused checkpoint is the user's to fix: exit 2, one line.
+    assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "Traceback" not in err
     assert main(["--out", str(tmp_path / "o")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    assert main(["--checkpoint", str(tmp_path / "junk.ckpt"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["--checkpoint", str(tmp_path / "junk.ckpt"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
 
 
@@ -102,16 +104,17 @@ def test_weights_that_do_not_fit_the_config_name_key_and_shapes(tmp_path, traine
     (out / "config.json").write_text(json.dumps(config))
     match = r"first mismatched key 'model\.visual_proj\.weight'.*\(16, 32\).*\(8, 32\)"
     with pytest.raises(CheckpointError, match=match):
-        load_exported(out)
+        load_task(out)
     (out / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_exported(out)
+        load_task(out)
     (out / "config.json").write_text(json.dumps({"class_path": "os.system", "init_args": {}}))
-    with pytest.raises(CheckpointError, match="only tasks from the vlm package"):
-        load_exported(out)
+    with pytest.raises(CheckpointError, match="refused config.class_path: "
+                       "'os.system' is not one of vlm's buildable task classes"):
+        load_task(out)
     (out / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="not a vlm export directory"):
-        load_exported(out)
+    with pytest.raises(CheckpointError, match="not a readable vlm export directory"):
+        load_task(out)
 
 
 @pytest.mark.filterwarnings("ignore:Attribute .model. is an instance")
@@ -142,7 +145,7 @@ def test_tied_weights_are_stored_once_and_restored(tmp_path):
     with torch.no_grad():
         task.model.model.get_input_embeddings().weight.add_(0.5)
     out = export_task(task, tmp_path / "e")
-    loaded = load_exported(out)
+    loaded = load_task(out)
     emb = loaded.model.model.get_input_embeddings().weight
     assert emb.data_ptr() == loaded.model.model.get_output_embeddings().weight.data_ptr()
     assert torch.equal(emb, task.model.model.get_input_embeddings().weight)

@@ -210,7 +210,7 @@ TINY_TASK = {
 
 
 def build_tiny_task(**overrides):
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     cfg = copy.deepcopy(TINY_TASK)
     cfg["init_args"].update(overrides)
@@ -316,7 +316,7 @@ def test_checkpoint_is_self_contained(tmp_path):
     """Frozen parts are read from earlier stages when training starts; the saved Flamingo needs them no more."""
     import lightning as L
 
-    from vlm.checkpoint import build_task, load_task
+    from vlm.formats import build_task, load_task
 
     torch.manual_seed(0)
     clip_cfg = {"class_path": "vlm.tasks.contrastive.ContrastiveTask", "init_args": {"model": {
@@ -364,7 +364,7 @@ def test_checkpoint_is_self_contained(tmp_path):
 
 
 def test_wrong_weights_give_a_clear_error(tmp_path):
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     lm = build_task({"class_path": "vlm.tasks.language.LanguageModelTask", "init_args": {"model": {
         "class_path": "vlm.models.decoder.DecoderLM",

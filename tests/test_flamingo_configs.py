@@ -38,7 +38,7 @@ def _instantiate(spec: dict):
 
 
 def test_lm_config_instantiates():
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     cfg = _config("configs/lm/shapes.yaml")
     assert cfg["trainer"]["default_root_dir"] == "runs/lm"
@@ -49,7 +49,7 @@ def test_lm_config_instantiates():
 
 
 def test_flamingo_config_instantiates_and_matches_earlier_stages():
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     cfg = _config("configs/flamingo/shapes.yaml")
     assert cfg["trainer"]["default_root_dir"] == "runs/flamingo"
@@ -85,8 +85,8 @@ def test_hf_config_instantiates_with_a_local_decoder(tmp_path):
     """The GPU config with its hub names swapped for a tiny local Llama (no network here)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vlm.checkpoint import build_task
     from vlm.data.gpt2_tokenizer import load_hf_tokenizer
+    from vlm.formats import build_task
 
     LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)

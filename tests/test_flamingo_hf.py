@@ -74,7 +74,7 @@ def _task_config(path: str) -> dict:
 def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
     from transformers import AutoModelForCausalLM
 
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     task = build_task(_task_config(hf_dirs[name]))
     ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
@@ -107,7 +107,7 @@ def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
 
 
 def test_generation_with_hf_decoder_batched_and_cached(hf_dirs):
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
     from vlm.generation import generate
 
     torch.manual_seed(0)

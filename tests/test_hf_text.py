@@ -84,7 +84,7 @@ def test_minilm_config_locks_the_text_tower():
     """configs/clip/shapes_minilm.yaml: the MiniLM text tower is frozen and stays in eval mode; gradients reach
     the image tower, both projections and the temperature, and nothing in the text tower."""
     yaml = pytest.importorskip("yaml")
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
     from vlm.models.clip import CLIP
     from vlm.tasks.contrastive import clip_loss
 

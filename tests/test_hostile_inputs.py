@@ -24,7 +24,7 @@ from conftest import tiny_clip_config
 from PIL import Image, ImageOps
 from resume_helpers import ROOT, flamingo_task_config, one_thread, subprocess_env
 
-from vlm.checkpoint import build_task
+from vlm.formats import build_task
 
 MEMORY_LIMIT = 6 * 2**30  # torch alone maps ~4 GiB of address space; a decoded bomb would need far more
 TIMEOUT = 240
@@ -171,8 +171,8 @@ def test_every_hostile_input_is_processed_or_gets_one_error_line(corpus_runs, co
     assert code == 1, err  # some inputs failed, the others were processed
     names = [Path(line["path"]).name for line in lines]
     expected = sorted(EXPECTED) + ["missing.png", f"{corpus.name}-exif_ignored.png"]
-    shown = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in expected]
-    assert names == shown  # one line per input, folder entries in sorted order, then the explicit paths
+    # one line per input, folder entries in sorted order, then the explicit paths; names exact (surrogateescape)
+    assert names == expected
     failures = 0
     for name, line in zip(expected, lines):
         want = EXPECTED.get(name, "no such file" if name == "missing.png" else OK)
@@ -186,9 +186,10 @@ def test_every_hostile_input_is_processed_or_gets_one_error_line(corpus_runs, co
     assert err.strip().splitlines()[-1] == f"{failures} of {len(expected)} inputs failed"
 
 
-def test_non_utf8_file_name_is_printed_escaped(corpus_runs):
+def test_non_utf8_file_name_round_trips_through_json(corpus_runs):
+    """JSON paths are exact: the surrogate-escaped name (written as a \\udcXX escape) gives back the file's bytes."""
     _, lines, _ = corpus_runs["zero_shot"]
-    assert any(line["path"].endswith("caf\\xe9.png") and "predictions" in line for line in lines)
+    assert any(os.fsencode(line["path"]).endswith(b"/caf\xe9.png") and "predictions" in line for line in lines)
 
 
 def test_exif_orientation_is_applied_by_the_script(corpus_runs):

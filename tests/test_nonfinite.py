@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from resume_helpers import one_thread
 
 from vlm.callbacks import Checkpoint, NonFiniteGuard
-from vlm.checkpoint import build_task
+from vlm.formats import build_task
 from vlm.reliability import AtomicCheckpointIO, NonFiniteError, non_finite_entries
 
 

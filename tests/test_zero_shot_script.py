@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_clip_config
 from PIL import Image
 
-from vlm.checkpoint import CheckpointError, build_task, load_task
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlm.formats import CheckpointError, build_task, load_task
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -139,7 +139,7 @@ def test_missing_and_foreign_checkpoints_exit_2(folder, tmp_path, capsys):
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "builtins.dict"}}, foreign)
     code, _, err = run(capsys, "--checkpoint", str(foreign), "--labels", "a,b", str(folder))
-    assert code == 2 and "only tasks from the vlm package" in err
+    assert code == 2 and "refused config.class_path: 'builtins.dict' is not one of vlm's buildable task classes" in err
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         (tmp_path / "junk.ckpt").write_bytes(b"definitely not a checkpoint")
         load_task(tmp_path / "junk.ckpt")
@@ -178,7 +178,7 @@ def _classify(loaded, folder) -> torch.Tensor:
 
 
 def test_checkpoint_records_the_inference_settings_and_loads_them_without_the_task(checkpoint, folder):
-    from vlm.inference import load_zero_shot
+    from vlm.formats import load_zero_shot
 
     settings = torch.load(checkpoint, weights_only=True)["inference"]
     tokenizer = {"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"context_length": 16}}
@@ -191,7 +191,7 @@ def test_checkpoint_records_the_inference_settings_and_loads_them_without_the_ta
 
 
 def test_without_inference_settings_the_full_task_loads_it(checkpoint, folder, tmp_path):
-    from vlm.inference import load_zero_shot
+    from vlm.formats import load_zero_shot
 
     old = tmp_path / "old.ckpt"  # as written before checkpoints carried the settings
     ckpt = torch.load(checkpoint, weights_only=True)
@@ -201,8 +201,10 @@ def test_without_inference_settings_the_full_task_loads_it(checkpoint, folder, t
 
 
 @pytest.mark.parametrize("tokenizer, message", [
-    ({"class_path": "os.system", "init_args": {"command": "true"}}, "only vlm classes can be loaded"),
-    ({"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"nope": 1}}, "cannot build"),
+    ({"class_path": "os.system", "init_args": {"command": "true"}},
+     "refused inference.tokenizer.class_path: 'os.system' is not one of vlm's buildable tokenizer classes"),
+    ({"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"nope": 1}},
+     "refused inference.tokenizer.init_args.nope: vlm.data.tokenizer.CLIPTokenizer has no argument 'nope'"),
     (None, "inference settings are incomplete"),  # a setting deleted by hand
 ])  # fmt: skip
 def test_bad_inference_settings_are_checkpoint_errors(checkpoint, folder, tmp_path, capsys, tokenizer, message):
@@ -232,8 +234,8 @@ def test_script_classifies_without_importing_lightning(checkpoint, folder):
 
 
 def test_an_export_loads_without_the_task_and_classifies_alike(checkpoint, folder, tmp_path):
-    from vlm.inference import load_zero_shot
-    from vlm.interop.export import main as export_main
+    from vlm.cli import export_main
+    from vlm.formats import load_zero_shot
 
     out = tmp_path / "exported"
     assert export_main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0

@@ -3,25 +3,201 @@
 - ``vlm fit|validate|test|predict --config FILE [--key value ...]``: LightningCLI over the tasks in ``vlm.tasks``.
 - ``vlm data shapes|digits|shards ...``: writes the built-in datasets (see ``vlm data --help``).
 - ``vlm export --checkpoint CKPT --out DIR``: model weights as safetensors plus the constructor config.
+
+User errors on the Lightning path are one ``vlm: error:`` line and exit status 2, not a traceback: a FIFO, device
+or socket named on the command line (jsonargparse would block reading it as a config), a ``--ckpt_path`` that is
+missing, not a regular file or directory, or not a readable checkpoint (random bytes, a truncated archive), and a
+config whose classes refuse their arguments. jsonargparse prints its own usage errors and exits 2.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# --ckpt_path values Lightning resolves itself (to a file that is then checked when it is loaded)
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+class UsageError(ValueError):
+    """A command line or config that is the user's to fix; :func:`main` prints it as one line and returns 2."""
+
+
+_USER_ERROR = "_vlm_user_error"  # set on a library exception that is the user's to fix: the one line to print
+
+
+def _mark_user_error(error: BaseException, message: str) -> None:
+    """Marks ``error`` as the user's to fix, with the line to print; it keeps its type (callers of :func:`cli_main`
+    may rely on it) and its traceback."""
+    setattr(error, _USER_ERROR, message)
+
+
+def _summary(error: BaseException, limit: int = 300) -> str:
+    """What a (long, multi-line) loading error says is wrong, on one line of at most ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    unsupported = [line for line in lines if "Unsupported" in line]  # torch's weights_only refusal names the global
+    text = unsupported[0] if unsupported else " ".join(lines) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def refuse_special_files(argv: Sequence[str]) -> None:
+    """Refuses a FIFO, device or socket among the command-line values.
+
+    jsonargparse reads a value naming an existing file as a config (``--config``, ``--model``, ``--data``, ...): a
+    FIFO would block it forever and ``/dev/zero`` would never end. Nothing is opened here, only ``stat``-ed.
+
+    Raises:
+        UsageError: naming the value and what it is.
+    """
+    from vlm.data.files import UnsafeFileError, check_regular
+
+    for token in argv:
+        if token in SUBCOMMANDS:
+            continue
+        value = token.split("=", 1)[1] if token.startswith("-") and "=" in token else token
+        if not value or (value.startswith("-") and value == token):  # an option name
+            continue
+        try:
+            mode = os.stat(value).st_mode
+        except (OSError, ValueError):  # not a path (most values), or an unreadable one: jsonargparse says so
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            continue
+        try:
+            check_regular(value, "command-line file")
+        except UnsafeFileError as e:
+            raise UsageError(str(e)) from None
+
+
+def check_checkpoint_file(path: Any) -> None:
+    """Refuses a ``--ckpt_path`` that is missing, a FIFO, device or socket, or a file that is not a PyTorch archive.
+
+    A directory is passed on (a sharded FSDP or DeepSpeed checkpoint), as is a remote ``scheme://`` path.
+
+    Raises:
+        UsageError: naming the path and what is wrong with it.
+    """
+    from vlm.data.files import UnsafeFileError, check_regular
+
+    if not isinstance(path, str | os.PathLike) or "://" in str(path):
+        return
+    try:
+        if check_regular(path, "checkpoint (--ckpt_path)", directory_ok=True).is_dir():
+            return
+    except UnsafeFileError as e:
+        raise UsageError(str(e)) from None
+    if not zipfile.is_zipfile(path):  # safe: a regular file; torch.save has written zip archives since PyTorch 1.6
+        raise UsageError(f"checkpoint (--ckpt_path) {path} is not a PyTorch checkpoint archive (corrupt or truncated)")
+
+
+def refuse_foreign_config(path: str | os.PathLike) -> None:
+    """Refuses a checkpoint whose recorded task config names anything outside vlm's allow-list (or breaks its
+    bounds): Lightning would hand that config to jsonargparse, which imports and builds what it names.
+
+    Raises:
+        UsageError: naming the file, the key and the refused value.
+    """
+    import torch
+
+    from vlm.formats.build import CheckpointError, check_config, check_plain
+    from vlm.formats.checkpoint import task_config
+
+    hparams = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters") or {}
+    try:
+        if isinstance(hparams, dict) and "_class_path" in hparams:
+            check_config(task_config(hparams, str(path)), str(path), ("task",))
+        else:  # merged into this run's own task config as plain values
+            check_plain(hparams, str(path), "hyper_parameters")
+    except CheckpointError as e:
+        raise UsageError(f"cannot resume from --ckpt_path: {e}") from None
+
+
+def _guard_strategy(strategy: Any) -> None:
+    """Wraps the strategy's checkpoint loading: the file is checked first, a loaded object that is not a Lightning
+    checkpoint is refused, and what loading it or its weights raises is marked as a user error."""
+    load, load_weights = strategy.load_checkpoint, strategy.load_model_state_dict
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        check_checkpoint_file(checkpoint_path)  # also the file that "last" or "hpc" resolved to
+        try:
+            checkpoint = load(checkpoint_path, *args, **kwargs)
+        except Exception as e:  # only the file is being read here: whatever fails is about it
+            _mark_user_error(e, f"cannot resume from --ckpt_path {checkpoint_path}: {_summary(e)}")
+            raise
+        if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:  # Lightning needs it
+            raise UsageError(f"cannot resume from --ckpt_path {checkpoint_path}: not a Lightning training checkpoint")
+        return checkpoint
+
+    def load_model_state_dict(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return load_weights(*args, **kwargs)
+        except (KeyError, RuntimeError, ValueError) as e:  # missing, unexpected or mis-shaped weights
+            _mark_user_error(e, f"the --ckpt_path checkpoint does not fit the model: {_summary(e)}")
+            raise
+
+    strategy.load_checkpoint, strategy.load_model_state_dict = load_checkpoint, load_model_state_dict
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    """Runs LightningCLI; any task and data module is picked by ``class_path`` in the config."""
+    """Runs LightningCLI; any task and data module is picked by ``class_path`` in the config.
+
+    Raises:
+        UsageError: a FIFO or device on the command line, or a ``--ckpt_path`` that is not a checkpoint file.
+        Exception: what Lightning or torch raise; those that are the user's to fix (a checkpoint that fails to load,
+            a class in the config that refuses its arguments) keep their type and are marked for :func:`main`.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    refuse_special_files(sys.argv[1:] if args is None else args)
+
     class CLI(LightningCLI):
         """Reads ``--ckpt_path`` with ``weights_only=True`` unless ``--weights_only false`` is given: Lightning leaves
-        it to torch's default, which the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable turns into unpickling code."""
+        it to torch's default, which the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable turns into unpickling code.
+        Checks ``--ckpt_path`` before the run starts, and marks what loading it raises as a user error."""
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            # Lightning reads the checkpoint's hyper-parameters right after parsing (LightningCLI._parse_ckpt_path):
+            # the file is checked before that first read.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and ckpt_path not in _CKPT_KEYWORDS and not str(ckpt_path).startswith("registry"):
+                check_checkpoint_file(ckpt_path)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI's (private) step that reads --ckpt_path and merges the model config it records into
+            # this run's config, for jsonargparse to build: that config is first held to vlm's allow-list, or a
+            # crafted checkpoint could name any importable class.
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+            try:
+                if ckpt_path and Path(ckpt_path).is_file():
+                    refuse_foreign_config(ckpt_path)
+                super()._parse_ckpt_path()
+            except UsageError:
+                raise
+            except Exception as e:
+                _mark_user_error(e, f"cannot read --ckpt_path {ckpt_path}: {_summary(e)}")
+                raise
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, MisconfigurationException) as e:  # a class in the config refused its arguments
+                _mark_user_error(e, f"the config was refused: {_summary(e)}")
+                raise
 
         def _safe_loading(self) -> None:
             if self.config_init[self.subcommand].get("weights_only") is None:
                 self.config_init[self.subcommand]["weights_only"] = True
+            _guard_strategy(self.trainer.strategy)
 
         before_fit = before_validate = before_test = before_predict = _safe_loading
 
@@ -43,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(argv[1:])
     if argv and argv[0] == "export":
-        from vlm.interop.export import main as export_main
+        from vlm.cli import export_main
 
         return export_main(argv[1:])
     from vlm.data.shapes import StaleDataError
+    from vlm.inputs import printable
     from vlm.interop.weights import WeightsSourceError
     from vlm.reliability import NonFiniteError
 
@@ -60,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except WeightsSourceError as e:  # an earlier stage's checkpoint that is missing or does not fit the config
         print(f"vlm: error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:  # a FIFO on the command line, a --ckpt_path that is not a checkpoint
+        print(f"vlm: error: {printable(str(e))}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        message = getattr(e, _USER_ERROR, None)
+        if message is None:  # a bug, or a failure in training: the traceback is what helps
+            raise
+        print(f"vlm: error: {printable(message)}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,11 +19,12 @@ the stop token and are padded after it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 
@@ -294,4 +295,40 @@ def caption_images(
     return [tokenizer.decode(row) for row in tokens]
 
 
-__all__ = ["caption_images", "few_shot_prompt", "generate", "sample_next"]
+
+
+@dataclass
+class Captioner:
+    """A trained Flamingo with what captioning needs: its tokenizer, image statistics and decoding defaults."""
+
+    model: nn.Module
+    tokenizer: Any
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    max_new_tokens: int
+    num_beams: int
+    vocab_ids: list[int] | None  # decoding restricted to these ids (the task's ``vocabulary``), or None
+    attribute_words: list[str]  # the words attribute accuracy compares
+
+    @torch.no_grad()
+    def generate_captions(
+        self,
+        images: Tensor,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Captions of a batch of images (greedy or beam search; defaults from the task's arguments).
+
+        ``images`` is (b, 3, H, W), or (b, T, 3, H, W) with a ``prompt`` holding T ``<image>`` markers (few-shot);
+        ``kwargs`` go to :func:`generate` (e.g. ``length_penalty``, ``do_sample``, ``top_p``).
+        """
+        if self.vocab_ids is not None:
+            kwargs.setdefault("allowed_token_ids", self.vocab_ids)
+        return caption_images(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
+                              num_beams or self.num_beams, **kwargs)  # fmt: skip
+
+
+__all__ = ["Captioner", "caption_images", "few_shot_prompt", "generate", "sample_next"]

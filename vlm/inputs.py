@@ -1,49 +1,174 @@
-"""Input handling shared by the command-line scripts: expanding paths, loading images in batches, error records.
+"""Input handling shared by the command-line scripts: expanding paths, loading images in batches, error records,
+printing untrusted text.
 
 A bad input never stops the others: each yields either a tensor or an error message, and the script prints one
-line for it.
+line for it. Nothing here opens a path while listing: a FIFO or device among the inputs is only ever ``stat``-ed,
+and refused by :func:`vlm.data.images.load_image` with its own error line.
+
+torch is imported only where a batch is stacked, so the scripts can validate their arguments (and print usage
+errors) without paying for the import.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from vlm.data.files import METADATA_LIMIT, UnsafeFileError, read_text_bounded
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+METADATA_FILE = "metadata.jsonl"
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def expand_paths(paths: Sequence[str]) -> list[Path]:
+def printable(text: str | os.PathLike | bytes) -> str:
+    """``text`` with every non-printable character escaped, so it prints as exactly one visible line.
+
+    Newlines, carriage returns and tabs become ``\\n``, ``\\r``, ``\\t``; other control and format characters (ANSI
+    escapes, Unicode line separators, bidirectional overrides) become ``\\xhh`` / ``\\uhhhh`` / ``\\Uhhhhhhhh``, as in
+    ``repr`` without the quotes. Bytes that are not UTF-8 (carried in a ``str`` by ``surrogateescape``, as file
+    names are) become ``\\xhh``. Backslashes are kept as they are: the text form is for reading (a file name cannot
+    forge an output line or a terminal escape); the exact name is in the ``--json`` output.
+
+    Args:
+        text: a string (possibly holding surrogate-escaped bytes), a path, or bytes (decoded as file names are).
+    """
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    if text.isprintable():  # the common case: nothing to escape
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch.isprintable():
+            out.append(ch)
+        elif ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as os.fsdecode carries it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def expand_paths(paths: Sequence[str], errors: dict[Path, str] | None = None) -> list[Path]:
     """Folders become their image files in sorted order (non-recursive); other paths are kept as given, so a
-    missing or unreadable one still gets its own error line later."""
+    missing, unreadable or special one (a FIFO, a device) still gets its own error line later.
+
+    Listing a folder reads only its entries' names: no entry is opened or even ``stat``-ed here, so a FIFO named
+    ``x.png`` is passed on (and refused by the loader) rather than read.
+
+    Args:
+        paths: the paths given on the command line.
+        errors: where a folder that cannot be listed gets its reason; the folder itself is then kept in the
+            returned list, so it takes its place in the output with that error. Without it, such a folder is kept
+            and the loader reports it as a directory.
+    """
     out: list[Path] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            is_dir = path.is_dir()  # stat only: a FIFO or device given directly is not opened
+        except (OSError, ValueError):  # a name too long, a parent not searchable: the loader's error line says so
+            is_dir = False
+        if is_dir:
+            try:
+                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as e:  # permission denied, removed meanwhile, ...
+                out.append(path)
+                if errors is not None:
+                    errors[path] = f"cannot list folder ({e.strerror or e})"
+                continue
             out.extend(files)
         else:
             out.append(path)
     return out
 
 
-def folder_metadata(paths: Sequence[Path]) -> dict[Path, dict]:
-    """Rows of the ``metadata.jsonl`` files (Hugging Face imagefolder layout) next to the given images, by path."""
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def _row_path(folder: Path, file_name: object) -> tuple[Path | None, str]:
+    """The image a metadata row names, or None and why the row is unusable.
+
+    Only a relative name inside ``folder`` is accepted: an absolute name or one with ``..`` would let a folder's
+    metadata label another folder's images. Rows are only ever looked up by the paths being processed; nothing is
+    read from the names they hold.
+    """
+    if not isinstance(file_name, str):
+        return None, "file_name is not a string" if file_name is not None else "no file_name"
+    pure = PurePath(file_name)
+    if not file_name or pure.is_absolute() or ".." in pure.parts or "\x00" in file_name:
+        return None, "file_name is not a relative path inside the folder"
+    return folder / pure, ""
+
+
+def read_metadata(meta: Path, warn: Callable[[str], None] = _warn_stderr) -> dict[Path, dict]:
+    """The usable rows of one ``metadata.jsonl``, by the path of the image each names.
+
+    The file is read with a size bound (:data:`vlm.data.files.METADATA_LIMIT`), regular files only. A line that is
+    not a JSON object with a string ``file_name`` naming a file inside the folder is skipped; the skipped lines (or
+    an unreadable file) get one ``warn`` call for the whole file, never one per line.
+    """
+    try:
+        text = read_text_bounded(meta, "metadata file", limit=METADATA_LIMIT)
+    except UnsafeFileError as e:
+        warn(f"{e}; its labels and captions are not used")
+        return {}
+    rows: dict[Path, dict] = {}
+    skipped, first = 0, ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # malformed JSON, over-long integers, nesting too deep
+            path, reason = None, f"not JSON ({type(e).__name__})"
+        else:
+            if isinstance(row, dict):
+                path, reason = _row_path(meta.parent, row.get("file_name"))
+            else:
+                path, reason = None, "not a JSON object"
+        if path is None:
+            skipped += 1
+            first = first or f"line {number}: {reason}"
+            continue
+        rows[path] = row
+    if skipped:
+        warn(f"{meta}: skipped {skipped} malformed line{'s' if skipped > 1 else ''} (first: {first})")
+    return rows
+
+
+def folder_metadata(paths: Sequence[Path], warn: Callable[[str], None] = _warn_stderr) -> dict[Path, dict]:
+    """Rows of the ``metadata.jsonl`` files (Hugging Face imagefolder layout) next to the given images, by path.
+
+    A bad metadata file or line costs only its rows (see :func:`read_metadata`): the images are processed anyway.
+
+    Args:
+        paths: the images being processed.
+        warn: called with one message per metadata file that was unreadable or had malformed lines (default:
+            a ``warning:`` line on stderr).
+    """
     rows: dict[Path, dict] = {}
     for folder in sorted({p.parent for p in paths}):
-        meta = folder / "metadata.jsonl"
-        if not meta.is_file():
+        meta = folder / METADATA_FILE
+        if not os.path.lexists(meta):  # lexists: a dangling link or a FIFO is reported, not silently ignored
             continue
-        with meta.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    if "file_name" in row:
-                        rows[folder / row["file_name"]] = row
+        rows.update(read_metadata(meta, warn))
     return rows
 
 
@@ -58,16 +183,23 @@ class LoadedBatch:
 
 
 def load_batches(
-    paths: Sequence[Path], transform: Callable, batch_size: int = 32
+    paths: Sequence[Path], transform: Callable, batch_size: int = 32, known_errors: Mapping[Path, str] | None = None
 ) -> Iterator[LoadedBatch]:
     """Loads images ``batch_size`` at a time with :func:`vlm.data.images.load_image` and ``transform``; a file
-    that fails gets the reason in ``errors`` instead."""
+    that fails gets the reason in ``errors`` instead, as does a path in ``known_errors`` (e.g. a folder that
+    :func:`expand_paths` could not list), which is not loaded."""
+    import torch
+
     from vlm.data.images import ImageLoadError, load_image
 
+    known_errors = known_errors or {}
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start : start + batch_size])
         tensors, ok, errors = [], [], {}
         for path in chunk:
+            if path in known_errors:
+                errors[path] = known_errors[path]
+                continue
             try:
                 tensors.append(transform(load_image(path)))
                 ok.append(path)

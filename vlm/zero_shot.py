@@ -8,11 +8,14 @@ cosine similarities to the class vectors.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Template = str | Callable[[str], str]
 
@@ -41,13 +44,40 @@ def get_templates(spec: str | Sequence[Template]) -> list[Template]:
     for item in items:
         templates.extend(_template_set(item) if isinstance(item, str) and item in TEMPLATE_SETS else [item])
     for t in templates:
-        if isinstance(t, str) and "{}" not in t:
-            raise ValueError(
-                f"unknown template set {t!r}: expected one of {', '.join(TEMPLATE_SETS)}, or a prompt containing {{}}"
-            )
+        if isinstance(t, str):
+            check_template(t)
     if not templates:
         raise ValueError("no prompt templates given")
     return templates
+
+
+MAX_TEMPLATE_CHARS = 1000
+
+
+def check_template(template: str) -> str:
+    """Returns ``template`` if it is a prompt with exactly one plain ``{}`` (``{{`` / ``}}`` for literal braces).
+
+    A named field (``{x}``), a second field, a conversion (``{!r}``) or a format spec (``{:>300000000}``, which
+    would pad every prompt to hundreds of megabytes) is refused, as is a template of over 1,000 characters.
+
+    Raises:
+        ValueError: naming the template and what is wrong with it.
+    """
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"template of {len(template):,} characters: at most {MAX_TEMPLATE_CHARS:,}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # unbalanced braces
+        raise ValueError(f"template {template!r} is malformed: {e}") from None
+    if not fields:
+        raise ValueError(
+            f"unknown template set {template!r}: expected one of {', '.join(TEMPLATE_SETS)}, "
+            "or a prompt containing {}"
+        )
+    if fields != [("", "", None)]:
+        raise ValueError(f"template {template!r} must hold exactly one plain {{}} (no names, conversions or format "
+                         "specs; write {{ and }} for literal braces)")
+    return template
 
 
 def _template_set(name: str) -> list[Template]:
@@ -94,3 +124,18 @@ def classify(model, images: Tensor, classifier: Tensor) -> Tensor:
     features = model.encode_image(images, normalize=True)  # (b, d)
     logits = model.logit_scale.exp() * features @ classifier.T
     return logits.softmax(dim=-1)
+
+
+@dataclass
+class ZeroShotModel:
+    """A trained CLIP with what classifying images needs: its tokenizer, prompt templates and image statistics."""
+
+    model: nn.Module
+    tokenizer: Any
+    templates: str | list[str]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @property
+    def image_size(self) -> int:
+        return self.model.visual.image_size

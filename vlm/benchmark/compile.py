@@ -69,7 +69,7 @@ def vit_rows(settings: Settings) -> Iterator[Row]:
 def clip_rows(settings: Settings) -> Iterator[Row]:
     import yaml
 
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     torch.manual_seed(0)
     config = yaml.safe_load(CLIP_CONFIG.read_text())["model"]

@@ -37,8 +37,8 @@ def loader_rate(loader, max_batches: int) -> float:
 def run(settings: Settings) -> Iterator[Row]:
     import yaml
 
-    from vlm.checkpoint import build_task
     from vlm.data.datamodules import ShapesDataModule  # noqa: F401 - a missing module skips the suite
+    from vlm.formats import build_task
 
     config = yaml.safe_load(CONFIG.read_text())
     torch.manual_seed(0)

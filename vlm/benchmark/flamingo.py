@@ -33,7 +33,7 @@ def _model_config() -> dict:
 
 def default_flamingo_task() -> LightningModule:
     """The FlamingoTask of the default CPU config, frozen parts frozen, in eval mode."""
-    from vlm.checkpoint import build_task
+    from vlm.formats import build_task
 
     torch.manual_seed(0)
     return build_task(copy.deepcopy(_model_config())).eval()

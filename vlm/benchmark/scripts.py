@@ -4,8 +4,8 @@ Each script runs in a fresh ``python`` process on the model of the default CPU c
 weights do not change the cost) and on synthetic images. Running it on one input as well as on all of them
 splits the time into start-up (interpreter, imports, checkpoint loading, one forward) and per-input work; the
 bare ``import torch`` time is the floor no script can go below. Each script is also run on a copy of its export
-without the inference settings, which it then loads through the task (importing Lightning) as it did before
-:mod:`vlm.inference`: the ratio is what loading without Lightning saves.
+without the inference settings, which it then loads through the task (importing Lightning): the ratio is what
+loading the model alone (:func:`vlm.formats.load_zero_shot`, :func:`vlm.formats.load_captioner`) saves.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def export_default(config_path: Path, out_dir: Path) -> Path:
     """Builds the task of a shipped config (untrained) and exports it as a weights directory."""
     import yaml
 
-    from vlm.checkpoint import build_task
-    from vlm.interop.export import export_task
+    from vlm.formats import build_task
+    from vlm.formats.export import export_task
 
     config = yaml.safe_load(config_path.read_text())["model"]
     torch.manual_seed(0)
@@ -113,8 +113,8 @@ def run(settings: Settings) -> Iterator[Row]:
     repeats = settings.repeats
     if not settings.quick:
         yield make_row(SUITE, "python -c 'import torch' (floor)", wall_time(["-c", "import torch"], repeats), "s")
-        imports = wall_time(["-c", "import vlm.inference"], repeats)
-        yield make_row(SUITE, "python -c 'import vlm.inference' (the scripts' loader, no Lightning)", imports, "s")
+        imports = wall_time(["-c", "import vlm.formats"], repeats)
+        yield make_row(SUITE, "python -c 'import vlm.formats' (the scripts' loader, no Lightning)", imports, "s")
         imports = wall_time(["-c", "import vlm.tasks"], repeats)
         name = "python -c 'import vlm.tasks' (the tasks, with Lightning: what the scripts loaded before)"
         yield make_row(SUITE, name, imports, "s")

@@ -53,8 +53,17 @@ class ImageLoadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-def _open_source(source: str | os.PathLike | bytes | bytearray | memoryview) -> tuple[object, io.IOBase | str]:
-    """Checks the input exists and is a non-empty file; returns (name for messages, what PIL should open)."""
+# Opened without blocking (a FIFO swapped in after the stat would otherwise block ``open`` forever) and without
+# becoming the process's controlling terminal (a tty device swapped in likewise).
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_source(source: str | os.PathLike | bytes | bytearray | memoryview) -> tuple[object, io.IOBase]:
+    """Checks the input exists and is a non-empty regular file; returns (name for messages, the open file for PIL).
+
+    The file is checked by path, opened without blocking and checked again on the open descriptor, so a FIFO or
+    device (given, found in a folder, or swapped in between the two checks) is refused rather than read.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
             raise ImageLoadError("<bytes>", "empty file (0 bytes)")
@@ -65,15 +74,30 @@ def _open_source(source: str | os.PathLike | bytes | bytearray | memoryview) -> 
     except FileNotFoundError:
         reason = "dangling symbolic link" if os.path.islink(path) else "no such file"
         raise ImageLoadError(source, reason) from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the name
+        raise ImageLoadError(source, f"cannot read ({getattr(err, 'strerror', None) or err})") from None
+    _check_mode(source, info)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as err:
         raise ImageLoadError(source, f"cannot read ({err.strerror or err})") from None
+    fp = os.fdopen(fd, "rb")
+    try:
+        _check_mode(source, os.fstat(fd))
+    except BaseException:
+        fp.close()
+        raise
+    return source, fp
+
+
+def _check_mode(source: object, info: os.stat_result) -> None:
+    """Refuses a directory, a FIFO, device or socket, and an empty file."""
     if stat.S_ISDIR(info.st_mode):
         raise ImageLoadError(source, "is a directory, not an image file")
     if not stat.S_ISREG(info.st_mode):
         raise ImageLoadError(source, "not a regular file")
     if info.st_size == 0:
         raise ImageLoadError(source, "empty file (0 bytes)")
-    return source, path
 
 
 def _high_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
@@ -151,8 +175,7 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
     except Exception as err:  # noqa: BLE001 - PIL's plugins raise SyntaxError, struct.error, ValueError, EOFError...
         raise ImageLoadError(name, f"corrupt image data ({type(err).__name__}: {err})") from None
     finally:
-        if isinstance(fp, io.BytesIO):
-            fp.close()
+        fp.close()  # PIL closes only the files it opened itself
 
 
 __all__ = ["ImageLoadError", "display_path", "load_image", "to_rgb"]

@@ -1,4 +1,4 @@
-"""Weights in and out of vlm: timm and open_clip models, state dicts and files, safetensors exports.
+"""Weights in and out of vlm: timm and open_clip models, their state dicts and files (vlm's own files: vlm.formats).
 
 The user builds the peer model (with its pretrained weights where they have them) and converts:
 
@@ -6,7 +6,6 @@ The user builds the peer model (with its pretrained weights where they have them
 - :func:`from_open_clip` / :func:`to_open_clip`: open_clip ViT ``CLIP`` <-> vlm ``CLIP``;
 - :func:`load_open_clip_state_dict` / :func:`save_open_clip`: open_clip checkpoint files;
 - :func:`load_weights`: any supported state dict or file into an existing vlm module;
-- :mod:`vlm.interop.export`: ``vlm export`` (safetensors + constructor config) and :func:`load_exported`.
 
 Every conversion is checked: unsupported features and mismatched shapes raise errors that name them.
 """
@@ -22,24 +21,14 @@ from vlm.interop.open_clip import from_open_clip, open_clip_to_vlm_state_dict, t
 from vlm.interop.open_clip_files import is_open_clip_state_dict, load_open_clip_state_dict, save_open_clip
 from vlm.interop.timm import from_timm, to_timm, vit_from_timm_state_dict
 from vlm.interop.weights import (
+    FAMILIES,
     ConversionError,
     ShapeMismatchError,
     UnsupportedModelError,
     load_checked,
     read_state_dict,
+    supported_families,
 )
-
-FAMILIES = {
-    "open_clip": "open_clip ViT CLIP (visual.conv1.weight, transformer.resblocks.N..., text_projection)",
-    "timm_vit": "timm / vlm VisionTransformer (patch_embed.proj.weight, blocks.N.attn.qkv.weight)",
-    "vlm_clip": "vlm CLIP (visual.patch_embed.proj.weight, text.blocks.N..., text_proj.weight)",
-    "vlm_task": "vlm task checkpoint (model.visual..., as written by vlm fit / vlm export)",
-}
-
-
-def supported_families() -> str:
-    """One line naming the state-dict families vlm reads."""
-    return "; ".join(FAMILIES.values())
 
 
 def detect_family(sd: Mapping[str, Tensor]) -> str:
@@ -90,13 +79,6 @@ def load_weights(module: nn.Module, source: str | Path | Mapping[str, Tensor]) -
     return load_checked(module, sd, f"the {type(module).__name__}")
 
 
-def load_exported(path: str | Path):
-    """Rebuilds a task from a ``vlm export`` directory (see :func:`vlm.interop.export.load_exported`)."""
-    from vlm.interop.export import load_exported as _load
-
-    return _load(path)
-
-
 __all__ = [
     "ConversionError",
     "FAMILIES",
@@ -105,7 +87,6 @@ __all__ = [
     "detect_family",
     "from_open_clip",
     "from_timm",
-    "load_exported",
     "load_open_clip_state_dict",
     "load_weights",
     "read_state_dict",

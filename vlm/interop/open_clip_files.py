@@ -24,7 +24,13 @@ from vlm.interop.open_clip import (
     text_at_root,
     vlm_to_open_clip_state_dict,
 )
-from vlm.interop.weights import ConversionError, UnsupportedModelError, load_checked, read_state_dict
+from vlm.interop.weights import (
+    ConversionError,
+    UnsupportedModelError,
+    load_checked,
+    read_state_dict,
+    supported_families,
+)
 from vlm.models.clip import CLIP
 from vlm.models.vit import resample_pos_embed
 
@@ -118,8 +124,6 @@ def load_open_clip_state_dict(
     """
     sd = read_state_dict(source)
     if not is_open_clip_state_dict(sd):
-        from vlm.interop import supported_families
-
         raise UnsupportedModelError(f"not an open_clip CLIP state dict; supported families: {supported_families()}")
     if isinstance(model_cfg, str):
         import open_clip

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vlm.formats.build import check_weights
 from vlm.models.layers import make_activation
 
 
@@ -31,6 +32,19 @@ class WeightsSourceError(ValueError):
 
 class ShapeMismatchError(ConversionError):
     """A state dict whose keys or shapes do not match the architecture it is loaded into."""
+
+
+FAMILIES = {
+    "open_clip": "open_clip ViT CLIP (visual.conv1.weight, transformer.resblocks.N..., text_projection)",
+    "timm_vit": "timm / vlm VisionTransformer (patch_embed.proj.weight, blocks.N.attn.qkv.weight)",
+    "vlm_clip": "vlm CLIP (visual.patch_embed.proj.weight, text.blocks.N..., text_proj.weight)",
+    "vlm_task": "vlm task checkpoint (model.visual..., as written by vlm fit / vlm export)",
+}
+
+
+def supported_families() -> str:
+    """One line naming the state-dict families vlm reads."""
+    return "; ".join(FAMILIES.values())
 
 
 def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -69,26 +83,11 @@ def sub_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, T
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str = "the model") -> None:
-    """Raises :class:`ShapeMismatchError` unless ``given`` has exactly the keys and shapes of ``expected``."""
-    for key, ref in expected.items():
-        if key not in given:
-            raise ShapeMismatchError(f"the checkpoint has no {key!r}, which {what} needs (shape {tuple(ref.shape)})")
-        if tuple(given[key].shape) != tuple(ref.shape):
-            raise ShapeMismatchError(
-                f"the checkpoint does not match {what}: first mismatched key {key!r} has shape "
-                f"{tuple(given[key].shape)} in the checkpoint but {tuple(ref.shape)} in the model"
-            )
-    extra = [k for k in given if k not in expected]
-    if extra:
-        raise ShapeMismatchError(
-            f"the checkpoint has keys {what} does not have, first {extra[0]!r} ({len(extra)} in all)"
-        )
-
-
 def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], what: str = "the model") -> nn.Module:
-    """Copies ``state_dict`` into ``module`` after :func:`check_state_dict`; returns ``module``."""
-    check_state_dict(module.state_dict(), state_dict, what)
+    """Copies ``state_dict`` into ``module`` after :func:`vlm.formats.check_weights` (every key, every shape; a
+    mismatch raises :class:`ShapeMismatchError`); returns ``module``."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    check_weights(module.state_dict(), shapes, "the checkpoint", what, error=ShapeMismatchError)
     module.load_state_dict(dict(state_dict), strict=True)
     return module
 
@@ -122,14 +121,15 @@ def is_identity(module: nn.Module | None) -> bool:
 
 
 __all__ = [
+    "FAMILIES",
     "ConversionError",
     "ShapeMismatchError",
     "UnsupportedModelError",
     "WeightsSourceError",
     "activation_name",
-    "check_state_dict",
     "layer_norm_eps",
     "load_checked",
     "read_state_dict",
     "sub_state_dict",
+    "supported_families",
 ]

@@ -15,7 +15,7 @@ config), a ``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``m
 internet); ``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM
 task). Those files are read only when training starts (``setup("fit")``); the Flamingo checkpoint then holds
 every weight, frozen ones included, and records that they were loaded (the ``pretrained_loaded`` buffer), so
-rebuilding it (:func:`vlm.checkpoint.load_task`, ``scripts/caption.py``) or resuming it never reads those files
+rebuilding it (:func:`vlm.formats.load_task`, ``scripts/caption.py``) or resuming it never reads those files
 again: it works after those runs are deleted. Swapping in another tower or a Hugging Face decoder is a config
 change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
 """
@@ -33,9 +33,13 @@ from torch import Tensor
 from vlm.captions import attribute_correct, caption_scores, normalize_caption, shapes_attribute_words
 from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, FlamingoTokenizer
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from vlm.inference import INFERENCE_KEY, Captioner, caption_settings
+from vlm.formats.build import CheckpointError, check_weights
+from vlm.formats.checkpoint import INFERENCE_KEY
+from vlm.formats.settings import caption_settings
+from vlm.generation import Captioner
 from vlm.models.flamingo import Flamingo
 from vlm.tasks.language import next_token_loss, vocabulary_token_ids
+from vlm.tasks.loading import CheckedLoading
 from vlm.tasks.optim import build_optimizer
 
 log = logging.getLogger("vlm.tasks")
@@ -67,7 +71,7 @@ def swap_input_words(
     return torch.where(swap, other, input_ids)
 
 
-class FlamingoTask(L.LightningModule):
+class FlamingoTask(CheckedLoading, L.LightningModule):
     """Trains the bridge of a :class:`~vlm.models.flamingo.Flamingo` on image-caption pairs.
 
     Args:
@@ -205,16 +209,13 @@ class FlamingoTask(L.LightningModule):
                                          ) from None
             part = sub_state_dict(state, prefix)
             expected = parts[name].state_dict()
-            missing = [k for k in expected if k not in part]
-            wrong = [k for k in expected if k in part and part[k].shape != expected[k].shape]
-            if missing or wrong:
-                key = (missing or wrong)[0]
-                detail = "missing" if missing else f"shape {tuple(part[key].shape)} vs {tuple(expected[key].shape)}"
-                raise WeightsSourceError(
-                    f"{source} does not match the {name} in the config (prefix {prefix!r}): {key!r} {detail}; "
-                    f"the {name}'s architecture must equal the one that was trained"
-                )
-            extra = [k for k in part if k not in expected]
+            extra = [k for k in part if k not in expected]  # e.g. the rest of a CLIP task: ignored
+            shapes = {k: tuple(v.shape) for k, v in part.items() if k in expected}
+            try:
+                check_weights(expected, shapes, source, f"the {name} in the config (prefix {prefix!r})")
+            except CheckpointError as e:
+                raise WeightsSourceError(f"{e}; the {name}'s architecture must equal the one that was trained"
+                                         ) from None
             if extra:
                 log.warning("%s: ignoring %d %s weights the model does not have, e.g. %s", source, len(extra), name,
                             extra[0])
@@ -284,7 +285,7 @@ class FlamingoTask(L.LightningModule):
         **kwargs,
     ) -> list[str]:
         """Captions of a batch of images (greedy or beam search; defaults from the task's arguments): see
-        :meth:`vlm.inference.Captioner.generate_captions`."""
+        :meth:`vlm.generation.Captioner.generate_captions`."""
         return self.captioner().generate_captions(images, prompt, max_new_tokens, num_beams, **kwargs)
 
     def captioner(self) -> Captioner:

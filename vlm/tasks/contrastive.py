@@ -24,9 +24,11 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from vlm.data.hf_tokenizer import HFTokenizer
 from vlm.data.tokenizer import CLIPTokenizer
-from vlm.inference import INFERENCE_KEY, zero_shot_settings
+from vlm.formats.checkpoint import INFERENCE_KEY
+from vlm.formats.settings import zero_shot_settings
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
+from vlm.tasks.loading import CheckedLoading
 from vlm.tasks.optim import build_optimizer
 from vlm.zero_shot import build_classifier
 
@@ -76,7 +78,7 @@ def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias
     return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
-class ContrastiveTask(L.LightningModule):
+class ContrastiveTask(CheckedLoading, L.LightningModule):
     """Trains a :class:`~vlm.models.clip.CLIP` with the CLIP (softmax) or SigLIP (sigmoid) loss.
 
     Args:

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 
 from vlm.data.gpt2_tokenizer import IGNORE_INDEX, CausalLMTokenizer
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlm.tasks.loading import CheckedLoading
 from vlm.tasks.optim import build_optimizer
 
 
@@ -49,7 +50,7 @@ def next_token_loss(
     return F.cross_entropy(unembed(h, token_ids).float(), index)
 
 
-class LanguageModelTask(L.LightningModule):
+class LanguageModelTask(CheckedLoading, L.LightningModule):
     """Trains a causal decoder (e.g. :class:`~vlm.models.decoder.DecoderLM`) on text.
 
     Args:

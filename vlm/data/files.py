@@ -1,0 +1,88 @@
+"""Opening files a user or a stranger hands us, with bounds: regular files only, read whole only up to a size.
+
+A FIFO given where a file is expected would block ``open`` forever, a character device such as ``/dev/zero`` would
+be read without end, and a multi-gigabyte "labels file" would be read into memory whole. Every path vlm reads from
+the command line or from inside a checkpoint goes through :func:`check_regular` (or :func:`read_bounded`, which
+also opens without blocking and stops at a size limit), so such inputs get one error line instead.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+MiB = 1 << 20
+TEXT_LIMIT = 16 * MiB  # a labels file, a config.json, a prompt file: far above any real one
+METADATA_LIMIT = 512 * MiB  # a metadata.jsonl for millions of images
+
+
+class UnsafeFileError(ValueError):
+    """A path that is missing, not a regular file (a FIFO, device, socket) or too large; the message names it."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: str | os.PathLike, what: str, directory_ok: bool = False) -> Path:
+    """``path`` as a :class:`Path` if it is a regular file (or a directory, with ``directory_ok``).
+
+    Symbolic links are followed (a link to a FIFO is refused like the FIFO itself).
+
+    Raises:
+        UnsafeFileError: missing, unreadable, or a FIFO, device or socket; the message names ``what`` and the path.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UnsafeFileError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UnsafeFileError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        if directory_ok:
+            return path
+        raise UnsafeFileError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise UnsafeFileError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    return path
+
+
+def read_bounded(path: str | os.PathLike, what: str, limit: int = TEXT_LIMIT) -> bytes:
+    """The bytes of the regular file ``path``, refusing one larger than ``limit`` bytes.
+
+    The file is opened without blocking and checked again on the open descriptor, so a path swapped for a FIFO
+    between the check and the open cannot hang the call.
+    """
+    path = check_regular(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise UnsafeFileError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError(f"{what} {path} is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise UnsafeFileError(f"{what} {path} is {info.st_size:,} bytes, over the {limit:,}-byte limit")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # the file grew after the fstat
+        raise UnsafeFileError(f"{what} {path} is over the {limit:,}-byte limit")
+    return data
+
+
+def read_text_bounded(path: str | os.PathLike, what: str, limit: int = TEXT_LIMIT) -> str:
+    """:func:`read_bounded` decoded as UTF-8; a file that is not UTF-8 raises :class:`UnsafeFileError`."""
+    data = read_bounded(path, what, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnsafeFileError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+
+
+__all__ = ["METADATA_LIMIT", "TEXT_LIMIT", "UnsafeFileError", "check_regular", "read_bounded", "read_text_bounded"]

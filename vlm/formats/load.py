@@ -1,0 +1,171 @@
+"""Loading vlm's files: a whole task, or a model with its inference settings (without Lightning's import).
+
+:func:`load_task` rebuilds any task from a ``.ckpt`` or an export. :func:`load_zero_shot` and :func:`load_captioner`
+build only the model from the file's config and take the rest from its ``inference`` block (see
+:mod:`vlm.formats.settings`); a file without one goes through its whole task. Every path builds through
+:mod:`vlm.formats.build` (allow-list, bounds, a ``meta``-device check against the weights' shapes before any real
+tensor is allocated), and every setting read here is checked against bounds and against the model it belongs to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from vlm.formats.build import (
+    CheckpointError,
+    build,
+    build_checked,
+    check_plain,
+    check_setting,
+    copy_weights,
+    resolve_class,
+)
+from vlm.formats.checkpoint import INFERENCE_KEY, read_checkpoint, task_config, task_hparams_quiet, with_config
+from vlm.formats.export import is_export, read_export, read_export_config, read_export_weights, weight_shapes
+from vlm.generation import Captioner
+from vlm.zero_shot import ZeroShotModel
+
+if TYPE_CHECKING:
+    from lightning import LightningModule
+
+CONTRASTIVE_TASK = "vlm.tasks.contrastive.ContrastiveTask"
+FLAMINGO_TASK = "vlm.tasks.captioning.FlamingoTask"
+MODEL_PREFIX = "model."  # a task's model weights are named model.*
+
+
+def shapes_of(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def load_task(path: str | Path, expected: str | None = None) -> LightningModule:
+    """Rebuilds a task from a Lightning checkpoint or an exported weights directory, in eval mode on the CPU.
+
+    Args:
+        path: a ``.ckpt`` file written by ``vlm fit`` or a directory written by ``vlm export``.
+        expected: the class path of the task class the caller can use (default: any of vlm's tasks); another kind
+            raises :class:`CheckpointError` before anything is built.
+    """
+    path = Path(path)
+    if is_export(path):
+        config, shapes, load_weights = read_export(path)
+    else:
+        ckpt = read_checkpoint(path)
+        config, weights = task_config(ckpt["hyper_parameters"], str(path)), ckpt["state_dict"]
+        shapes, load_weights = shapes_of(weights), lambda: weights
+    cls = resolve_class(config["class_path"], str(path), "config", ("task",))
+    if expected is not None:
+        wanted = resolve_class(expected, "load_task", "expected", ("task",))
+        if not issubclass(cls, wanted):
+            raise CheckpointError(f"{path} holds a {cls.__name__}, but this needs a {wanted.__name__}")
+    with task_hparams_quiet():
+        task = with_config(build_checked(config, shapes, str(path), ("task",)), config)
+    copy_weights(task, load_weights(), str(path))
+    return task.eval()
+
+
+def load_zero_shot(path: str | Path) -> ZeroShotModel:
+    """A :class:`ZeroShotModel` from a ``vlm fit`` checkpoint of a CLIP task or a ``vlm export`` directory, in eval
+    mode on the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, refused, not a CLIP task, or does not match its config.
+    """
+    path = Path(path)
+    loaded = _load_model(path, CONTRASTIVE_TASK)
+    if loaded is None:
+        task = load_task(path, expected=CONTRASTIVE_TASK)
+        return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std)
+    model, settings = loaded
+    where = str(path)
+    _require(settings, ("tokenizer", "templates", "image_mean", "image_std"), where)
+    for name in ("templates", "image_mean", "image_std"):
+        check_setting(name, settings[name], where, f"{INFERENCE_KEY}.{name}")
+    tokenizer = build(settings["tokenizer"], where, ("tokenizer",), f"{INFERENCE_KEY}.tokenizer")
+    text_length = getattr(getattr(model, "text", None), "context_length", None)
+    if text_length is not None and getattr(tokenizer, "context_length", text_length) > text_length:
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.tokenizer: context_length "
+                              f"{tokenizer.context_length} is longer than the text tower's {text_length}")
+    return ZeroShotModel(model=model, tokenizer=tokenizer, templates=settings["templates"],
+                         image_mean=tuple(float(x) for x in settings["image_mean"]),
+                         image_std=tuple(float(x) for x in settings["image_std"]))  # fmt: skip
+
+
+def load_captioner(path: str | Path) -> Captioner:
+    """A :class:`Captioner` from a ``vlm fit`` checkpoint of a Flamingo task or a ``vlm export`` directory, in eval
+    mode on the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, refused, not a Flamingo task, or does not match its config.
+    """
+    path = Path(path)
+    loaded = _load_model(path, FLAMINGO_TASK)
+    if loaded is None:
+        return load_task(path, expected=FLAMINGO_TASK).captioner()
+    model, settings = loaded
+    where = str(path)
+    names = ("tokenizer", "image_size", "image_mean", "image_std", "max_new_tokens", "num_beams", "vocab_ids",
+             "attribute_words")
+    _require(settings, names, where)
+    for name in ("image_size", "image_mean", "image_std", "max_new_tokens", "num_beams"):
+        check_setting(name, settings[name], where, f"{INFERENCE_KEY}.{name}")
+    tower_size = getattr(model.vision, "image_size", None)
+    if tower_size is not None and settings["image_size"] != tower_size:
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.image_size: {settings['image_size']} but the vision "
+                              f"tower takes {tower_size}")
+    tokenizer = build(settings["tokenizer"], where, ("tokenizer",), f"{INFERENCE_KEY}.tokenizer")
+    vocab = model.decoder.vocab_size
+    if getattr(tokenizer, "vocab_offset", vocab) != vocab or tokenizer.context_length > model.context_length:
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.tokenizer: it does not fit the decoder (vocabulary "
+                              f"offset {getattr(tokenizer, 'vocab_offset', None)} vs {vocab} embeddings, context "
+                              f"{tokenizer.context_length} vs {model.context_length})")
+    ids = settings["vocab_ids"]
+    total = model.vocab_size  # the decoder's ids and the new tokens
+    if ids is not None and (not isinstance(ids, list) or not ids or ids != sorted(set(ids))
+                            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total for i in ids)):
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.vocab_ids: expected sorted, distinct token ids in "
+                              f"[0, {total})")
+    words = settings["attribute_words"]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.attribute_words: expected a list of words")
+    return Captioner(model=model, tokenizer=tokenizer, image_size=settings["image_size"],
+                     image_mean=tuple(float(x) for x in settings["image_mean"]),
+                     image_std=tuple(float(x) for x in settings["image_std"]),
+                     max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
+                     vocab_ids=ids, attribute_words=words)  # fmt: skip
+
+
+def _require(settings: dict, names: tuple[str, ...], where: str) -> None:
+    missing = [n for n in names if n not in settings]
+    if missing:
+        raise CheckpointError(f"{where}: its inference settings are incomplete (no {', '.join(missing)})")
+
+
+def _load_model(path: Path, task_class_path: str) -> tuple[nn.Module, dict] | None:
+    """The model (weights loaded, eval mode) and inference settings of a checkpoint or export of the task
+    ``task_class_path``, or None where the file must go through the task (no settings, or another task kind)."""
+    where = str(path)
+    if is_export(path):
+        config = read_export_config(path)
+        settings, weights, shapes = config.get(INFERENCE_KEY), None, weight_shapes(path)
+    else:
+        ckpt = read_checkpoint(path)
+        config, settings = task_config(ckpt["hyper_parameters"], where), ckpt.get(INFERENCE_KEY)
+        weights = ckpt["state_dict"]
+        shapes = shapes_of(weights)
+    if config["class_path"] != task_class_path or not isinstance(settings, dict):
+        return None
+    check_plain(settings, where, INFERENCE_KEY)
+    model_config = (config.get("init_args") or {}).get("model")
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{where} does not record its model config")
+    model_shapes = {k[len(MODEL_PREFIX):]: s for k, s in shapes.items() if k.startswith(MODEL_PREFIX)}
+    model = build_checked(model_config, model_shapes, where, ("model",), "config.init_args.model")
+    weights = read_export_weights(path) if weights is None else weights
+    copy_weights(model, {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}, where)
+    return model.eval(), settings
+
+__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "load_captioner", "load_task", "load_zero_shot"]

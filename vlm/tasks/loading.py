@@ -1,0 +1,41 @@
+"""``Task.load_from_checkpoint`` through vlm's file checks instead of Lightning's instantiation.
+
+Lightning's own ``load_from_checkpoint`` rebuilds a LightningCLI-trained module by importing and calling whatever
+the checkpoint's ``_instantiator`` and ``class_path`` entries name. vlm's tasks replace it with
+:func:`vlm.formats.load_task`, so the familiar call gets the same allow-list, bounds and weight checks as every
+other way of loading a vlm file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckedLoading:
+    """Mixin for vlm's LightningModules: a checked ``load_from_checkpoint``."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any):
+        """The task saved in ``checkpoint_path`` (a ``.ckpt`` or a ``vlm export`` directory), in eval mode.
+
+        Raises:
+            CheckpointError: the file is refused, of another task class, or does not match its config.
+            ValueError: ``hparams_file`` or hyper-parameter overrides, which vlm files do not take: change the config
+                and build the task with :func:`vlm.formats.build_task` instead.
+        """
+        from vlm.formats.load import load_task
+
+        if hparams_file is not None or kwargs or strict is False:
+            raise ValueError("vlm tasks load from their own config and weights only (no hparams_file, overrides or "
+                             "strict=False): edit the config and use vlm.formats.build_task")
+        task = load_task(checkpoint_path, expected=f"{cls.__module__}.{cls.__qualname__}")
+        if isinstance(map_location, str | torch.device):
+            task = task.to(map_location)
+        return task
+
+
+__all__ = ["CheckedLoading"]
