@@ -17,8 +17,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from vlm.interop.open_clip import from_open_clip, open_clip_to_vlm_state_dict, to_open_clip
+from vlm.interop.open_clip import from_open_clip, to_open_clip
 from vlm.interop.open_clip_files import is_open_clip_state_dict, load_open_clip_state_dict, save_open_clip
+from vlm.interop.open_clip_keys import open_clip_to_vlm_state_dict
 from vlm.interop.timm import from_timm, to_timm, vit_from_timm_state_dict
 from vlm.interop.weights import (
     FAMILIES,

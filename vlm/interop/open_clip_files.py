@@ -17,13 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
-from vlm.interop.open_clip import (
-    clip_from_open_clip_cfg,
-    open_clip_cfg,
-    open_clip_to_vlm_state_dict,
-    text_at_root,
-    vlm_to_open_clip_state_dict,
-)
+from vlm.interop.open_clip import clip_from_open_clip_cfg, open_clip_cfg
+from vlm.interop.open_clip_keys import open_clip_to_vlm_state_dict, text_at_root, vlm_to_open_clip_state_dict
 from vlm.interop.weights import (
     ConversionError,
     UnsupportedModelError,
