@@ -67,6 +67,14 @@ def load_task(path: str | Path, expected: str | None = None) -> LightningModule:
     return task.eval()
 
 
+def task_class_path(path: str | Path) -> str:
+    """The task class a ``.ckpt`` or export holds (its ``class_path``), read without building anything."""
+    path = Path(path)
+    if is_export(path):
+        return read_export_config(path)["class_path"]
+    return task_config(read_checkpoint(path)["hyper_parameters"], str(path))["class_path"]
+
+
 def load_zero_shot(path: str | Path) -> ZeroShotModel:
     """A :class:`ZeroShotModel` from a ``vlm fit`` checkpoint of a CLIP task or a ``vlm export`` directory, in eval
     mode on the CPU.
@@ -168,4 +176,4 @@ def _load_model(path: Path, task_class_path: str) -> tuple[nn.Module, dict] | No
     copy_weights(model, {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}, where)
     return model.eval(), settings
 
-__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "load_captioner", "load_task", "load_zero_shot"]
+__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "load_captioner", "load_task", "load_zero_shot", "task_class_path"]

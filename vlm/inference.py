@@ -1,0 +1,313 @@
+"""``vlm.load``: a trained model, ready to use, with its preprocessing inside.
+
+    import vlm
+    clip = vlm.load("runs/clip-scenes/checkpoints/last.ckpt")
+    clip.classify("photo.png", ["red circle", "blue square"])       # [[("red circle", 0.93), ("blue square", 0.07)]]
+    vlm.load("runs/flamingo/checkpoints/last.ckpt").caption("photo.png")   # ["a small red circle"]
+
+``source`` is a ``vlm fit`` checkpoint, a ``vlm export`` folder, ``open_clip:<arch>`` or ``timm:<name>`` with a local
+weights file (converted by :mod:`vlm.interop`). What comes back is a :class:`CLIPPredictor` (classify, embed,
+similarity), a :class:`CaptionPredictor` (caption) or, for a timm ViT, a :class:`VisionPredictor` (embed images).
+``images`` are paths, PIL images, numpy arrays (H, W, C) or tensors (C, H, W), one or a list (a 4-d array or
+tensor is a batch); they are batched internally. Files go through the checks of :mod:`vlm.formats`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
+from vlm.formats import CheckpointError, load_captioner, load_zero_shot
+from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, task_class_path
+from vlm.generation import Captioner, few_shot_prompt
+from vlm.zero_shot import ZeroShotModel, build_classifier, get_templates
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
+Images = ImageInput | Sequence[ImageInput]
+Examples = Sequence[tuple[ImageInput, str]] | None
+
+
+class Predictor:
+    """What every loaded model answers; a method its kind of model cannot serve raises one clear ``TypeError``."""
+
+    kind = "model"
+    can = ""
+
+    def __init__(self, source: str, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 batch_size: int = 32, device: str | torch.device = "cpu") -> None:
+        self.source = source
+        self.image_size = image_size
+        self.transform = eval_transform(image_size, mean, std)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+
+    def _cannot(self, what: str) -> TypeError:
+        return TypeError(f"{self.source} is a {self.kind}: it {self.can}; {what}")
+
+    def classify(self, images: Images, labels: Sequence[str], templates: Any = None, top_k: int = 5):
+        raise self._cannot("zero-shot classification needs a CLIP checkpoint")
+
+    def embed_texts(self, texts: str | Sequence[str]) -> Tensor:
+        raise self._cannot("text embeddings need a CLIP checkpoint")
+
+    def similarity(self, images: Images, texts: str | Sequence[str]) -> Tensor:
+        raise self._cannot("image-text similarity needs a CLIP checkpoint")
+
+    def embed_images(self, images: Images) -> Tensor:
+        raise self._cannot("image embeddings need a CLIP or a ViT")
+
+    def caption(self, images: Images, prompt: str | None = None, examples: Any = None, **kwargs: Any) -> list[str]:
+        raise self._cannot("captioning needs a Flamingo checkpoint")
+
+    # ------------------------------------------------------------------------------------------------ images
+    def preprocess(self, images: Images) -> Tensor:
+        """The images as one normalised batch (n, 3, image_size, image_size) on the model's device."""
+        return torch.stack([self.transform(image) for image in as_pil_list(images)]).to(self.device)
+
+    def _batches(self, images: Images) -> Iterator[Tensor]:
+        pils = as_pil_list(images)
+        for start in range(0, len(pils), self.batch_size):
+            yield torch.stack([self.transform(p) for p in pils[start:start + self.batch_size]]).to(self.device)
+
+
+def as_pil_list(images: Images) -> list[Image.Image]:
+    """One or many images (paths, PIL images, arrays, tensors; a 4-d array or tensor is a batch) as RGB PIL images.
+
+    Raises:
+        vlm.data.images.ImageLoadError: a path that is not a readable image.
+        ValueError: an array or tensor of another shape or dtype.
+    """
+    if isinstance(images, np.ndarray | Tensor) and images.ndim == 4:
+        items: Sequence[Any] = list(images)
+    elif isinstance(images, str | os.PathLike | Image.Image | np.ndarray | Tensor):
+        items = [images]
+    else:
+        items = list(images)
+    if not items:
+        raise ValueError("no images given")
+    return [_as_pil(item) for item in items]
+
+
+def _as_pil(image: ImageInput) -> Image.Image:
+    from vlm.data.images import load_image, to_rgb
+
+    if isinstance(image, str | os.PathLike):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, Tensor):  # (C, H, W), as torchvision: float in [0, 1] or uint8
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"an image tensor must be (C, H, W) with 1, 3 or 4 channels, got {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):  # (H, W) or (H, W, C): uint8, or float in [0, 1]
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"an image array must be (H, W) or (H, W, C) with 1, 3 or 4 channels, got {image.shape}")
+        if image.dtype != np.uint8:
+            if not np.issubdtype(image.dtype, np.floating):
+                raise ValueError(f"an image array must be uint8 or float in [0, 1], got {image.dtype}")
+            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    raise ValueError(f"not an image: a {type(image).__name__} (give a path, a PIL image, an array or a tensor)")
+
+
+def _texts(texts: str | Sequence[str]) -> list[str]:
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items or not all(isinstance(t, str) for t in items):
+        raise ValueError("texts must be a string or a non-empty list of strings")
+    return items
+
+
+class CLIPPredictor(Predictor):
+    """A CLIP model with its tokenizer, prompt templates and image preprocessing."""
+
+    kind = "CLIP model"
+    can = "classifies, embeds images and texts and scores their similarity"
+
+    def __init__(self, loaded: ZeroShotModel, source: str, **kwargs: Any) -> None:
+        super().__init__(source, loaded.image_size, loaded.image_mean, loaded.image_std, **kwargs)
+        self.model = loaded.model.to(self.device).eval()
+        self.tokenizer = loaded.tokenizer
+        self.templates = loaded.templates
+        self._classifiers: dict[tuple, Tensor] = {}
+
+    @torch.no_grad()
+    def embed_images(self, images: Images) -> Tensor:
+        """Unit-length image embeddings (n, embed_dim)."""
+        return torch.cat([self.model.encode_image(batch, normalize=True) for batch in self._batches(images)])
+
+    @torch.no_grad()
+    def embed_texts(self, texts: str | Sequence[str]) -> Tensor:
+        """Unit-length text embeddings (n, embed_dim)."""
+        tokens = self.tokenizer(_texts(texts)).to(self.device)
+        return torch.cat([self.model.encode_text(chunk, normalize=True) for chunk in tokens.split(self.batch_size)])
+
+    def similarity(self, images: Images, texts: str | Sequence[str]) -> Tensor:
+        """Cosine similarity of every image with every text (n_images, n_texts)."""
+        return self.embed_images(images) @ self.embed_texts(texts).T
+
+    @torch.no_grad()
+    def classify(self, images: Images, labels: Sequence[str], templates: Any = None,
+                 top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Zero-shot classification: for each image, the ``top_k`` most probable labels, best first.
+
+        Args:
+            images: one image or many (see the module docstring).
+            labels: the class names.
+            templates: prompt templates (a set name such as ``"openai"``, or prompts with one ``{}``); default: the
+                ones the model was validated with.
+            top_k: labels per image (at most ``len(labels)``).
+        """
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        templates = self.templates if templates is None else templates
+        key = (tuple(labels), tuple(get_templates(templates)))
+        if key not in self._classifiers:
+            self._classifiers[key] = build_classifier(self.model, self.tokenizer, labels, templates)
+        classifier = self._classifiers[key]
+        k = max(1, min(top_k, len(labels)))
+        out = []
+        for batch in self._batches(images):
+            features = self.model.encode_image(batch, normalize=True)
+            probs = (self.model.logit_scale.exp() * features @ classifier.T).softmax(dim=-1)
+            top = probs.topk(k, dim=1)
+            out.extend([(labels[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+                       for vals, idx in zip(top.values, top.indices))  # fmt: skip
+        return out
+
+
+class CaptionPredictor(Predictor):
+    """A Flamingo model with its tokenizer, decoding defaults and image preprocessing."""
+
+    kind = "Flamingo model"
+    can = "captions images"
+
+    def __init__(self, loaded: Captioner, source: str, **kwargs: Any) -> None:
+        super().__init__(source, loaded.image_size, loaded.image_mean, loaded.image_std, **kwargs)
+        loaded.model.to(self.device).eval()
+        self.captioner = loaded
+
+    @property
+    def model(self) -> nn.Module:
+        return self.captioner.model
+
+    def caption(self, images: Images, prompt: str | None = None, examples: Examples = None,
+                max_new_tokens: int | None = None, num_beams: int | None = None,
+                **sampling: Any) -> list[str]:
+        """One caption per image.
+
+        Args:
+            images: one image or many.
+            prompt: text after the image before the caption (e.g. ``"A photo of"``), or a whole prompt with one
+                ``<image>`` marker per image (the examples' and the input's).
+            examples: ``(image, caption)`` pairs shown before each input (few-shot in-context learning).
+            max_new_tokens: caption length limit (default: the model's).
+            num_beams: beam search width (default: the model's; 1 is greedy).
+            sampling: passed to :func:`vlm.generation.generate` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+                ``length_penalty``, ``generator``).
+        """
+        from vlm.data.gpt2_tokenizer import IMAGE_TOKEN
+
+        examples = list(examples or [])
+        shots = self.preprocess([image for image, _ in examples]) if examples else None
+        if prompt is not None and IMAGE_TOKEN in prompt:  # written out in full
+            if prompt.count(IMAGE_TOKEN) != len(examples) + 1:
+                raise ValueError(f"the prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) but there are "
+                                 f"{len(examples) + 1} image(s) per input ({len(examples)} example(s) + the input)")
+            full = prompt
+        else:  # the training layout: each image, then the prompt, then its caption
+            prefix = self.captioner.tokenizer.prompt if prompt is None else prompt
+            full = few_shot_prompt([text for _, text in examples], prefix)
+        out: list[str] = []
+        for batch in self._batches(images):
+            if shots is not None:  # (b, k + 1, 3, H, W): the examples, then the input
+                batch = torch.cat([shots.unsqueeze(0).expand(batch.shape[0], *shots.shape), batch.unsqueeze(1)], 1)
+            out.extend(self.captioner.generate_captions(batch, full, max_new_tokens, num_beams, **sampling))
+        return out
+
+
+class VisionPredictor(Predictor):
+    """An image tower alone (a converted timm ViT): image embeddings only."""
+
+    kind = "vision model"
+    can = "embeds images"
+
+    def __init__(self, model: nn.Module, source: str, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 **kwargs: Any) -> None:
+        super().__init__(source, image_size, mean, std, **kwargs)
+        self.model = model.to(self.device).eval()
+
+    @torch.no_grad()
+    def embed_images(self, images: Images) -> Tensor:
+        """Unit-length pooled image features (n, width)."""
+        return torch.cat([F.normalize(self.model(batch), dim=-1) for batch in self._batches(images)])
+
+
+def load(source: str | os.PathLike, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+         batch_size: int = 32) -> Predictor:
+    """A trained model with its preprocessing, ready to classify, embed or caption.
+
+    Args:
+        source: a ``vlm fit`` checkpoint (``.ckpt``), a ``vlm export`` folder, ``"open_clip:<arch>"`` (e.g.
+            ``"open_clip:ViT-B-32-quickgelu"``) or ``"timm:<name>"`` (e.g. ``"timm:vit_base_patch16_224"``).
+        weights: the local weights file of an ``open_clip:`` or ``timm:`` source (nothing is downloaded).
+        device: where the model runs.
+        batch_size: images per forward pass.
+
+    Raises:
+        vlm.formats.CheckpointError: a missing, refused or unreadable file, or a kind of checkpoint that has no
+            inference use (e.g. a language-model checkpoint).
+    """
+    text = os.fspath(source)
+    options = {"device": device, "batch_size": batch_size}
+    if text.startswith(("open_clip:", "timm:")):
+        if weights is None:
+            raise CheckpointError(f"{text}: give the local weights file (weights=...); vlm downloads nothing")
+        return _load_peer(text, Path(weights), options)
+    if weights is not None:
+        raise CheckpointError(f"{text}: weights=... is for open_clip: and timm: sources; a checkpoint holds its own")
+    kind = task_class_path(text)
+    if kind == CONTRASTIVE_TASK:
+        return CLIPPredictor(load_zero_shot(text), text, **options)
+    if kind == FLAMINGO_TASK:
+        return CaptionPredictor(load_captioner(text), text, **options)
+    raise CheckpointError(f"{text} holds a {kind.rpartition('.')[2]}: vlm.load serves CLIP (ContrastiveTask) and "
+                          "Flamingo (FlamingoTask) checkpoints")
+
+
+def _load_peer(source: str, weights: Path, options: dict[str, Any]) -> Predictor:
+    from vlm.data.files import UnsafeFileError, check_regular
+    from vlm.data.tokenizer import CLIPTokenizer
+    from vlm.interop import ConversionError, from_timm, load_open_clip_state_dict, read_state_dict
+
+    try:
+        check_regular(weights, "weights file")
+        library, _, name = source.partition(":")
+        if library == "open_clip":
+            model = load_open_clip_state_dict(weights, model_cfg=name)
+            loaded = ZeroShotModel(model, CLIPTokenizer(model.text.context_length), "openai", OPENAI_CLIP_MEAN,
+                                   OPENAI_CLIP_STD)  # fmt: skip
+            return CLIPPredictor(loaded, source, **options)
+        import timm
+
+        peer = timm.create_model(name, pretrained=False, num_classes=0)
+        state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("head.")}
+        peer.load_state_dict(state, strict=True)
+        cfg = peer.pretrained_cfg
+        vit = from_timm(peer.eval())
+        return VisionPredictor(vit, source, vit.image_size, cfg.get("mean", OPENAI_CLIP_MEAN),
+                               cfg.get("std", OPENAI_CLIP_STD), **options)  # fmt: skip
+    except (UnsafeFileError, ConversionError, RuntimeError) as e:
+        raise CheckpointError(f"{source} with {weights}: {str(e).splitlines()[0]}") from None
+
+
+__all__ = ["CLIPPredictor", "CaptionPredictor", "Predictor", "VisionPredictor", "as_pil_list", "load"]
