@@ -87,22 +87,6 @@ def error(message: str) -> int:
     return 2
 
 
-def build_prompt(prompt: str | None, examples: list[list[str]], tokenizer) -> str:
-    """The generation prompt for one input; raises ValueError when its ``<image>`` markers do not fit."""
-    from vlm.data.gpt2_tokenizer import IMAGE_TOKEN
-    from vlm.generation import few_shot_prompt
-
-    images = len(examples) + 1
-    if prompt is not None and IMAGE_TOKEN in prompt:
-        found = prompt.count(IMAGE_TOKEN)
-        if found != images:
-            raise ValueError(f"the prompt has {found} {IMAGE_TOKEN} marker(s) but there are {images} image(s) per "
-                             f"input ({len(examples)} example(s) + the input image)")
-        return prompt
-    prefix = tokenizer.prompt if prompt is None else prompt
-    return few_shot_prompt([caption for _, caption in examples], prefix)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # before any loading: a FIFO or device would block or never end
@@ -111,28 +95,22 @@ def main(argv: list[str] | None = None) -> int:
             check_regular(image, "example image")
     except UnsafeFileError as e:
         return error(str(e))
-    # Heavy imports after argument parsing, so --help and usage errors are instant.
-    import torch
-
-    # Without Lightning where the checkpoint allows (vlm.formats): it would take longer to import than torch.
+    # Heavy imports after argument parsing, so --help and usage errors are instant; vlm.load does not import
+    # Lightning for a checkpoint that records its inference settings.
     from vlm.data.images import ImageLoadError, load_image
-    from vlm.data.transforms import eval_transform
-    from vlm.formats import CheckpointError, load_captioner
+    from vlm.formats import CheckpointError
+    from vlm.inference import CaptionPredictor, load
     from vlm.inputs import expand_paths, folder_metadata, load_batches
 
     try:
-        task = load_captioner(args.checkpoint)
+        model = load(args.checkpoint, batch_size=args.batch_size)
+        if not isinstance(model, CaptionPredictor):
+            raise CheckpointError(f"{args.checkpoint} is a {model.kind}: caption.py needs a Flamingo checkpoint")
     except CheckpointError as e:
         return error(str(e))
-    tokenizer = task.tokenizer
-    transform = eval_transform(task.image_size, task.image_mean, task.image_std)
     try:
-        prompt = build_prompt(args.prompt, args.example, tokenizer)
-        prompt_len = tokenizer.encode_prompts([prompt])["input_ids"].shape[1]
-        if prompt_len >= task.model.context_length:
-            raise ValueError(f"the prompt is {prompt_len} tokens long, the decoder's context is "
-                             f"{task.model.context_length} tokens")
-        examples = torch.stack([transform(load_image(path)) for path, _ in args.example]) if args.example else None
+        prompt = model.build_prompt(args.prompt, [caption for _, caption in args.example])
+        examples = [(load_image(path), caption) for path, caption in args.example]
     except ImageLoadError as e:
         return error(f"example image {e}")
     except ValueError as e:
@@ -144,20 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
     metadata = folder_metadata(paths)
     references = {p: row["caption"] for p, row in metadata.items() if isinstance(row.get("caption"), str)}
-    max_new_tokens = args.max_new_tokens or task.max_new_tokens
     failed = 0
     scored: list[tuple[str, str, bool]] = []  # (prediction, reference, held out) for images with a reference
     quiet = args.score_only
-    for batch in load_batches(paths, transform, args.batch_size, unlistable):
+    for batch in load_batches(paths, args.batch_size, unlistable):
         captions: dict[Path, str] = {}
-        if batch.images is not None:
-            images = batch.images
-            if examples is not None:  # (b, k + 1, 3, H, W): the examples, then the input
-                shots = examples.unsqueeze(0).expand(images.shape[0], *examples.shape)
-                images = torch.cat([shots, images.unsqueeze(1)], dim=1)
+        if batch.images:
             try:
-                texts = task.generate_captions(images, prompt, max_new_tokens, args.num_beams,
-                                               length_penalty=args.length_penalty)
+                texts = model.caption(batch.images, prompt, examples, args.max_new_tokens, args.num_beams,
+                                      length_penalty=args.length_penalty)
             except ValueError as e:  # e.g. the prompt plus caption outgrow the context
                 return error(str(e))
             captions = dict(zip(batch.ok_paths, texts))
@@ -176,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if not quiet:
                 caption = captions[path]
                 emit(args.json, {"path": exact, "caption": caption}, f"{shown}: {printable(caption)}")
-    report_scores(task, scored, as_json=args.json, to_stderr=args.json and not quiet)
+    report_scores(model.captioner, scored, as_json=args.json, to_stderr=args.json and not quiet)
     if args.score_only and not scored:
         print("no labelled images: --score-only needs folders with metadata.jsonl captions", file=sys.stderr)
     if failed:

@@ -101,16 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         check_regular(args.checkpoint, "checkpoint", directory_ok=True)
     except UnsafeFileError as e:
         return error(str(e))
-    # Heavy imports after argument parsing, so --help and usage errors are instant.
-    # Without Lightning where the checkpoint allows (vlm.formats): it would take longer to import than torch.
-    from vlm.data.transforms import eval_transform
-    from vlm.formats import CheckpointError, load_zero_shot
+    # Heavy imports after argument parsing, so --help and usage errors are instant; vlm.load does not import
+    # Lightning for a checkpoint that records its inference settings.
+    from vlm.formats import CheckpointError
+    from vlm.inference import CLIPPredictor, load
     from vlm.inputs import expand_paths, folder_metadata, load_batches
-    from vlm.zero_shot import build_classifier, classify
 
     try:
-        task = load_zero_shot(args.checkpoint)
-        classifier = build_classifier(task.model, task.tokenizer, args.labels, args.templates or task.templates)
+        model = load(args.checkpoint, batch_size=args.batch_size)
+        if not isinstance(model, CLIPPredictor):
+            raise CheckpointError(f"{args.checkpoint} is a {model.kind}: zero_shot.py needs a CLIP checkpoint")
+        model.zero_shot_classifier(args.labels, args.templates)  # a label or template the model refuses: usage
     except (CheckpointError, ValueError) as e:
         return error(str(e))
     unlistable: dict = {}  # folders that could not be listed: one error line each
@@ -119,18 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         return error("no images found in the given paths")
     # Labels that are not strings (a hand-edited file) are not ground truth: they would break the comparisons.
     truth = {p: row["label"] for p, row in folder_metadata(paths).items() if isinstance(row.get("label"), str)}
-    transform = eval_transform(task.image_size, task.image_mean, task.image_std)
-    k = min(args.top_k, len(args.labels))
     failed = 0
     hits: list[tuple[str, bool]] = []  # (true label, correct) for labelled images
-    for batch in load_batches(paths, transform, args.batch_size, unlistable):
-        if batch.images is not None:
-            probs = classify(task.model, batch.images, classifier)
-            top = probs.topk(k, dim=1)
-            results = {
-                p: [(args.labels[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
-                for p, vals, idx in zip(batch.ok_paths, top.values, top.indices)
-            }
+    for batch in load_batches(paths, args.batch_size, unlistable):
+        predictions = model.classify(batch.images, args.labels, args.templates, args.top_k) if batch.images else []
+        results = dict(zip(batch.ok_paths, predictions))
         for path in batch.paths:
             # JSON gets the exact name (str(path) carries non-UTF-8 bytes as surrogates, which json.dumps writes
             # as \udcXX escapes); text mode gets it escaped onto one line.

@@ -286,7 +286,7 @@ def test_an_unlistable_folder_gets_one_error_line(env, tmp_path, monkeypatch):
     errors: dict = {}
     paths = expand_paths([str(env["red"]), str(tmp_path)], errors)
     assert paths == [env["red"], tmp_path] and errors == {tmp_path: "cannot list folder (Permission denied)"}
-    (batch,) = load_batches(paths, lambda image: torch.zeros(3, 4, 4), 8, errors)
+    (batch,) = load_batches(paths, 8, errors)
     assert batch.ok_paths == [env["red"]] and batch.errors == errors
 
 
@@ -399,16 +399,16 @@ def test_json_output_keeps_paths_exact(scripts, env, hostile_names, capsys):
 
 
 def test_caption_text_output_escapes_the_model_output(scripts, env, hostile_names, capsys, monkeypatch):
-    import vlm.formats
+    import vlm.inference
 
-    load = vlm.formats.load_captioner
+    load = vlm.inference.load_captioner
 
     def load_with_hostile_output(path):
         captioner = load(path)
         captioner.generate_captions = lambda images, *args, **kwargs: ["two\nlines\x1b[2J"] * len(images)
         return captioner
 
-    monkeypatch.setattr(vlm.formats, "load_captioner", load_with_hostile_output)
+    monkeypatch.setattr(vlm.inference, "load_captioner", load_with_hostile_output)
     folder, paths = hostile_names
     code, out, err = _run_in_process(scripts["caption"], capsys, "--checkpoint", env["flamingo"], folder)
     assert code == 1 and "Traceback" not in err

@@ -156,6 +156,19 @@ class CLIPPredictor(Predictor):
         """Cosine similarity of every image with every text (n_images, n_texts)."""
         return self.embed_images(images) @ self.embed_texts(texts).T
 
+    def zero_shot_classifier(self, labels: Sequence[str], templates: Any = None) -> Tensor:
+        """The class vectors (num_labels, embed_dim) for ``labels`` under ``templates`` (default: the model's),
+        built once per label set and kept.
+
+        Raises:
+            ValueError: a blank label or a template without exactly one plain ``{}``.
+        """
+        templates = self.templates if templates is None else templates
+        key = (tuple(labels), tuple(get_templates(templates)))
+        if key not in self._classifiers:
+            self._classifiers[key] = build_classifier(self.model, self.tokenizer, list(labels), templates)
+        return self._classifiers[key]
+
     @torch.no_grad()
     def classify(self, images: Images, labels: Sequence[str], templates: Any = None,
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -169,11 +182,7 @@ class CLIPPredictor(Predictor):
             top_k: labels per image (at most ``len(labels)``).
         """
         labels = [labels] if isinstance(labels, str) else list(labels)
-        templates = self.templates if templates is None else templates
-        key = (tuple(labels), tuple(get_templates(templates)))
-        if key not in self._classifiers:
-            self._classifiers[key] = build_classifier(self.model, self.tokenizer, labels, templates)
-        classifier = self._classifiers[key]
+        classifier = self.zero_shot_classifier(labels, templates)
         k = max(1, min(top_k, len(labels)))
         out = []
         for batch in self._batches(images):
@@ -215,24 +224,40 @@ class CaptionPredictor(Predictor):
             sampling: passed to :func:`vlm.generation.generate` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
                 ``length_penalty``, ``generator``).
         """
-        from vlm.data.gpt2_tokenizer import IMAGE_TOKEN
-
         examples = list(examples or [])
         shots = self.preprocess([image for image, _ in examples]) if examples else None
-        if prompt is not None and IMAGE_TOKEN in prompt:  # written out in full
-            if prompt.count(IMAGE_TOKEN) != len(examples) + 1:
-                raise ValueError(f"the prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) but there are "
-                                 f"{len(examples) + 1} image(s) per input ({len(examples)} example(s) + the input)")
-            full = prompt
-        else:  # the training layout: each image, then the prompt, then its caption
-            prefix = self.captioner.tokenizer.prompt if prompt is None else prompt
-            full = few_shot_prompt([text for _, text in examples], prefix)
+        full = self.build_prompt(prompt, [text for _, text in examples])
         out: list[str] = []
         for batch in self._batches(images):
             if shots is not None:  # (b, k + 1, 3, H, W): the examples, then the input
                 batch = torch.cat([shots.unsqueeze(0).expand(batch.shape[0], *shots.shape), batch.unsqueeze(1)], 1)
             out.extend(self.captioner.generate_captions(batch, full, max_new_tokens, num_beams, **sampling))
         return out
+
+
+    def build_prompt(self, prompt: str | None = None, example_captions: Sequence[str] = ()) -> str:
+        """The generation prompt for one input after ``example_captions``' images.
+
+        ``prompt`` without ``<image>`` is the text after each image (default: the model's training prompt); with
+        ``<image>`` markers it is used as written and needs one per image (the examples' and the input's).
+
+        Raises:
+            ValueError: markers that do not fit the images, or a prompt longer than the decoder's context.
+        """
+        from vlm.data.gpt2_tokenizer import IMAGE_TOKEN
+
+        tokenizer, images = self.captioner.tokenizer, len(example_captions) + 1
+        if prompt is not None and IMAGE_TOKEN in prompt:
+            if prompt.count(IMAGE_TOKEN) != images:
+                raise ValueError(f"the prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) but there are "
+                                 f"{images} image(s) per input ({images - 1} example(s) + the input image)")
+            full = prompt
+        else:  # the training layout: each image, then the prompt, then its caption
+            full = few_shot_prompt(list(example_captions), tokenizer.prompt if prompt is None else prompt)
+        length, context = tokenizer.encode_prompts([full])["input_ids"].shape[1], self.model.context_length
+        if length >= context:
+            raise ValueError(f"the prompt is {length} tokens long, the decoder's context is {context} tokens")
+        return full
 
 
 class VisionPredictor(Predictor):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from vlm.data.files import METADATA_LIMIT, UnsafeFileError, read_text_bounded
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 METADATA_FILE = "metadata.jsonl"
@@ -174,36 +174,33 @@ def folder_metadata(paths: Sequence[Path], warn: Callable[[str], None] = _warn_s
 
 @dataclass
 class LoadedBatch:
-    """A batch of inputs: ``images`` holds the ones that loaded, ``errors`` the message for each that did not."""
+    """A batch of inputs: ``images`` holds the ones that loaded (RGB), ``errors`` the message for each that did not."""
 
     paths: list[Path]
-    images: Tensor | None  # (n_ok, c, h, w)
+    images: list[Image.Image]  # one per path of ok_paths
     ok_paths: list[Path]
     errors: dict[Path, str]
 
 
 def load_batches(
-    paths: Sequence[Path], transform: Callable, batch_size: int = 32, known_errors: Mapping[Path, str] | None = None
+    paths: Sequence[Path], batch_size: int = 32, known_errors: Mapping[Path, str] | None = None
 ) -> Iterator[LoadedBatch]:
-    """Loads images ``batch_size`` at a time with :func:`vlm.data.images.load_image` and ``transform``; a file
-    that fails gets the reason in ``errors`` instead, as does a path in ``known_errors`` (e.g. a folder that
-    :func:`expand_paths` could not list), which is not loaded."""
-    import torch
-
+    """Loads images ``batch_size`` at a time with :func:`vlm.data.images.load_image`; a file that fails gets the
+    reason in ``errors`` instead, as does a path in ``known_errors`` (e.g. a folder that :func:`expand_paths` could
+    not list), which is not loaded."""
     from vlm.data.images import ImageLoadError, load_image
 
     known_errors = known_errors or {}
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start : start + batch_size])
-        tensors, ok, errors = [], [], {}
+        images, ok, errors = [], [], {}
         for path in chunk:
             if path in known_errors:
                 errors[path] = known_errors[path]
                 continue
             try:
-                tensors.append(transform(load_image(path)))
+                images.append(load_image(path))
                 ok.append(path)
             except ImageLoadError as e:
                 errors[path] = e.reason
-        images = torch.stack(tensors) if tensors else None
         yield LoadedBatch(chunk, images, ok, errors)

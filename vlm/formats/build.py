@@ -140,14 +140,20 @@ def check_setting(name: str, value: Any, where: str, key: str) -> None:
             raise _refuse(where, key, f"{name} must be three finite numbers{' > 0' if name == 'image_std' else ''}")
 
 
-def resolve_class(class_path: Any, where: str, key: str, roles: tuple[str, ...]) -> type:
-    """The class ``class_path`` names, imported only if :data:`BUILDABLE` lists it under one of ``roles``."""
+def check_class_path(class_path: Any, where: str, key: str, roles: tuple[str, ...]) -> str:
+    """Returns ``class_path`` if :data:`BUILDABLE` lists it under one of ``roles``; imports nothing."""
     if not isinstance(class_path, str):
         raise _refuse(where, f"{key}.class_path", f"{class_path!r} is not a class path")
     role = BUILDABLE.get(class_path)
     if role is None or role not in roles:
         kinds = " or ".join(roles)
         raise _refuse(where, f"{key}.class_path", f"{class_path!r} is not one of vlm's buildable {kinds} classes")
+    return class_path
+
+
+def resolve_class(class_path: Any, where: str, key: str, roles: tuple[str, ...]) -> type:
+    """The class ``class_path`` names, imported only if :data:`BUILDABLE` lists it under one of ``roles``."""
+    check_class_path(class_path, where, key, roles)
     module_name, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
 
@@ -307,5 +313,5 @@ def copy_weights(module: nn.Module, weights: Mapping[str, torch.Tensor], where: 
     module.load_state_dict(dict(weights), strict=False)
 
 
-__all__ = ["BUILDABLE", "CheckpointError", "build", "build_checked", "check_config", "check_plain", "check_setting",
-           "check_weights", "copy_weights", "resolve_class"]
+__all__ = ["BUILDABLE", "CheckpointError", "build", "build_checked", "check_class_path", "check_config",
+           "check_plain", "check_setting", "check_weights", "copy_weights", "resolve_class"]

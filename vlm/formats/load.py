@@ -19,6 +19,7 @@ from vlm.formats.build import (
     CheckpointError,
     build,
     build_checked,
+    check_class_path,
     check_plain,
     check_setting,
     copy_weights,
@@ -68,11 +69,14 @@ def load_task(path: str | Path, expected: str | None = None) -> LightningModule:
 
 
 def task_class_path(path: str | Path) -> str:
-    """The task class a ``.ckpt`` or export holds (its ``class_path``), read without building anything."""
+    """The task class a ``.ckpt`` or export holds (its ``class_path``, one of vlm's tasks), read without building
+    anything."""
     path = Path(path)
     if is_export(path):
-        return read_export_config(path)["class_path"]
-    return task_config(read_checkpoint(path)["hyper_parameters"], str(path))["class_path"]
+        class_path = read_export_config(path)["class_path"]
+    else:
+        class_path = task_config(read_checkpoint(path)["hyper_parameters"], str(path))["class_path"]
+    return check_class_path(class_path, str(path), "config", ("task",))
 
 
 def load_zero_shot(path: str | Path) -> ZeroShotModel:
