@@ -90,3 +90,43 @@ def test_drop_path_is_identity_in_eval_and_unbiased_in_training():
     y = dp.train()(x)
     assert set(y.unique().tolist()) <= {0.0, 2.0}
     assert abs(y.mean().item() - 1.0) < 0.1
+
+
+def test_block_is_the_textbook_pre_norm_form_out_of_place():
+    """``x + ls(attn(norm1(x)))`` then ``x + ls(mlp(norm2(x)))``, with or without autograd; nothing written in place
+    (CPU buffer reuse is vlm.kernels' business, applied from outside)."""
+    torch.manual_seed(0)
+    blk = Block(32, 4, layer_scale=0.5)
+    x = torch.randn(2, 7, 32)
+    h = x + blk.ls1(blk.attn(blk.norm1(x), is_causal=True))
+    reference = h + blk.ls2(blk.mlp.fc2(blk.mlp.act(blk.mlp.fc1(blk.norm2(h)))))
+    assert torch.equal(blk(x, is_causal=True), reference)
+    branches = []
+    blk.ls2.register_forward_hook(lambda m, i, o: branches.append((o, o.clone())))
+    with torch.no_grad():
+        out = blk(x, is_causal=True)
+    assert torch.equal(out, reference)
+    branch, as_computed = branches[-1]
+    assert torch.equal(branch, as_computed) and out.data_ptr() != branch.data_ptr()  # the branch was left alone
+
+
+def test_models_are_plain_modules():
+    """Every projection is a plain nn.Linear, and no model file reads the environment or the CPU or picks kernels."""
+    from pathlib import Path
+
+    from vlm.models.decoder import DecoderLM
+    from vlm.models.flamingo import Flamingo
+    from vlm.models.vit import VisionTransformer
+
+    vision = VisionTransformer(image_size=16, patch_size=8, width=16, depth=1, num_heads=2)
+    decoder = DecoderLM(vocab_size=40, context_length=16, width=32, depth=1, num_heads=2)
+    model = Flamingo(vision, decoder, cross_attn_heads=2, num_latents=4, resampler_depth=1, resampler_heads=2)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    # 4 in the tower's block, 5 in the resampler, 4 in the decoder's block, 5 in the gated block
+    assert len(linears) == 18 and all(type(m) is nn.Linear for m in linears)
+    assert {type(m).__module__.split(".")[0] for m in model.modules()} <= {"vlm", "torch", "timm"}
+    root = Path(__file__).resolve().parents[1] / "vlm" / "models"
+    for path in root.glob("*.py"):
+        source = path.read_text()
+        for word in ("os.environ", "getenv", "/proc/", "mkldnn", "vlm.kernels import", "gelu_(", "relu_("):
+            assert word not in source, f"{path.name} uses {word}"

@@ -65,10 +65,29 @@ def test_gradient_checkpointing_gives_same_outputs_and_gradients(tower):
         torch.testing.assert_close(p.grad, g)
 
 
-def test_bad_image_size_is_a_clear_error():
-    vit = VisionTransformer(16, 4, width=32, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="not divisible by the patch size"):
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_bad_image_size_is_a_clear_error(stem):
+    vit = VisionTransformer(16, 4, width=32, depth=1, num_heads=2, stem=stem)
+    with pytest.raises(ValueError, match="image size 18x18 is not divisible by the patch size 4"):
         vit(torch.randn(1, 3, 18, 18))
+
+
+def test_forward_tokens_are_normalised_and_intermediate_tokens_are_not():
+    """Two methods, each with one kind of result: the final normalised tokens, or an earlier block's raw output."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 8, width=32, depth=3, num_heads=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        last = vit.intermediate_tokens(x, skip_last_blocks=0)  # the last block's output, before the final norm
+        torch.testing.assert_close(vit.forward_tokens(x), vit.norm(last))
+        assert not torch.allclose(vit.forward_tokens(x), last)
+        penultimate = vit.intermediate_tokens(x, skip_last_blocks=1)
+        torch.testing.assert_close(vit.blocks[-1](penultimate), last)
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=r"skip_last_blocks must be in \[0, 3\)"):
+            vit.intermediate_tokens(x, bad)
+    with pytest.raises(TypeError):
+        vit.forward_tokens(x, skip_last_blocks=1)  # no flag that changes what comes back
 
 
 def test_text_tower_pools_at_end_of_text_and_is_causal():

@@ -1,10 +1,11 @@
-"""Training callbacks used by the shipped configs: resumable checkpoints and the non-finite guard.
+"""Training callbacks used by the shipped configs: resumable checkpoints, the non-finite guard, CPU kernels.
 
 - :class:`Checkpoint`: ``<default_root_dir>/checkpoints/last.ckpt``, written atomically every N steps, at the end of
   training and on SIGTERM, with what Lightning leaves out for an exact resume (the random generators; the data
   order and position come from :mod:`vlm.data.resumable`). ``vlm fit --config ... --ckpt_path last`` resumes.
 - :class:`NonFiniteGuard`: a NaN or infinite loss or gradient skips that optimizer step (counted and logged) or stops
   the run with the step named.
+- :class:`CPUKernels`: on a CPU trainer, the model runs on :func:`vlm.kernels.use_cpu_kernels`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from vlm.kernels import BACKENDS, resolve_backend, use_cpu_kernels
 from vlm.reliability import (
     AtomicCheckpointIO,
     NonFiniteError,
@@ -232,4 +235,31 @@ class NonFiniteGuard(Callback):
         self.consecutive = int(state_dict.get("consecutive", 0))
 
 
-__all__ = ["Checkpoint", "NonFiniteGuard"]
+class CPUKernels(Callback):
+    """Switches the task's model to vlm's CPU kernels (:func:`vlm.kernels.use_cpu_kernels`) when the trainer runs on
+    the CPU; on any other accelerator the model stays as it is.
+
+    Applied in ``setup`` (every stage). Only module classes change: parameters, optimizer state, state-dict keys and
+    checkpoints are those of the plain model.
+
+    Args:
+        backend: ``auto`` (oneDNN where PyTorch's MKL runs its generic path, i.e. non-Intel x86, BLAS elsewhere),
+            ``onednn``, ``blas`` or ``off`` (the plain model). ``None`` (default): the environment variable
+            ``VLM_CPU_LINEAR``, or ``auto`` where it is unset.
+    """
+
+    def __init__(self, backend: str | None = None) -> None:
+        backend = backend if backend is not None else os.environ.get("VLM_CPU_LINEAR") or "auto"
+        if backend.lower() not in BACKENDS:
+            raise ValueError(f"CPUKernels backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend.lower()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.accelerator, CPUAccelerator):
+            return
+        use_cpu_kernels(pl_module, self.backend)
+        if stage == "fit":
+            rank_zero_info(f"CPU kernels: {resolve_backend(self.backend)} (asked for {self.backend!r})")
+
+
+__all__ = ["CPUKernels", "Checkpoint", "NonFiniteGuard"]

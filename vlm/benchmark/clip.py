@@ -1,7 +1,8 @@
 """``clip``: our CLIP against open_clip's, same configuration (ViT-B/32) and identical weights.
 
-Image encoding and text encoding (inference; with vlm's default fp32 CPU linear backend, then the other one), and
-one full training step: forward of both towers, the contrastive loss, backward and AdamW. Ours runs the project's
+Image encoding and text encoding (inference; on the CPU with :func:`vlm.kernels.use_cpu_kernels` applied as the
+entry points apply it, with the default backend, then the other one), and one full training step (default
+backend): forward of both towers, the contrastive loss, backward and AdamW. Ours runs the project's
 own training path (``ContrastiveTask.compute_loss`` and the optimizer its ``configure_optimizers`` builds); open_clip
 runs its ``ClipLoss`` and the ``AdamW`` its training script builds, with the same hyper-parameters and the same
 decay / no-decay split. On a GPU (and in the quick test run) also the model FLOPs utilisation of a ViT-B/16 CLIP
@@ -22,10 +23,10 @@ from vlm.benchmark.core import (
     backends,
     clear_grads,
     count_flops,
+    cpu_kernels,
     interleaved_medians,
     make_row,
     nominal_peak_tflops,
-    with_backend,
 )
 from vlm.benchmark.roofline import gemm_probe
 
@@ -75,10 +76,11 @@ def train_steps(ours: nn.Module, peer: nn.Module, images: Tensor, text: Tensor, 
     from open_clip.loss import ClipLoss
 
     from vlm.tasks.contrastive import ContrastiveTask
-    from vlm.tasks.optim import param_groups
+    from vlm.tasks.optim import adamw, param_groups, warmup_cosine_schedule
 
     settings = settings or Settings()
-    task = ContrastiveTask(model=ours, lr=1e-5, weight_decay=0.1, warmup_steps=0)
+    task = ContrastiveTask(model=ours, optimizer=adamw(lr=1e-5, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6),
+                           lr_scheduler=warmup_cosine_schedule(warmup_steps=0, min_lr_ratio=0.0))
     task_opt = task.configure_optimizers()["optimizer"]
     peer_loss_fn = ClipLoss()
     groups = param_groups(peer, 0.1)
@@ -120,6 +122,7 @@ def train_steps(ours: nn.Module, peer: nn.Module, images: Tensor, text: Tensor, 
 def run(settings: Settings) -> Iterator[Row]:
     batch, text_batch = settings.pick((256, 256) if settings.on_gpu else (16, 64), (2, 4))
     ours, peer = (m.to(settings.device) for m in clip_pair(settings.quick))
+    cpu_kernels(ours, settings)
     images, text = clip_inputs(peer, batch, text_batch, settings.device)
     ours.eval(), peer.eval()
     label = ("ViT-B/32" if not settings.quick else "tiny") + settings.tag
@@ -129,23 +132,25 @@ def run(settings: Settings) -> Iterator[Row]:
     yield make_row(SUITE, f"{label} image encode max |ours - open_clip|", diff_i, "abs diff")
     yield make_row(SUITE, f"{label} text encode max |ours - open_clip|", diff_t, "abs diff")
     longest = int((text != 0).sum(dim=1).max())
-    for i, backend in enumerate(backends(settings)):  # the default CPU linear backend first, then the other one
+    for i, backend in enumerate(backends(settings)):  # the default CPU kernels first, then the other backend
+        cpu_kernels(ours, settings, backend)
         tag = "" if i == 0 else f" VLM_CPU_LINEAR={backend}"
         with torch.no_grad():
             t = interleaved_medians(
-                {"ours": settings.wrap(with_backend(lambda: ours.encode_image(images), backend)),
+                {"ours": settings.wrap(lambda: ours.encode_image(images)),
                  "peer": settings.wrap(lambda: peer.encode_image(images, normalize=True))},
                 repeats=settings.repeats,
             )  # fmt: skip
             rate = {k: batch / v for k, v in t.items()}
             yield make_row(SUITE, f"{label} image encode (b={batch}){tag}", rate["ours"], "img/s", rate["peer"])
             t = interleaved_medians(
-                {"ours": settings.wrap(with_backend(lambda: ours.encode_text(text), backend)),
+                {"ours": settings.wrap(lambda: ours.encode_text(text)),
                  "peer": settings.wrap(lambda: peer.encode_text(text, normalize=True))},
                 repeats=settings.repeats,
             )  # fmt: skip
         name = f"{label} text encode (b={text_batch}, captions of <= {longest} tokens in a {text.shape[1]} context)"
         yield make_row(SUITE, name + tag, text_batch / t["ours"], "texts/s", text_batch / t["peer"])
+    cpu_kernels(ours, settings)  # training with the default, as the CPUKernels callback applies it
     ours.train(), peer.train()
     ours_step, peer_step, loss_diff, _ = train_steps(ours, peer, images, text[:batch], settings)
     yield make_row(SUITE, f"{label} train step first loss |ours - open_clip|", loss_diff, "abs diff")
@@ -167,6 +172,7 @@ def utilisation_rows(settings: Settings) -> Iterator[Row]:
     """
     batch = settings.pick(256, 2)
     ours, peer = (m.to(settings.device) for m in clip_pair(settings.quick, patch_size=16))
+    cpu_kernels(ours, settings)
     images, text = clip_inputs(peer, batch, batch, settings.device)
     ours.train(), peer.train()
     ours_step, peer_step, _, (ours_pass, peer_pass) = train_steps(ours, peer, images, text, settings)

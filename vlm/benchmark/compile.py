@@ -1,7 +1,8 @@
 """``compile``: ``torch.compile`` on and off, and what compiling costs.
 
 Our ViT-S/16 forward (inference) and the default CPU CLIP config's training step (forward, loss, backward),
-eager against compiled (inductor), plus the one-off compile time. The CLIP step is compiled by the task's own
+eager against compiled (inductor), plus the one-off compile time, both with the default CPU kernels
+(:func:`vlm.kernels.use_cpu_kernels`) applied. The CLIP step is compiled by the task's own
 switch (``compile: true`` in the config), so the figure is the one a user gets. ``torch.compile`` stays off by
 default unless the speed-up repays the compile time within a run.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, clear_grads, interleaved_medians, make_row
+from vlm.benchmark.core import Row, Settings, clear_grads, cpu_kernels, interleaved_medians, make_row
 
 SUITE = "compile"
 CLIP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "clip" / "shapes.yaml"
@@ -47,7 +48,7 @@ def vit_rows(settings: Settings) -> Iterator[Row]:
     torch.manual_seed(0)
     size = settings.pick(dict(width=384, depth=12, num_heads=6), dict(width=64, depth=2, num_heads=2))
     side = settings.pick(224, 32)
-    vit = VisionTransformer(image_size=side, patch_size=settings.pick(16, 8), **size).eval()
+    vit = cpu_kernels(VisionTransformer(image_size=side, patch_size=settings.pick(16, 8), **size).eval(), settings)
     compiled = _compile(vit, settings)
     batch = settings.pick(8, 2)
     images = torch.randn(batch, 3, side, side)
@@ -73,10 +74,10 @@ def clip_rows(settings: Settings) -> Iterator[Row]:
 
     torch.manual_seed(0)
     config = yaml.safe_load(CLIP_CONFIG.read_text())["model"]
-    task = build_task(copy.deepcopy(config)).train()
+    task = cpu_kernels(build_task(copy.deepcopy(config)).train(), settings)
     switched = copy.deepcopy(config)  # the same task with the switch on, the same weights
     switched.setdefault("init_args", {})["compile"] = {"backend": "eager"} if settings.quick else True
-    compiled_task = build_task(switched).train()
+    compiled_task = cpu_kernels(build_task(switched).train(), settings)
     compiled_task.load_state_dict(task.state_dict())
     compiled_task.configure_model()  # what the Trainer calls when training starts
     batch = settings.pick(128, 4)

@@ -20,12 +20,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from vlm.models.linear_kernels import _onednn_linear_available, cpu_linear, cpu_linear_backend
+from vlm.kernels import onednn_available, resolve_backend, use_cpu_kernels
+
+M = TypeVar("M", bound=nn.Module)
 
 # The clock of every timed comparison: wall time by default. ``process_time`` (CPU seconds of this process, all
 # threads) is far less disturbed by other processes on a busy machine: for one thread it is the wall time minus
@@ -226,24 +228,28 @@ def clear_grads(module: nn.Module) -> None:
         p.grad = None
 
 
-def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]:
-    """``fn`` with vlm's fp32 CPU linear layers on ``backend`` (``onednn`` or ``blas``, see ``VLM_CPU_LINEAR``)."""
-
-    def run() -> object:
-        with cpu_linear(backend):
-            return fn()
-
-    return run
+def default_backend() -> str:
+    """The CPU kernels the entry points apply: ``VLM_CPU_LINEAR`` (``auto`` where unset), resolved for this machine
+    (``onednn``, ``blas`` or ``off``)."""
+    return resolve_backend(os.environ.get("VLM_CPU_LINEAR") or "auto")
 
 
 def backends(settings: Settings | None = None) -> list[str]:
-    """The default CPU linear backend first (what users get), then the other one where this build has it; only the
-    default on a GPU, where the choice does not apply."""
-    default = cpu_linear_backend()
+    """The CPU kernel backends to measure ours on: the default first (what users get), then the other linear backend
+    where this build has it; on a GPU only ``off`` (the plain model: the CPU kernels are not applied there)."""
     if settings is not None and settings.on_gpu:
-        return [default]
+        return ["off"]
+    default = default_backend()
     other = "blas" if default == "onednn" else "onednn"
-    return [default, other] if other == "blas" or _onednn_linear_available() else [default]
+    return [default, other] if other == "blas" or onednn_available() else [default]
+
+
+def cpu_kernels(model: M, settings: Settings, backend: str | None = None) -> M:
+    """``model`` switched to vlm's CPU kernels as the entry points switch it (:func:`vlm.kernels.use_cpu_kernels`):
+    ``backend``, or the default; on a GPU the plain model."""
+    if settings.on_gpu:
+        return use_cpu_kernels(model, "off")
+    return use_cpu_kernels(model, backend or default_backend())
 
 
 PRECISIONS = ("32", "bf16-mixed")

@@ -37,19 +37,22 @@ def loader_rate(loader, max_batches: int) -> float:
 def run(settings: Settings) -> Iterator[Row]:
     import yaml
 
-    from vlm.data.datamodules import ShapesDataModule  # noqa: F401 - a missing module skips the suite
+    from vlm.data.builtin import ShapesSource
+    from vlm.data.datamodules import ImageTextDataModule
     from vlm.formats import build_task
 
     config = yaml.safe_load(CONFIG.read_text())
     torch.manual_seed(0)
     task = build_task(copy.deepcopy(config["model"]))
     data_args = dict(config["data"]["init_args"])
+    source_args = data_args.pop("source")["init_args"]
     batch = settings.pick(data_args.get("batch_size", 128), 8)
     num_train = settings.pick(16 * batch, 4 * batch)
     with tempfile.TemporaryDirectory() as tmp:
-        data_args.update(data_dir=tmp, num_train=num_train, num_val=36, batch_size=batch, tokenizer=task.tokenizer,
-                         image_size=task.image_size, image_mean=task.image_mean, image_std=task.image_std)
-        cls = _class(config["data"]["class_path"])
+        source = ShapesSource(**{**source_args, "data_dir": tmp, "num_train": num_train, "num_val": 36})
+        data_args.update(source=source, batch_size=batch, tokenizer=task.tokenizer, image_size=task.image_size,
+                         image_mean=task.image_mean, image_std=task.image_std)
+        cls = ImageTextDataModule
         start = time.perf_counter()
         dm = cls(**data_args)
         dm.prepare_data()
@@ -79,9 +82,3 @@ def run(settings: Settings) -> Iterator[Row]:
     yield make_row(SUITE, f"training step consumes (b={batch}, default CLIP config)", consumed, "img/s")
     yield make_row(SUITE, "loader (in-memory) / training step throughput", delivered / consumed, "x")
 
-
-def _class(class_path: str) -> type:
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)

@@ -62,7 +62,9 @@ def _fit(model: torch.nn.Module, data: _Pairs, batch: int, steps: int, strategy:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
+    from vlm.callbacks import CPUKernels
     from vlm.tasks.contrastive import ContrastiveTask
+    from vlm.tasks.optim import adamw, warmup_cosine_schedule
 
     class Record(Callback):
         def __init__(self) -> None:
@@ -74,7 +76,8 @@ def _fit(model: torch.nn.Module, data: _Pairs, batch: int, steps: int, strategy:
             self.times.append(time.perf_counter())
 
     record = Record()
-    task = ContrastiveTask(model=model, lr=1e-4, warmup_steps=0)
+    task = ContrastiveTask(model=model, optimizer=adamw(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6),
+                           lr_scheduler=warmup_cosine_schedule(warmup_steps=0, min_lr_ratio=0.0))
     trainer = L.Trainer(
         accelerator="gpu" if settings.on_gpu else "cpu",
         devices=1,
@@ -87,7 +90,7 @@ def _fit(model: torch.nn.Module, data: _Pairs, batch: int, steps: int, strategy:
         enable_model_summary=False,
         # Lightning's distributed sampler always shuffles training data; one process reads the batches in order.
         use_distributed_sampler=False,
-        callbacks=[record],
+        callbacks=[record, CPUKernels()],  # as the shipped configs: the default CPU kernels, on the CPU only
     )
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, drop_last=True)
     trainer.fit(task, loader)

@@ -4,7 +4,8 @@ Both hold the same weights (a GPT-2 small-size model, randomly initialised by ``
 :func:`~vlm.models.decoder.convert_gpt2_state_dict`): a 16-token prompt, 64 new tokens, greedy, with the KV cache
 and without it (recomputing the whole prefix at every step), and whether both produce the same tokens. Then
 Flamingo captioning, where the images are encoded and resampled once per caption and their cross-attention keys
-and values reused at every step.
+and values reused at every step. Ours runs with :func:`vlm.kernels.use_cpu_kernels` applied, as the entry points
+apply it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row, skip_row
+from vlm.benchmark.core import Row, Settings, cpu_kernels, interleaved_medians, make_row
+from vlm.benchmark.flamingo import default_flamingo_task
 from vlm.generation import generate
 from vlm.models.decoder import DecoderLM, convert_gpt2_state_dict
 
@@ -62,6 +64,7 @@ def hf_greedy_fn(model: nn.Module, prompt: Tensor, new_tokens: int, use_cache: b
 
 def decoder_rows(settings: Settings) -> Iterator[Row]:
     ours, peer = gpt2_pair(settings.quick)
+    cpu_kernels(ours, settings)
     new = settings.pick(64, 8)
     prompt = torch.randint(0, ours.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     label = settings.pick("GPT-2 small size", "tiny GPT-2")
@@ -88,14 +91,9 @@ def decoder_rows(settings: Settings) -> Iterator[Row]:
 
 
 def flamingo_rows(settings: Settings) -> Iterator[Row]:
-    try:
-        from vlm.benchmark.flamingo import default_flamingo_task
-    except ModuleNotFoundError as e:
-        yield skip_row(SUITE, f"Flamingo captioning: module {e.name} does not exist")
-        return
     from vlm.generation import caption_images
 
-    task = default_flamingo_task()
+    task = cpu_kernels(default_flamingo_task(), settings)
     size = task.image_size
     images = torch.randn(settings.pick(4, 1), 3, size, size, generator=torch.Generator().manual_seed(0))
     new = settings.pick(20, 4)

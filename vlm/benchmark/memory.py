@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row, peak_memory_bytes, skip_row
+from vlm.benchmark.core import Row, Settings, cpu_kernels, interleaved_medians, make_row, peak_memory_bytes
+from vlm.benchmark.flamingo import flamingo_memory_rows
 
 SUITE = "memory"
 MIB = 2**20
@@ -42,7 +43,7 @@ def vit_b16_clip(quick: bool) -> nn.Module:
 def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
     from vlm.tasks.contrastive import ContrastiveTask
 
-    model = vit_b16_clip(settings.quick).to(settings.device)
+    model = cpu_kernels(vit_b16_clip(settings.quick).to(settings.device), settings)
     task = ContrastiveTask(model=model)
     batch = settings.pick(128 if settings.on_gpu else 8, 2)
     images, text = clip_batch(model, batch, settings.device)
@@ -72,7 +73,7 @@ def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
 def accumulation_rows(settings: Settings) -> Iterator[Row]:
     from vlm.tasks.contrastive import ContrastiveTask
 
-    model = vit_b16_clip(settings.quick).to(settings.device)
+    model = cpu_kernels(vit_b16_clip(settings.quick).to(settings.device), settings)
     k = 4
     whole, micro = ContrastiveTask(model=model), ContrastiveTask(model=model, accumulate_micro_batches=k)
     batch = settings.pick(256 if settings.on_gpu else 16, 4)
@@ -122,16 +123,7 @@ def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[
     return run
 
 
-def flamingo_rows(settings: Settings) -> Iterator[Row]:
-    try:
-        from vlm.benchmark.flamingo import flamingo_memory_rows
-    except ModuleNotFoundError as e:
-        yield skip_row(SUITE, f"Flamingo step frozen vs trainable: module {e.name} does not exist")
-        return
-    yield from flamingo_memory_rows(SUITE, settings)
-
-
 def run(settings: Settings) -> Iterator[Row]:
     yield from clip_checkpointing_rows(settings)
     yield from accumulation_rows(settings)
-    yield from flamingo_rows(settings)
+    yield from flamingo_memory_rows(SUITE, settings)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from vlm.benchmark.core import Row, Settings, make_row, median_time, nominal_peak_tflops
+from vlm.kernels import onednn_available
 
 SUITE = "roofline"
 
@@ -30,14 +31,18 @@ def gemm_gflops(n: int, m: int, k: int, repeats: int) -> float:
 
 @functools.cache
 def onednn_gemm_gflops(n: int, repeats: int) -> float:
-    """Median GFLOP/s of an fp32 n^3 product on oneDNN (the kernel vlm's CPU linear layers use), 0 if absent."""
-    from vlm.models.linear_kernels import _onednn_linear_available, _onednn_mm
-
-    if not _onednn_linear_available():
+    """Median GFLOP/s of an fp32 n^3 product on oneDNN (the kernel of :mod:`vlm.kernels`' linear layers), 0 if
+    absent."""
+    if not onednn_available():
         return 0.0
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    return 2 * n**3 / median_time(lambda: _onednn_mm(a, b, None), repeats=repeats, warmup=2) / 1e9
+    return 2 * n**3 / median_time(lambda: onednn_mm(a, b), repeats=repeats, warmup=2) / 1e9
+
+
+def onednn_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` on oneDNN's linear kernel (what :class:`vlm.kernels.OneDNNLinear` calls)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 def compute_dtype(settings: Settings) -> torch.dtype:
@@ -67,9 +72,7 @@ def gemm_probe(settings: Settings) -> tuple[Callable[[], Tensor], int]:
     gen = torch.Generator().manual_seed(0)
     a, b, out = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n)
     if onednn_gemm_gflops(n, 3) > gemm_gflops(n, n, n, 3):
-        from vlm.models.linear_kernels import _onednn_mm
-
-        return (lambda: _onednn_mm(a, b, None)), 2 * n**3
+        return (lambda: onednn_mm(a, b)), 2 * n**3
     return (lambda: torch.mm(a, b, out=out)), 2 * n**3
 
 

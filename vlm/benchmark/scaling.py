@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, fit_exponent, make_row, median_time, skip_row
+from vlm.benchmark.core import Row, Settings, cpu_kernels, fit_exponent, make_row, median_time
 
 SUITE = "scaling"
 
@@ -35,7 +35,7 @@ def vit_rows(settings: Settings) -> Iterator[Row]:
 
     torch.manual_seed(0)
     kw = settings.pick(dict(width=384, depth=12, num_heads=6), dict(width=64, depth=2, num_heads=2))
-    vit = VisionTransformer(image_size=224, patch_size=16, **kw).eval()
+    vit = cpu_kernels(VisionTransformer(image_size=224, patch_size=16, **kw).eval(), settings)
     repeats = min(settings.repeats, 3)
 
     def forward(batch: int, side: int) -> Callable[[], object]:
@@ -64,9 +64,10 @@ def sequence_rows(settings: Settings) -> Iterator[Row]:
     ctx = max(lengths)
     repeats = min(settings.repeats, 3)
     size = settings.pick(dict(width=512, depth=12, num_heads=8), dict(width=64, depth=2, num_heads=2))
-    text = TextTransformer(context_length=ctx, **size).eval()
+    text = cpu_kernels(TextTransformer(context_length=ctx, **size).eval(), settings)
     dsize = settings.pick(dict(width=768, depth=12, num_heads=12), dict(width=64, depth=2, num_heads=2))
     decoder = DecoderLM(vocab_size=settings.pick(50257, 1000), context_length=ctx, **dsize).eval()
+    cpu_kernels(decoder, settings)
 
     def forward(model: torch.nn.Module, n: int) -> Callable[[], object]:
         ids = torch.randint(0, 1000, (4, n))
@@ -84,12 +85,9 @@ def sequence_rows(settings: Settings) -> Iterator[Row]:
 
 
 def generation_rows(settings: Settings) -> Iterator[Row]:
-    try:
-        from vlm.benchmark.generate import decoder_greedy_fn, gpt2_size_decoder
-    except ModuleNotFoundError as e:
-        yield skip_row(SUITE, f"generation time vs new tokens: module {e.name} does not exist")
-        return
-    decoder = gpt2_size_decoder(settings.quick, context_length=settings.pick(1024, 80))
+    from vlm.benchmark.generate import decoder_greedy_fn, gpt2_size_decoder
+
+    decoder = cpu_kernels(gpt2_size_decoder(settings.quick, context_length=settings.pick(1024, 80)), settings)
     prompt = torch.randint(0, decoder.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     repeats = min(settings.repeats, 3)
     cached = settings.pick((32, 64, 128, 256, 512), (8, 16, 32))

@@ -2,9 +2,10 @@
 
 For ViT-S/16 and ViT-B/16 at 224 px: images/s, achieved GFLOP/s and share of the machine's fp32 GEMM limit (a
 square GEMM timed alongside), for inference (forward under ``no_grad``) and for a forward+backward pass, plus the
-largest absolute difference of the two outputs (0 when both compute the same thing). The unmarked rows are vlm's
-default fp32 CPU linear backend on this machine; the rows marked ``VLM_CPU_LINEAR=...`` the other one, so that the
-gain of the backend and of the rest of the code path can be told apart.
+largest absolute difference of the two outputs (0 when both compute the same thing). On the CPU ours runs with
+:func:`vlm.kernels.use_cpu_kernels` applied, as the entry points apply it: the unmarked rows with the default
+backend on this machine, the rows marked ``VLM_CPU_LINEAR=...`` with the other one, so that the gain of the backend
+and of the rest of the code path can be told apart.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from vlm.benchmark.core import (
     backends,
     clear_grads,
     count_flops,
+    cpu_kernels,
     interleaved_medians,
     make_row,
     nominal_peak_tflops,
-    with_backend,
 )
 from vlm.benchmark.roofline import gemm_probe
-from vlm.models.linear_kernels import cpu_linear
 from vlm.models.vit import VisionTransformer
 
 SUITE = "vit"
@@ -113,15 +113,17 @@ def run(settings: Settings) -> Iterator[Row]:
         images = images.to(settings.device)
         ours.eval(), peer.eval()
         for backend in backends(settings):
-            with torch.no_grad(), cpu_linear(backend), settings.autocast():
+            cpu_kernels(ours, settings, backend)
+            with torch.no_grad(), settings.autocast():
                 diff = (ours(images).float() - peer(images).float()).abs().max().item()
-            name = f"{size.label} max |ours - timm| forward, {backend} linear{where}"
-            yield make_row(SUITE, name, diff, "abs diff")
+            kernels = "" if settings.on_gpu else f", {backend} linear"
+            yield make_row(SUITE, f"{size.label} max |ours - timm| forward{kernels}{where}", diff, "abs diff")
         for mode, make_fn in (("forward", forward_fn), ("forward+backward", train_fn)):
             if mode == "forward+backward":
                 ours.train(), peer.train()
             for i, backend in enumerate(backends(settings)):
+                cpu_kernels(ours, settings, backend)
                 tag = "" if i == 0 else f" VLM_CPU_LINEAR={backend}"  # the first rows are the default's
                 label = f"{size.label} {size.image_size}px {mode}{tag}{where}"
-                ours_fn = settings.wrap(with_backend(make_fn(ours, images), backend))
+                ours_fn = settings.wrap(make_fn(ours, images))
                 yield from compare(label, ours_fn, settings.wrap(make_fn(peer, images)), batch, settings)

@@ -1,4 +1,4 @@
-"""Pure ``nn.Module`` models: no Lightning, no I/O."""
+"""Pure ``nn.Module`` models: no Lightning, no I/O, no environment variables (CPU speed-ups: :mod:`vlm.kernels`)."""
 
 from vlm.models.clip import CLIP
 from vlm.models.decoder import DecoderLM

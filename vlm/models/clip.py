@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.models.linear_kernels import Linear
-
 
 class CLIP(nn.Module):
     """Two towers, two projections and a learned temperature.
@@ -42,8 +40,8 @@ class CLIP(nn.Module):
         self.visual = vision
         self.text = text
         self.embed_dim = embed_dim
-        self.visual_proj = Linear(vision.width, embed_dim, bias=False)
-        self.text_proj = Linear(text.width, embed_dim, bias=False)
+        self.visual_proj = nn.Linear(vision.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
         nn.init.normal_(self.visual_proj.weight, std=vision.width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=text.width**-0.5)
         # The temperature is learned in log space so it stays positive.

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.models.layers import Block, KVCache
-from vlm.models.linear_kernels import linear
 
 
 def positions_from_mask(attention_mask: Tensor, n: int) -> Tensor:
@@ -88,7 +88,7 @@ class DecoderLM(nn.Module):
         self.position_embedding = nn.Embedding(context_length, width)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, qkv_bias=True, act=act, norm_eps=norm_eps, attn_drop=dropout,
+            Block(dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps, attn_drop=dropout,
                   proj_drop=dropout)
             for _ in range(depth)
         )
@@ -172,7 +172,7 @@ class DecoderLM(nn.Module):
     def unembed(self, hidden: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """Hidden states (..., width) -> logits (..., vocab_size), or only those of ``token_ids`` (..., k)."""
         weight = self.token_embedding.weight
-        return linear(hidden, weight if token_ids is None else weight[token_ids])
+        return F.linear(hidden, weight if token_ids is None else weight[token_ids])
 
     def forward(
         self,

@@ -3,9 +3,9 @@
 A frozen vision encoder and a frozen decoder language model are bridged by two trained parts:
 
 - a :class:`~vlm.models.perceiver.PerceiverResampler` turns each image's patch tokens into a few latents;
-- :class:`~vlm.models.layers.GatedCrossAttentionBlock` s, inserted before every ``cross_attn_every``-th decoder
-  layer, let text tokens attend to those latents. Their tanh gates start at 0, so before training the model is
-  exactly the frozen language model.
+- :class:`GatedCrossAttentionBlock` s, inserted before every ``cross_attn_every``-th decoder layer, let text tokens
+  attend to those latents. Their tanh gates start at 0, so before training the model is exactly the frozen
+  language model.
 
 Text and images interleave: ``<image>`` marks where an image sits in the text and ``<|endofchunk|>`` ends the text
 that belongs to it. Each text token attends only to the latents of the most recent ``<image>`` at or before it
@@ -32,10 +32,66 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vlm.models.layers import GatedCrossAttentionBlock
+from vlm.models.layers import MLP, Attention
 from vlm.models.perceiver import PerceiverResampler
 
 NUM_NEW_TOKENS = 3  # <image>, <|endofchunk|>, <pad>
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Flamingo's tanh-gated cross-attention dense block (Alayrac et al. 2022, "Flamingo", section 2.2).
+
+    Text tokens attend to visual tokens, then pass through a feed-forward; each residual branch is scaled by
+    ``tanh(gate)``. The gates start at exactly 0, so at initialisation the block is the identity and the frozen
+    language model behaves exactly as it did before the visual pathway was inserted.
+
+    Args:
+        dim: width of the text stream (the language model's hidden size).
+        media_dim: width of the visual tokens (the Perceiver Resampler's output width).
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the feed-forward relative to ``dim``.
+        act: feed-forward activation name.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        media_dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, context_dim=media_dim, qkv_bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: identity at init
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act=act)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self, x: Tensor, media: Tensor | None, media_mask: Tensor, media_kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """Cross-attends text ``x`` (b, n, dim) to ``media`` (b, m, media_dim).
+
+        Args:
+            x: text hidden states (b, n, dim).
+            media: visual tokens of all images of each sample, concatenated (b, m, media_dim); may be ``None``
+                when ``media_kv`` is given.
+            media_mask: boolean (b, n, m): which visual tokens each text position may see. A row with no True
+                (a token before any image) gets a zero cross-attention output rather than a softmax over nothing.
+            media_kv: ``self.attn.project_context(media)`` computed once, for decoding many steps against the
+                same images.
+        """
+        sees_any = media_mask.any(dim=-1, keepdim=True)  # (b, n, 1)
+        # SDPA with an all-False row yields NaN; let such rows attend to everything, then zero their output.
+        safe_mask = media_mask | ~sees_any  # (b, n, m), given to SDPA as (b, 1, n, m)
+        a = self.attn(self.norm1(x), context=media, attn_mask=safe_mask.unsqueeze(1), context_kv=media_kv)
+        a = a * sees_any.to(a.dtype)
+        x = x + torch.tanh(self.attn_gate) * a
+        return x + torch.tanh(self.mlp_gate) * self.mlp(self.norm2(x))
 
 
 @dataclass
@@ -75,8 +131,8 @@ class Flamingo(nn.Module):
             every image before it.
         visual_layer: which of the tower's token layers the resampler reads: -1, its normalised output
             (Flamingo's choice), -2 the output of the block before the last (LLaVA's choice), and so on (other
-            than -1, the tower's ``forward_tokens`` must take ``skip_last_blocks``, as vlm's ViT does). A CLIP
-            loss that reads only the class token never trains the last block's patch outputs.
+            than -1, the tower must have ``intermediate_tokens(images, skip_last_blocks)``, as vlm's ViT does). A
+            CLIP loss that reads only the class token never trains the last block's patch outputs.
     """
 
     def __init__(
@@ -110,7 +166,8 @@ class Flamingo(nn.Module):
         width = decoder.width
         self.cross_attn_layers = [i for i in range(len(decoder.layers)) if i % cross_attn_every == 0]
         self.cross_attn = nn.ModuleList(
-            GatedCrossAttentionBlock(width, vision.width, cross_attn_heads, cross_attn_mlp_ratio)
+            GatedCrossAttentionBlock(dim=width, media_dim=vision.width, num_heads=cross_attn_heads,
+                                     mlp_ratio=cross_attn_mlp_ratio)
             for _ in self.cross_attn_layers
         )
         for j, i in enumerate(self.cross_attn_layers):
@@ -192,9 +249,11 @@ class Flamingo(nn.Module):
         elif images.ndim != 6:
             raise ValueError(f"images must have 4, 5 or 6 dimensions, got shape {tuple(images.shape)}")
         b, t, f = images.shape[:3]
-        # Only a deeper layer needs the keyword: any tower with forward_tokens(images) serves the default.
-        skip = {} if self.visual_layer == -1 else {"skip_last_blocks": -1 - self.visual_layer}
-        tokens = self.vision.forward_tokens(images.flatten(0, 2), **skip)  # (b*T*F, n, dv)
+        frames = images.flatten(0, 2)
+        if self.visual_layer == -1:  # any tower with forward_tokens(images) serves the default
+            tokens = self.vision.forward_tokens(frames)  # (b*T*F, n, dv)
+        else:
+            tokens = self.vision.intermediate_tokens(frames, skip_last_blocks=-1 - self.visual_layer)
         tokens = tokens.view(b, t, f, *tokens.shape[1:])
         return self.resampler(tokens)
 
@@ -298,4 +357,4 @@ class Flamingo(nn.Module):
             self.decoder.reorder_cache(state.cache, index)
 
 
-__all__ = ["NUM_NEW_TOKENS", "Flamingo", "FlamingoState"]
+__all__ = ["NUM_NEW_TOKENS", "Flamingo", "FlamingoState", "GatedCrossAttentionBlock"]

@@ -3,8 +3,8 @@
 There is exactly one attention implementation here (:class:`Attention`); the ViT, the text tower, the decoder LM,
 the Perceiver Resampler and Flamingo's gated cross-attention all call it. It is built on
 ``torch.nn.functional.scaled_dot_product_attention`` so the fused kernels (flash / memory-efficient) are used
-wherever PyTorch has them. Every projection is a :class:`vlm.models.linear_kernels.Linear`, which runs large fp32
-CPU products on the faster of PyTorch's BLAS and oneDNN.
+wherever PyTorch has them. Every projection is a plain :class:`torch.nn.Linear`; CPU-only speed-ups are applied
+from outside by :func:`vlm.kernels.use_cpu_kernels`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from vlm.models import linear_kernels
-from vlm.models.linear_kernels import Linear
 
 
 class QuickGELU(nn.Module):
@@ -35,18 +32,6 @@ def make_activation(name: str) -> nn.Module:
     if name == "relu":
         return nn.ReLU()
     raise ValueError(f"unknown activation {name!r}; expected one of gelu, gelu_tanh, quick_gelu, relu")
-
-
-def activation_(act: nn.Module, x: Tensor) -> Tensor:
-    """``act(x)`` computed in place in ``x`` for the activations of :func:`make_activation` (inference only:
-    autograd needs the input of an activation for its backward)."""
-    if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_(x, approximate=act.approximate)
-    if isinstance(act, nn.ReLU):
-        return x.relu_()
-    if isinstance(act, QuickGELU):
-        return x.mul_(torch.sigmoid(1.702 * x))
-    return act(x)
 
 
 class KVCache:
@@ -120,12 +105,12 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
         if self.is_cross:
-            self.q = Linear(dim, dim, bias=qkv_bias)
-            self.kv = Linear(context_dim, 2 * dim, bias=qkv_bias)
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
         else:
-            self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -195,23 +180,14 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", bias: bool = True, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = make_activation(act)
-        self.fc2 = Linear(hidden_dim, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        fusable = isinstance(self.act, nn.GELU) and x.dim() >= 2
-        if fusable and not torch.is_grad_enabled() and linear_kernels._use_onednn(x, self.fc1.weight):
-            # Inference on oneDNN: GELU is applied inside fc1's GEMM as it writes its output (one pass fewer).
-            h = linear_kernels._onednn_mm(x, self.fc1.weight, self.fc1.bias, "gelu", self.act.approximate)
-            return self.drop(self.fc2(self.drop(h)))
-        h = self.fc1(x)  # (b, n, hidden): the largest activation of a block
-        # Without autograd, the activation overwrites fc1's output instead of allocating a second hidden-sized
-        # buffer: the same values, and far fewer fresh pages for the allocator to fault in (measured: ~4x fewer
-        # page faults and a faster ViT forward, see scripts/benchmark.py --suite vit).
-        h = self.act(h) if h.requires_grad else activation_(self.act, h)
-        return self.drop(self.fc2(self.drop(h)))
+        h = self.drop(self.act(self.fc1(x)))  # (b, n, hidden)
+        return self.drop(self.fc2(h))
 
 
 class LayerScale(nn.Module):
@@ -266,6 +242,7 @@ class Block(nn.Module):
         self,
         dim: int,
         num_heads: int,
+        *,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         act: str = "gelu",
@@ -291,77 +268,11 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> Tensor:
+        """``x`` (b, n, dim) -> (b, n, dim); masks and cache as in :meth:`Attention.forward`."""
         a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache, layer_idx=layer_idx)
-        x = _residual(x, self.drop_path1(self.ls1(a)))
-        return _residual(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
-
-
-def _residual(x: Tensor, branch: Tensor) -> Tensor:
-    """``x + branch``. Without autograd the sum is written into the branch output, a fresh tensor nothing else
-    holds, so no new (b, n, dim) buffer is allocated (x + a == a + x exactly). Under autograd it is out of place:
-    a linear layer's output is a view of its 2-D product, and an in-place add on a view makes autograd rebuild the
-    base in the backward (CopySlices: measured 6 extra (b, n, dim) copies a block, ~2% of a ViT-S/16 train step).
-    Under autocast the branch may be bf16/fp16 and ``x`` float32: then too it is out of place, so the residual
-    stream keeps the promoted dtype with or without autograd."""
-    if branch.requires_grad or branch.dtype != x.dtype:
-        return x + branch
-    return branch.add_(x)
-
-
-class GatedCrossAttentionBlock(nn.Module):
-    """Flamingo's tanh-gated cross-attention dense block (Alayrac et al. 2022, "Flamingo", section 2.2).
-
-    Text tokens attend to visual tokens, then pass through a feed-forward; each residual branch is scaled by
-    ``tanh(gate)``. The gates start at exactly 0, so at initialisation the block is the identity and the frozen
-    language model behaves exactly as it did before the visual pathway was inserted.
-
-    Args:
-        dim: width of the text stream (the language model's hidden size).
-        media_dim: width of the visual tokens (the Perceiver Resampler's output width).
-        num_heads: attention heads.
-        mlp_ratio: hidden width of the feed-forward relative to ``dim``.
-        act: feed-forward activation name.
-        norm_eps: LayerNorm epsilon.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        media_dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        act: str = "gelu",
-        norm_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, context_dim=media_dim, qkv_bias=False)
-        self.attn_gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: identity at init
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), act=act)
-        self.mlp_gate = nn.Parameter(torch.zeros(1))
-
-    def forward(
-        self, x: Tensor, media: Tensor | None, media_mask: Tensor, media_kv: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """Cross-attends text ``x`` (b, n, dim) to ``media`` (b, m, media_dim).
-
-        Args:
-            x: text hidden states (b, n, dim).
-            media: visual tokens of all images of each sample, concatenated (b, m, media_dim); may be ``None``
-                when ``media_kv`` is given.
-            media_mask: boolean (b, n, m): which visual tokens each text position may see. A row with no True
-                (a token before any image) gets a zero cross-attention output rather than a softmax over nothing.
-            media_kv: ``self.attn.project_context(media)`` computed once, for decoding many steps against the
-                same images.
-        """
-        sees_any = media_mask.any(dim=-1, keepdim=True)  # (b, n, 1)
-        # SDPA with an all-False row yields NaN; let such rows attend to everything, then zero their output.
-        safe_mask = media_mask | ~sees_any  # (b, n, m), given to SDPA as (b, 1, n, m)
-        a = self.attn(self.norm1(x), context=media, attn_mask=safe_mask.unsqueeze(1), context_kv=media_kv)
-        a = a * sees_any.to(a.dtype)
-        x = x + torch.tanh(self.attn_gate) * a
-        return x + torch.tanh(self.mlp_gate) * self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.ls1(a))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
 
 
 def init_weights_trunc_normal(module: nn.Module, std: float = 0.02) -> None:
@@ -389,7 +300,6 @@ __all__ = [
     "Attention",
     "Block",
     "DropPath",
-    "GatedCrossAttentionBlock",
     "KVCache",
     "LayerScale",
     "MLP",

@@ -62,7 +62,8 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, qkv_bias=True, act=act, norm_eps=norm_eps, layer_scale=layer_scale)
+            Block(dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps,
+                  layer_scale=layer_scale)
             for _ in range(depth)
         )
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)

@@ -2,8 +2,8 @@
 
 Images are cut into non-overlapping patches by a strided convolution, a class token may be prepended, learned
 absolute position embeddings are added (resampled bicubically when the input size differs from the size they were
-trained for), and pre-norm transformer blocks follow. ``forward_tokens`` returns every token, ``forward`` the
-pooled image embedding.
+trained for), and pre-norm transformer blocks follow. ``forward_tokens`` returns every token (normalised),
+``intermediate_tokens`` the tokens of an earlier block (not normalised), ``forward`` the pooled image embedding.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ from torch import Tensor, nn
 from vlm.models.layers import Block, checkpoint_blocks, init_weights_trunc_normal
 
 
+def _check_grid(images: Tensor, patch_size: int) -> None:
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch_size}")
+
+
 class PatchEmbed(nn.Module):
     """Splits an image into ``patch_size`` squares and projects each to ``dim`` with one strided convolution."""
 
@@ -26,9 +32,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        _check_grid(x, self.patch_size)
         return self.proj(x).flatten(2).transpose(1, 2)  # (b, d, gh, gw) -> (b, gh*gw, d)
 
 
@@ -61,7 +65,9 @@ class ConvStem(nn.Module):
         layers.append(nn.Conv2d(c_in, dim, 1))
         self.proj = nn.Sequential(*layers)
 
-    forward = PatchEmbed.forward  # same size check and (b, d, gh, gw) -> (b, gh*gw, d) layout
+    def forward(self, x: Tensor) -> Tensor:
+        _check_grid(x, self.patch_size)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (b, d, gh, gw) -> (b, gh*gw, d)
 
 
 def resample_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int) -> Tensor:
@@ -157,7 +163,9 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, qkv_bias, act, norm_eps, layer_scale, rates[i]) for i in range(depth)
+            Block(dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, act=act, norm_eps=norm_eps,
+                  layer_scale=layer_scale, drop_path=rate)
+            for rate in rates
         )
         use_fc_norm = pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(width, eps=norm_eps)
@@ -179,14 +187,8 @@ class VisionTransformer(nn.Module):
         patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
         return torch.cat([prefix, patches], dim=1)
 
-    def forward_tokens(self, images: Tensor, skip_last_blocks: int = 0) -> Tensor:
-        """Images (b, c, h, w) -> normalised tokens (b, prefix + patches, width).
-
-        With ``skip_last_blocks=k > 0``: the tokens after all but the last ``k`` blocks, before the final norm (a
-        Hugging Face ``hidden_states[-1 - k]``), e.g. the penultimate layer a captioner reads.
-        """
-        if not 0 <= skip_last_blocks < len(self.blocks):
-            raise ValueError(f"skip_last_blocks must be in [0, {len(self.blocks)}), got {skip_last_blocks}")
+    def _embed(self, images: Tensor) -> Tensor:
+        """Images (b, c, h, w) -> the blocks' input tokens (b, prefix + patches, width)."""
         x = self.patch_embed(images)  # (b, n, d)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
@@ -195,11 +197,21 @@ class VisionTransformer(nn.Module):
         x = x + pos
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
-        x = self.norm_pre(x)
-        if skip_last_blocks:
-            return checkpoint_blocks(self.blocks[: len(self.blocks) - skip_last_blocks], x, self.grad_checkpointing)
-        x = checkpoint_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm_pre(x)
+
+    def forward_tokens(self, images: Tensor) -> Tensor:
+        """Images (b, c, h, w) -> tokens (b, prefix + patches, width) after every block and the final norm."""
+        x = checkpoint_blocks(self.blocks, self._embed(images), self.grad_checkpointing)
         return self.norm(x)
+
+    def intermediate_tokens(self, images: Tensor, skip_last_blocks: int) -> Tensor:
+        """Images (b, c, h, w) -> tokens (b, prefix + patches, width) after all but the last ``skip_last_blocks``
+        blocks, not normalised: a Hugging Face ``hidden_states[-1 - skip_last_blocks]``, e.g. the penultimate
+        layer (``skip_last_blocks=1``) a captioner reads."""
+        if not 0 <= skip_last_blocks < len(self.blocks):
+            raise ValueError(f"skip_last_blocks must be in [0, {len(self.blocks)}), got {skip_last_blocks}")
+        blocks = self.blocks[: len(self.blocks) - skip_last_blocks]
+        return checkpoint_blocks(blocks, self._embed(images), self.grad_checkpointing)
 
     def forward(self, images: Tensor) -> Tensor:
         """Images (b, c, h, w) -> pooled embedding (b, width)."""
