@@ -32,18 +32,38 @@ TINY_CLIP = {
             },
         },
         "tokenizer": {"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"context_length": 16}},
-        "lr": 1e-3,
-        "warmup_steps": 1,
+        "optimizer": {"class_path": "vlm.tasks.optim.AdamW",
+                      "init_args": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6}},
+        "lr_scheduler": {"class_path": "vlm.tasks.optim.WarmupCosine", "init_args": {"warmup_steps": 1}},
         "templates": ["a {}"],
     },
 }
 
 
-def tiny_clip_config(**overrides) -> dict:
-    """A copy of the tiny CLIP task config with top-level ``init_args`` overridden."""
+def tiny_clip_config(warmup_steps: int | None = None, **overrides) -> dict:
+    """A copy of the tiny CLIP task config with top-level ``init_args`` overridden (``warmup_steps``: the
+    schedule's)."""
     cfg = copy.deepcopy(TINY_CLIP)
     cfg["init_args"].update(overrides)
+    if warmup_steps is not None:
+        cfg["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] = warmup_steps
     return cfg
+
+
+def build_trainable(config: dict):
+    """A task built from ``config`` as ``vlm fit`` builds it (jsonargparse), its ``optimizer`` and ``lr_scheduler``
+    included (:func:`vlm.formats.build_task` builds tasks for inference, without them); its hyper-parameters are the
+    config, as under LightningCLI."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningModule
+
+    from vlm.formats.checkpoint import task_hparams_quiet, with_config
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--task", type=LightningModule)
+    with task_hparams_quiet():
+        task = parser.instantiate(parser.parse_object({"task": copy.deepcopy(config)})).task
+    return with_config(task, config)
 
 
 @pytest.fixture

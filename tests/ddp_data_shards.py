@@ -46,8 +46,6 @@ def main(shards: str, out: str, num_workers: int, batch_size: int, epochs: int) 
     class Recorder(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.tokenizer, self.image_size = CLIPTokenizer(8), 8
-            self.image_mean, self.image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
             self.weight = torch.nn.Parameter(torch.zeros(1))
             self.seen: dict[int, list[str]] = {}
 
@@ -61,7 +59,8 @@ def main(shards: str, out: str, num_workers: int, batch_size: int, epochs: int) 
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     task = Recorder()
-    dm = ImageTextDataModule(train=shards, batch_size=batch_size, num_workers=num_workers)
+    dm = ImageTextDataModule(train=shards, batch_size=batch_size, num_workers=num_workers, tokenizer=CLIPTokenizer(8),
+                             image_size=8, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=out)

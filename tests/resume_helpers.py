@@ -74,7 +74,7 @@ def clip_task_config() -> dict:
     """The tiny CLIP of conftest with stochastic depth, so the weights depend on the random stream too."""
     cfg = copy.deepcopy(TINY_CLIP)
     cfg["init_args"]["model"]["init_args"]["vision"]["init_args"]["drop_path"] = 0.2
-    cfg["init_args"]["warmup_steps"] = 3
+    cfg["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] = 3
     return cfg
 
 
@@ -98,8 +98,10 @@ def flamingo_task_config() -> dict:
             },
             "vision_weights": None,
             "decoder_weights": None,
-            "lr": 1e-3,
-            "warmup_steps": 3,
+            "optimizer": {"class_path": "vlm.tasks.optim.AdamW",
+                          "init_args": {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "eps": 1e-8}},
+            "lr_scheduler": {"class_path": "vlm.tasks.optim.WarmupCosine",
+                             "init_args": {"warmup_steps": 3, "min_lr_ratio": 0.1}},
             "max_new_tokens": 4,
             "attribute_words": [],
         },
@@ -123,9 +125,10 @@ def fit_config(task: dict, data_dir: Path, root: Path, max_steps: int, every: in
     }
     if ddp:
         trainer["strategy"] = "ddp"
-    data = {"class_path": "vlm.data.datamodules.ShapesDataModule",
-            "init_args": {"data_dir": str(data_dir), "num_train": 96, "num_val": 36, "batch_size": 4 if ddp else 8,
-                          "cache_workers": 0, "num_workers": num_workers}}
+    data = {"class_path": "vlm.data.datamodules.ImageTextDataModule",
+            "init_args": {"source": {"class_path": "vlm.data.builtin.ShapesSource",
+                                     "init_args": {"data_dir": str(data_dir), "num_train": 96, "num_val": 36}},
+                          "batch_size": 4 if ddp else 8, "in_memory": True, "num_workers": num_workers}}
     return {"seed_everything": 7, "trainer": trainer, "model": task, "data": data}
 
 

@@ -14,7 +14,8 @@ from conftest import TINY_CLIP, tiny_clip_config
 from ddp_contrastive import _siglip_config, make_batch
 
 from vlm.formats import build_task
-from vlm.tasks.contrastive import clip_loss, retrieval_recall, siglip_loss
+from vlm.losses import clip_loss, siglip_loss
+from vlm.metrics import retrieval_recall
 from vlm.zero_shot import build_classifier, classify, get_templates
 
 TINY_CLIP_MODEL = TINY_CLIP["init_args"]["model"]
@@ -217,10 +218,11 @@ def test_fit_with_a_missing_init_checkpoint_is_one_error_line(tmp_path, capsys):
     configs = Path(__file__).parent.parent / "configs" / "clip"
     missing = tmp_path / "stage1a" / "last.ckpt"
     code = vlm_main(["fit", "--config", str(configs / "shapes.yaml"), "--config", str(configs / "shapes_scenes.yaml"),
-                     f"--model.init_args.init_weights={missing}", f"--data.init_args.data_dir={root}",
-                     "--data.init_args.num_train=40", "--data.init_args.num_val=36",
-                     "--data.init_args.image_size_on_disk=32", f"--trainer.default_root_dir={tmp_path / 'run'}",
-                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                     f"--model.init_args.init_weights={missing}", f"--data.init_args.source.init_args.data_dir={root}",
+                     "--data.init_args.source.init_args.num_train=40", "--data.init_args.source.init_args.num_val=36",
+                     "--data.init_args.source.init_args.image_size=32",
+                     f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false",
                      "--trainer.enable_model_summary=false"])
     err = capsys.readouterr().err
     assert code == 2

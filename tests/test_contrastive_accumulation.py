@@ -21,7 +21,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_clip_config
+from conftest import build_trainable, tiny_clip_config
 from ddp_contrastive import Pairs, SaveGrads, _siglip_config, make_batch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
@@ -131,7 +131,7 @@ def _fit(tmp_path, k: int, callbacks=(), max_steps: int = 4, precision="64-true"
     cfg = tiny_clip_config(warmup_steps=2, accumulate_micro_batches=k)
     cfg["init_args"]["model"]["init_args"]["init_logit_scale"] = 5.0  # above the clamp ln(100)
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_trainable(cfg)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         callbacks=list(callbacks), precision=precision, **trainer_args)

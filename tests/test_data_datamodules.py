@@ -1,4 +1,4 @@
-"""ImageTextDataModule / ShapesDataModule: the batch contract, sources, bad data, Lightning integration."""
+"""ImageTextDataModule: the batch contract, sources (the built-in shapes too), bad data, Lightning integration."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from vlm.data import shapes as S
-from vlm.data.datamodules import ImageTextDataModule, ShapesDataModule
+from vlm.data.builtin import ShapesSource
+from vlm.data.datamodules import ImageTextDataModule
 from vlm.data.datasets import BadSampleError
 from vlm.data.images import load_image
 from vlm.data.tokenizer import CLIPTokenizer
-from vlm.data.transforms import eval_transform
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
@@ -149,11 +150,10 @@ def test_bad_samples_raise_policy_names_the_file(shapes_root, tmp_path, in_memor
 
 
 class _StandInTask(pl.LightningModule):
-    """A task with the attributes data modules read, checking each batch it gets."""
+    """A task checking each batch it gets."""
 
-    def __init__(self, tokenizer):
+    def __init__(self):
         super().__init__()
-        self.tokenizer, self.image_size, self.image_mean, self.image_std = tokenizer, 16, MEAN, STD
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.sizes: list[int] = []
 
@@ -169,43 +169,67 @@ class _StandInTask(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_shapes_datamodule_under_a_trainer(tmp_path, tokenizer):
+def _shapes(root, **source):
+    """The data module over the built-in shapes in ``root`` (generated on first use), as the shapes configs build it."""
+    return ImageTextDataModule(source=ShapesSource(data_dir=str(root), **source), in_memory=True, cache_workers=0,
+                               tokenizer=CLIPTokenizer(16), image_size=16, image_mean=MEAN, image_std=STD,
+                               batch_size=16)
+
+
+def test_shapes_source_under_a_trainer(tmp_path):
     root = tmp_path / "shapes"
-    dm = ShapesDataModule(data_dir=str(root), num_train=40, num_val=36, image_size_on_disk=32, batch_size=16,
-                          cache_workers=0)
-    task = _StandInTask(tokenizer)
+    dm = _shapes(root, num_train=40, num_val=36, image_size=32)
+    task = _StandInTask()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(task, datamodule=dm)
     assert S.is_complete(root) and task.sizes == [16, 16]  # 40 images, drop_last: two full batches
-    assert dm.image_size == 16 and dm.tokenizer is tokenizer  # read from the task
+    assert dm.classnames == list(S.CLASSNAMES) and dm.heldout_classnames == list(S.HELD_OUT_CLASSNAMES)
+    # The source writes exactly what `vlm data shapes` writes for the same settings.
+    S.generate_shapes(tmp_path / "cli", train=40, val=36, seed=0, image_size=32, processes=1)
+    for name in ("train/00007.png", "validation/00011.png", "train/metadata.jsonl", "info.json"):
+        assert (root / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
     # prepare_data never regenerates existing data.
     stamp = (root / "train" / "00000.png").stat().st_mtime_ns
-    ShapesDataModule(data_dir=str(root), num_train=99).prepare_data()
+    _shapes(root, num_train=99).prepare_data()
     assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
     assert len((root / "train" / "metadata.jsonl").read_text().splitlines()) == 40
     # ... but refuses data generated for another scene distribution, naming the setting, and leaves it as it was.
     with pytest.raises(ValueError, match=r"two_object_prob=0.25 \(config: 0.0\)"):
-        ShapesDataModule(data_dir=str(root), two_object_prob=0.0).prepare_data()
+        _shapes(root, two_object_prob=0.0).prepare_data()
     with pytest.raises(ValueError, match=r"seed=0 \(config: 3\)"):
-        ShapesDataModule(data_dir=str(root), data_seed=3).prepare_data()
+        _shapes(root, seed=3).prepare_data()
     info = json.loads((root / "info.json").read_text())
     (root / "info.json").write_text(json.dumps({**info, "sizes": {"small": 0.25, "large": 0.45}}))  # older data
     with pytest.raises(ValueError, match=r"sizes=\{'small': 0.25"):
-        ShapesDataModule(data_dir=str(root)).prepare_data()
+        _shapes(root).prepare_data()
     assert (root / "train" / "00000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="either a source or train"):
+        ImageTextDataModule(source=ShapesSource(str(root)), train=str(root / "train"))
+
+
+def test_the_data_module_never_reads_the_task(shapes_root, tmp_path):
+    """Tokenizer and image settings are the data module's own arguments (``vlm fit`` links the task's): a task that
+    has them does not stand in for missing ones."""
+    task = _StandInTask()
+    task.tokenizer, task.image_size = CLIPTokenizer(16), 16
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        trainer.fit(task, datamodule=ImageTextDataModule(train=str(shapes_root / "train"), batch_size=8))
+    dm = ImageTextDataModule(train=str(shapes_root / "train"), batch_size=8, tokenizer=CLIPTokenizer(16))
+    assert (dm.image_size, dm.image_mean, dm.image_std) == (224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # CLIP's
 
 
 def test_training_runs_to_the_end_over_bad_samples(shapes_root, tmp_path):
     """Issue 6: with ~8% truncated / empty / non-image / missing files and empty captions, a real fit finishes."""
     import lightning as L
-    from conftest import tiny_clip_config
-
-    from vlm.formats import build_task
+    from conftest import build_trainable, tiny_clip_config
 
     train, _ = _corrupt(shapes_root, tmp_path)
-    dm = ImageTextDataModule(train=str(train), batch_size=8)  # tokenizer and image settings come from the task
-    task = build_task(tiny_clip_config())
+    task = build_trainable(tiny_clip_config())
+    dm = ImageTextDataModule(train=str(train), batch_size=8, tokenizer=task.tokenizer, image_size=task.image_size,
+                             image_mean=task.image_mean, image_std=task.image_std)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(task, datamodule=dm)
@@ -224,7 +248,7 @@ def test_vlm_fit_on_a_stale_data_folder_is_one_line_and_exit_2(tmp_path, capsys)
     S.generate_shapes(root, train=40, val=36, seed=0, image_size=32, processes=1, two_object_prob=0.25)
     before = (root / "train" / "metadata.jsonl").read_bytes()
     config = Path(__file__).parent.parent / "configs" / "clip" / "shapes.yaml"
-    code = vlm_main(["fit", "--config", str(config), f"--data.init_args.data_dir={root}",
+    code = vlm_main(["fit", "--config", str(config), f"--data.init_args.source.init_args.data_dir={root}",
                      f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
     err = capsys.readouterr().err

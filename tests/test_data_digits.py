@@ -1,4 +1,4 @@
-"""The real handwritten digits: layout, held-out split, captions, and the data module that writes them."""
+"""The real handwritten digits: layout, held-out split, captions, and the source that writes them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from vlm.__main__ import main as vlm_main
-from vlm.data.datamodules import DigitsDataModule
+from vlm.data.builtin import DigitsSource
+from vlm.data.datamodules import ImageTextDataModule
 from vlm.data.digits import DIGIT_NAMES, load_sources
 from vlm.data.tokenizer import CLIPTokenizer
 
@@ -18,7 +19,7 @@ from vlm.data.tokenizer import CLIPTokenizer
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits") / "digits"
-    DigitsDataModule(data_dir=str(root), image_size_on_disk=16).prepare_data()
+    ImageTextDataModule(source=DigitsSource(data_dir=str(root), image_size=16)).prepare_data()
     return root
 
 
@@ -62,8 +63,8 @@ def test_stored_pixels_are_the_source_digits(digits_root):
 
 
 def test_cli_and_data_module(digits_root, tmp_path, capsys):
-    dm = DigitsDataModule(data_dir=str(digits_root), tokenizer=CLIPTokenizer(8), image_size=16,
-                          image_mean=(0.5,) * 3, image_std=(0.5,) * 3, batch_size=32, cache_workers=0)
+    dm = ImageTextDataModule(source=DigitsSource(data_dir=str(digits_root)), tokenizer=CLIPTokenizer(8),
+                             image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, batch_size=32, in_memory=True)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (32, 3, 16, 16) and set(batch["label"]) <= set(DIGIT_NAMES)

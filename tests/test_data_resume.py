@@ -24,8 +24,6 @@ def shapes_root(tmp_path_factory):
 class Recorder(pl.LightningModule):
     def __init__(self):
         super().__init__()
-        self.tokenizer, self.image_size = CLIPTokenizer(8), 8
-        self.image_mean, self.image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.seen: list[tuple[int, tuple[str, ...]]] = []
 
@@ -39,7 +37,8 @@ class Recorder(pl.LightningModule):
 
 def _fit(root, tmp_path, in_memory, ckpt_path=None, **trainer_args):
     task = Recorder()
-    dm = ImageTextDataModule(train=str(root / "train"), batch_size=8, in_memory=in_memory, seed=5)
+    dm = ImageTextDataModule(train=str(root / "train"), batch_size=8, in_memory=in_memory, seed=5,
+                             tokenizer=CLIPTokenizer(8), image_size=8, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, num_sanity_val_steps=0,
                          callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)],

@@ -102,13 +102,16 @@ def test_lm_tokenizer_batches():
 
 
 def test_language_model_task_trains_and_loss_drops():
-    from vlm.formats import build_task
+    from conftest import build_trainable
 
     cfg = {"class_path": "vlm.tasks.language.LanguageModelTask", "init_args": {
         "model": {"class_path": "vlm.models.decoder.DecoderLM", "init_args": {
             "context_length": 24, "width": 32, "depth": 1, "num_heads": 2}},
-        "lr": 3e-3, "warmup_steps": 1}}
-    task = build_task(cfg)
+        "optimizer": {"class_path": "vlm.tasks.optim.AdamW",
+                      "init_args": {"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8}},
+        "lr_scheduler": {"class_path": "vlm.tasks.optim.WarmupCosine",
+                         "init_args": {"warmup_steps": 1, "min_lr_ratio": 0.1}}}}
+    task = build_trainable(cfg)
     assert task.hparams["model"]["class_path"] == "vlm.models.decoder.DecoderLM"  # a config, not a module
     batch = task.tokenizer.encode_batch(["a small red circle", "a large blue star above a small red cross"] * 4)
     opt = task.configure_optimizers()["optimizer"]

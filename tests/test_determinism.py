@@ -7,12 +7,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import build_trainable
 from lightning.pytorch.callbacks import Callback
 from resume_helpers import clip_task_config, one_thread
 
 from vlm.data import shapes as S
-from vlm.data.datamodules import ShapesDataModule
-from vlm.formats import build_task
+from vlm.data.builtin import ShapesSource
+from vlm.data.datamodules import ImageTextDataModule
 
 STEPS = 50
 
@@ -40,9 +41,10 @@ def shapes_dir(tmp_path_factory):
 
 def _losses(root, seed: int, tmp_path, steps: int = STEPS) -> list[float]:
     L.seed_everything(seed, workers=True)
-    task = build_task(clip_task_config())
-    data = ShapesDataModule(data_dir=str(root), num_train=64, num_val=36, batch_size=8, augment=True,
-                            num_workers=2, cache_workers=0)
+    task = build_trainable(clip_task_config())
+    data = ImageTextDataModule(source=ShapesSource(data_dir=str(root), num_train=64, num_val=36), batch_size=8,
+                               augment=True, in_memory=True, num_workers=2, tokenizer=task.tokenizer,
+                               image_size=task.image_size, image_mean=task.image_mean, image_std=task.image_std)
     losses = Losses()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

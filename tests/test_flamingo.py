@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from vlm.models.decoder import DecoderLM
-from vlm.models.flamingo import Flamingo
-from vlm.models.layers import GatedCrossAttentionBlock
+from vlm.models.flamingo import Flamingo, GatedCrossAttentionBlock
 from vlm.models.perceiver import PerceiverResampler
 from vlm.models.vit import VisionTransformer
 
@@ -32,7 +31,7 @@ def test_resampler_reads_the_chosen_vision_layer():
     vision = VisionTransformer(image_size=16, patch_size=8, width=16, depth=3, num_heads=2).eval()
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        x = vision.forward_tokens(images, skip_last_blocks=1)
+        x = vision.intermediate_tokens(images, skip_last_blocks=1)
         # the output of the first two blocks, as a forward that stopped there (no final norm) computes it
         stem = vision.patch_embed(images)
         h = torch.cat([vision.cls_token.expand(2, -1, -1), stem], dim=1) + vision.pos_embed
@@ -46,7 +45,7 @@ def test_resampler_reads_the_chosen_vision_layer():
         expected = model.resampler(x[:, None, None])
         torch.testing.assert_close(model.encode_media(images), expected)
     with pytest.raises(ValueError, match="skip_last_blocks"):
-        vision.forward_tokens(images, skip_last_blocks=3)
+        vision.intermediate_tokens(images, skip_last_blocks=3)
     for bad in (0, -4):  # the tower has 3 blocks: -1, -2, -3 are its layers
         with pytest.raises(ValueError, match="visual_layer"):
             Flamingo(vision, decoder, cross_attn_heads=2, num_latents=4, resampler_heads=2, visual_layer=bad)
@@ -202,19 +201,20 @@ TINY_TASK = {
             "decoder": {"class_path": "vlm.models.decoder.DecoderLM",
                         "init_args": {"context_length": 40, "width": 32, "depth": 2, "num_heads": 2}},
             "num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
-        "lr": 1e-2,
-        "warmup_steps": 1,
-        "weight_decay": 0.1,
+        "optimizer": {"class_path": "vlm.tasks.optim.AdamW",
+                      "init_args": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8}},
+        "lr_scheduler": {"class_path": "vlm.tasks.optim.WarmupCosine",
+                         "init_args": {"warmup_steps": 1, "min_lr_ratio": 0.1}},
     },
 }
 
 
 def build_tiny_task(**overrides):
-    from vlm.formats import build_task
+    from conftest import build_trainable
 
     cfg = copy.deepcopy(TINY_TASK)
     cfg["init_args"].update(overrides)
-    return build_task(cfg)
+    return build_trainable(cfg)
 
 
 def test_frozen_parts_get_no_gradient_and_do_not_change():

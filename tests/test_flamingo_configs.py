@@ -72,7 +72,7 @@ def test_flamingo_config_instantiates_and_matches_earlier_stages():
         assert clip_state == {k: v.shape for k, v in task.model.vision.state_dict().items()}
         assert tuple(clip.image_mean) == task.image_mean and clip.image_size == task.image_size
     data = _instantiate(cfg["data"])
-    assert data.data_dir == Path("data/shapes")
+    assert data.source.data_dir == Path("data/shapes")
     # The closed vocabulary is the LM stage's, and spells every word of the synthetic captions.
     from vlm.data import shapes
 
@@ -96,13 +96,15 @@ def test_hf_config_instantiates_with_a_local_decoder(tmp_path):
     assert cfg["trainer"]["strategy"]["class_path"].endswith("FSDPStrategy")
     args = cfg["model"]["init_args"]
     decoder = args["model"]["init_args"]["decoder"]["init_args"]
-    assert decoder["pretrained"] and args["tokenizer"] == decoder["name_or_path"]
+    tokenizer = args["tokenizer"]["init_args"]
+    assert decoder["pretrained"] and tokenizer["name_or_path"] == decoder["name_or_path"]
     decoder.update(name_or_path=str(tmp_path), pretrained=False)  # from_pretrained refuses the meta device
-    args["tokenizer"] = str(tmp_path)
+    tokenizer["name_or_path"] = str(tmp_path)
     args["model"]["init_args"]["cross_attn_heads"] = 4
     with torch.device("meta"):  # the ViT-L/14 tower is built for real shapes, without allocating 1.2 GB
         task = build_task(cfg["model"])
     assert task.model.vision.width == 1024 and task.image_size == 224
+    assert task.tokenizer.context_length == tokenizer["context_length"] == 256  # training sequences, not 8k
     assert task.model.cross_attn_layers == [0]  # every 4th of the 4 layers
     assert task.model.resampler.num_latents == 64
     _instantiate(cfg["data"])

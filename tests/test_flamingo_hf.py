@@ -62,21 +62,22 @@ def _task_config(path: str) -> dict:
                            "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
                 "decoder": {"class_path": "vlm.models.hf_decoder.HFCausalLM", "init_args": {"name_or_path": path}},
                 "num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
-            "tokenizer": path,
-            "lr": 1e-2,
-            "warmup_steps": 1,
-            "weight_decay": 0.1,
+            "tokenizer": {"class_path": "vlm.data.gpt2_tokenizer.CausalLMTokenizer",
+                          "init_args": {"name_or_path": path}},
+            "optimizer": {"class_path": "vlm.tasks.optim.AdamW",
+                          "init_args": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8}},
+            "lr_scheduler": {"class_path": "vlm.tasks.optim.WarmupCosine",
+                             "init_args": {"warmup_steps": 1, "min_lr_ratio": 0.1}},
         },
     }
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
+    from conftest import build_trainable
     from transformers import AutoModelForCausalLM
 
-    from vlm.formats import build_task
-
-    task = build_task(_task_config(hf_dirs[name]))
+    task = build_trainable(_task_config(hf_dirs[name]))
     ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
     decoder = task.model.decoder
     vocab = decoder.vocab_size

@@ -9,13 +9,12 @@ import logging
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_clip_config
+from conftest import build_trainable, tiny_clip_config
 from ddp_contrastive import Pairs
 from lightning.pytorch.callbacks import Callback
 from resume_helpers import one_thread
 
 from vlm.callbacks import Checkpoint, NonFiniteGuard
-from vlm.formats import build_task
 from vlm.reliability import AtomicCheckpointIO, NonFiniteError, non_finite_entries
 
 
@@ -62,7 +61,7 @@ class Snapshots(Callback):
 
 def _fit(tmp_path, callbacks, max_steps=8):
     torch.manual_seed(0)
-    task = build_task(tiny_clip_config(warmup_steps=0))
+    task = build_trainable(tiny_clip_config(warmup_steps=0))
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
     loader = torch.utils.data.DataLoader(Pairs(), batch_size=4)
@@ -165,7 +164,7 @@ def test_vlm_fit_stop_policy_prints_one_line_and_exits_1(tmp_path, capsys):
 
     S.generate_shapes(tmp_path / "shapes", train=32, val=36, seed=0, image_size=32, processes=1)
     cfg = fit_config(clip_task_config(), tmp_path / "shapes", tmp_path / "run", max_steps=6, every=2, val_every=100)
-    cfg["data"]["init_args"]["num_train"] = 32
+    cfg["data"]["init_args"]["source"]["init_args"]["num_train"] = 32
     cfg["trainer"]["callbacks"][1]["init_args"] = {"policy": "stop"}
     cfg["trainer"]["callbacks"].append({"class_path": "resume_helpers.PoisonBatch", "init_args": {"step": 3}})
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -192,6 +192,9 @@ def test_load_from_checkpoint_goes_through_the_same_checks(files, tripwire, tmp_
     {"_class_path": "evil_payload.EvilTask"},
     {"model": {"class_path": "evil_payload.Evil"}},
     {"tokenizer": {"class_path": "evil_payload.Evil"}},
+    {"optimizer": {"class_path": "evil_payload.Evil", "init_args": {}}},
+    {"lr_scheduler": {"class_path": "evil_payload.Evil", "init_args": {}}},
+    {"optimizer": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {}}},  # a scheduler, not an optimizer
 ])  # fmt: skip
 def test_resuming_fit_refuses_a_checkpoint_whose_config_names_other_code(files, tripwire, tmp_path, payload):
     """Lightning merges the task config a ``--ckpt_path`` records into the run's config for jsonargparse to build;

@@ -29,6 +29,8 @@ class UsageError(ValueError):
     """A command line or config that is the user's to fix; :func:`main` prints it as one line and returns 2."""
 
 
+# vlm's own optimizer and schedule, allowed in a --ckpt_path's config beside torch's (see check_training_callable)
+_VLM_TRAINING_CALLABLES = {"optimizer": "vlm.tasks.optim.AdamW", "lr_scheduler": "vlm.tasks.optim.WarmupCosine"}
 _USER_ERROR = "_vlm_user_error"  # set on a library exception that is the user's to fix: the one line to print
 
 
@@ -106,16 +108,52 @@ def refuse_foreign_config(path: str | os.PathLike) -> None:
     import torch
 
     from vlm.formats.build import CheckpointError, check_config, check_plain
-    from vlm.formats.checkpoint import task_config
+    from vlm.formats.checkpoint import TRAINING_ONLY, legacy_arguments, task_config
 
     hparams = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters") or {}
     try:
         if isinstance(hparams, dict) and "_class_path" in hparams:
-            check_config(task_config(hparams, str(path)), str(path), ("task",))
+            legacy = legacy_arguments(hparams)
+            if legacy:
+                task = str(hparams["_class_path"]).rpartition(".")[2]
+                raise UsageError(
+                    f"cannot resume from --ckpt_path {path}: it was written by an earlier vlm whose {task} took "
+                    f"{', '.join(legacy)}; tasks now take optimizer / lr_scheduler (and a tokenizer config). It still "
+                    "loads for inference (vlm.load); to train on, start a new run")
+            check_config(task_config(hparams, str(path)), str(path), ("task",))  # without the training-only ones
+            for name in TRAINING_ONLY:
+                check_training_callable(hparams.get(name), str(path), name)
         else:  # merged into this run's own task config as plain values
             check_plain(hparams, str(path), "hyper_parameters")
     except CheckpointError as e:
         raise UsageError(f"cannot resume from --ckpt_path: {e}") from None
+
+
+def check_training_callable(config: Any, where: str, key: str) -> None:
+    """Refuses an ``optimizer`` / ``lr_scheduler`` config that names anything but one of torch's optimizer or
+    learning-rate scheduler classes or vlm's (:mod:`vlm.tasks.optim`), or whose arguments are not plain data.
+
+    Raises:
+        CheckpointError: naming the file, the key and the refused value.
+    """
+    import torch
+
+    from vlm.formats.build import CheckpointError, check_plain
+
+    if config is None:
+        return
+    schedulers = torch.optim.lr_scheduler
+    module, base = ((torch.optim, torch.optim.Optimizer) if key == "optimizer"
+                    else (schedulers, (schedulers.LRScheduler, schedulers.ReduceLROnPlateau)))  # fmt: skip
+    classes = {n: getattr(module, n, None) for n in module.__all__}
+    allowed = {_VLM_TRAINING_CALLABLES[key],
+               *(f"{module.__name__}.{n}" for n, c in classes.items() if isinstance(c, type) and issubclass(c, base))}
+    check_plain(config, where, key)
+    if not isinstance(config, dict) or set(config) - {"class_path", "init_args"}:
+        raise CheckpointError(f"{where}: refused {key}: expected a class_path with its init_args")
+    if config.get("class_path") not in allowed or not isinstance(config.get("init_args") or {}, dict):
+        raise CheckpointError(f"{where}: refused {key}.class_path: {config.get('class_path')!r} is not one of torch's "
+                              f"or vlm's {key.replace('_', ' ')} classes")
 
 
 def _guard_strategy(strategy: Any) -> None:
@@ -152,16 +190,45 @@ def cli_main(args: list[str] | None = None) -> None:
         Exception: what Lightning or torch raise; those that are the user's to fix (a checkpoint that fails to load,
             a class in the config that refuses its arguments) keep their type and are marked for :func:`main`.
     """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    refuse_special_files(sys.argv[1:] if args is None else args)
+    make_cli(args)
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> Any:
+    """vlm's LightningCLI over ``args`` (``sys.argv`` when None): runs its subcommand, or with ``run=False`` parses
+    ``args`` (a config, no subcommand) and builds the task, the data module and the trainer, and returns it."""
     from lightning.pytorch import LightningDataModule, LightningModule
+
+    return _cli_class()(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        save_config_kwargs={"overwrite": True}, args=args, run=run)
+
+
+def _none() -> None:
+    return None
+
+
+def _cli_class() -> type:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
-    refuse_special_files(sys.argv[1:] if args is None else args)
-
     class CLI(LightningCLI):
-        """Reads ``--ckpt_path`` with ``weights_only=True`` unless ``--weights_only false`` is given: Lightning leaves
-        it to torch's default, which the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable turns into unpickling code.
-        Checks ``--ckpt_path`` before the run starts, and marks what loading it raises as a user error."""
+        """Hands the data module the task's tokenizer and image settings. Reads ``--ckpt_path`` with
+        ``weights_only=True`` unless ``--weights_only false`` is given: Lightning leaves it to torch's default, which
+        the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable turns into unpickling code. Checks ``--ckpt_path`` before the
+        run starts, and marks what loading it raises as a user error."""
+
+        def __reduce__(self) -> tuple:
+            # The optimizer and schedule callables jsonargparse builds keep Lightning's instantiator, which holds this
+            # CLI (it is only called for tasks and data modules, so never again once they are built): a task pickled
+            # for spawned processes (strategy ddp_spawn) carries None in its place.
+            return _none, ()
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            # Stated once, on the task and its model; the data module gets the task's objects once it is built. A
+            # link whose source the task lacks (the language model has no image settings) or whose target the data
+            # module lacks (text data has no images) is not applied.
+            for name in ("tokenizer", "image_size", "image_mean", "image_std"):
+                parser.link_arguments(f"model.{name}", f"data.init_args.{name}", apply_on="instantiate")
 
         def parse_arguments(self, parser: Any, args: Any) -> None:
             super().parse_arguments(parser, args)
@@ -201,14 +268,7 @@ def cli_main(args: list[str] | None = None) -> None:
 
         before_fit = before_validate = before_test = before_predict = _safe_loading
 
-    CLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return CLI
 
 
 def main(argv: list[str] | None = None) -> int:

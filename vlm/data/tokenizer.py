@@ -17,6 +17,7 @@ import html
 import importlib.util
 from functools import cache, cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -170,4 +171,15 @@ class CLIPTokenizer:
         return bytes(to_byte[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
 
-__all__ = ["CLIPTokenizer"]
+def fit_context_length(tokenizer: Any, model_length: int | None) -> Any:
+    """Caps ``tokenizer.context_length`` at the model's, ``model_length`` (None: a model without a fixed length, such
+    as a Hugging Face text tower), so the model never gets more tokens than it takes and a config states the length
+    once, on the model; a tokenizer without a length of its own (``None``) takes the model's. A shorter tokenizer
+    length stays: it is a choice (shorter training sequences). Changes ``tokenizer`` in place and returns it."""
+    own = tokenizer.context_length
+    if model_length is not None:
+        tokenizer.context_length = model_length if own is None else min(own, model_length)
+    return tokenizer
+
+
+__all__ = ["CLIPTokenizer", "fit_context_length"]

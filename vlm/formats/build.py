@@ -58,8 +58,6 @@ BUILDABLE: dict[str, str] = {
 }
 # Arguments that name a Hugging Face model or tokenizer: from a file, None or an existing local directory.
 LOCAL_DIRECTORY_ARGS = {"name_or_path"}
-LOCAL_DIRECTORY_ARGS_OF = {"vlm.tasks.language.LanguageModelTask": {"tokenizer"},
-                           "vlm.tasks.captioning.FlamingoTask": {"tokenizer"}}  # fmt: skip
 # Settings whose size costs memory per input, with bounds far above any real model's.
 BOUNDS: dict[str, tuple[int, int]] = {
     "context_length": (1, 1 << 16),
@@ -172,7 +170,7 @@ def _check_init_args(cls: type, class_path: str, init_args: dict, where: str, ke
         if param is None or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name == "self":
             raise _refuse(where, f"{key}.init_args.{name}", f"{class_path} has no argument {name!r}")
         check_setting(name, value, where, f"{key}.init_args.{name}")
-        if name in LOCAL_DIRECTORY_ARGS or name in LOCAL_DIRECTORY_ARGS_OF.get(class_path, ()):
+        if name in LOCAL_DIRECTORY_ARGS:
             _check_local_directory(value, where, f"{key}.init_args.{name}")
 
 

@@ -27,10 +27,50 @@ if TYPE_CHECKING:  # Lightning is imported only where a task is built: reading a
 CHECKPOINT_LIMIT = 1 << 40  # bytes; the tensors are memory-mapped, so this only refuses absurd sizes
 INFERENCE_KEY = "inference"  # the resolved settings inference needs, beside the weights (see vlm.formats.settings)
 
+# A task's optimizer and schedule: callables LightningCLI builds for training. Files are loaded for inference and
+# build no code, so a task is built here without them (its defaults stand in); vlm fit --ckpt_path checks them.
+TRAINING_ONLY = ("optimizer", "lr_scheduler")
+_OPTIMIZER_VALUES = ("lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio")
+# Arguments of tasks in checkpoints written by earlier versions of vlm, per task, which its class no longer takes:
+# the optimizer's and schedule's values (now the training-only optimizer / lr_scheduler: dropped), the language
+# model's unused image settings (dropped), and a task's context_length, which with the tokenizer named by a string
+# becomes a CausalLMTokenizer config (see current_config).
+LEGACY_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "vlm.tasks.contrastive.ContrastiveTask": _OPTIMIZER_VALUES,
+    "vlm.tasks.language.LanguageModelTask": (*_OPTIMIZER_VALUES, "context_length", "image_size", "image_mean",
+                                             "image_std"),
+    "vlm.tasks.captioning.FlamingoTask": (*_OPTIMIZER_VALUES, "context_length"),
+}
+
+
+def legacy_arguments(hparams: dict[str, Any]) -> list[str]:
+    """The arguments in a task's saved hyper-parameters that its class no longer takes (an earlier vlm's)."""
+    legacy = LEGACY_ARGUMENTS.get(hparams.get("_class_path"), ())
+    found = [name for name in legacy if name in hparams]
+    if "context_length" in legacy and isinstance(hparams.get("tokenizer"), str):
+        found.append("tokenizer")  # a Hugging Face name, now a tokenizer config
+    return found
+
+
+def current_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A task's ``{"class_path", "init_args"}`` config in the current form (an earlier vlm's arguments migrated, see
+    :data:`LEGACY_ARGUMENTS`), without its training-only arguments: what a file's task is built from."""
+    init_args = config.get("init_args") or {}
+    legacy = LEGACY_ARGUMENTS.get(config.get("class_path"), ())
+    args = {k: v for k, v in init_args.items() if k not in legacy and k not in TRAINING_ONLY}
+    name, length = init_args.get("tokenizer"), init_args.get("context_length")
+    if "context_length" in legacy and (isinstance(name, str) or (name is None and length is not None)):
+        args["tokenizer"] = {"class_path": "vlm.data.gpt2_tokenizer.CausalLMTokenizer",
+                             "init_args": {"name_or_path": name, "context_length": length}}
+    return {**config, "init_args": args}
+
 
 def build_task(config: dict[str, Any], where: str = "config") -> LightningModule:
     """Builds a task from ``{"class_path": ..., "init_args": {...}}`` (vlm's tasks only, nested models and
-    tokenizers as ``class_path`` dicts); its hyper-parameters are this config, so its checkpoints load back."""
+    tokenizers as ``class_path`` dicts) for inference: its training-only arguments (:data:`TRAINING_ONLY`) are left
+    out. Its hyper-parameters are the config it was built from, so its checkpoints load back."""
+    init_args = {k: v for k, v in (config.get("init_args") or {}).items() if k not in TRAINING_ONLY}
+    config = {**config, "init_args": init_args}
     with task_hparams_quiet():
         return with_config(build(config, where, ("task",)), config)
 
@@ -52,7 +92,8 @@ def with_config(task: LightningModule, config: dict[str, Any]) -> LightningModul
 
 
 def task_config(hparams: dict[str, Any], where: str = "the checkpoint") -> dict[str, Any]:
-    """The ``{"class_path", "init_args"}`` config of a task from its saved hyper-parameters."""
+    """The ``{"class_path", "init_args"}`` config of a task from its saved hyper-parameters, in the current form
+    (an earlier vlm's arguments migrated, see :data:`LEGACY_ARGUMENTS`) and without its training-only arguments."""
     if not isinstance(hparams, dict):
         raise CheckpointError(f"{where}: refused hyper_parameters: not a mapping")
     hp = dict(hparams)
@@ -62,7 +103,7 @@ def task_config(hparams: dict[str, Any], where: str = "the checkpoint") -> dict[
         raise CheckpointError(
             f"{where} does not record its task class (was the task built with vlm fit or vlm.formats.build_task?)"
         )
-    return {"class_path": class_path, "init_args": hp}
+    return current_config({"class_path": class_path, "init_args": hp})
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -97,4 +138,5 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["CheckpointError", "INFERENCE_KEY", "build_task", "read_checkpoint", "task_config"]
+__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "TRAINING_ONLY", "build_task", "current_config",
+           "legacy_arguments", "read_checkpoint", "task_config"]

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from vlm.data.files import UnsafeFileError, check_regular, read_text_bounded
 from vlm.formats.build import CheckpointError
-from vlm.formats.checkpoint import INFERENCE_KEY, task_config
+from vlm.formats.checkpoint import INFERENCE_KEY, current_config, task_config
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -148,7 +148,7 @@ def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, 
     """An export's task config (without its inference block), its weights' shapes, and a function reading them."""
     config = read_export_config(path)
     shapes = weight_shapes(path)
-    config = {k: v for k, v in config.items() if k != INFERENCE_KEY}
+    config = current_config({k: v for k, v in config.items() if k != INFERENCE_KEY})
     return config, shapes, lambda: read_export_weights(path)
 
 

@@ -28,19 +28,22 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from vlm.captions import attribute_correct, caption_scores, normalize_caption, shapes_attribute_words
-from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, FlamingoTokenizer
+from vlm.captions import attribute_correct, caption_scores, shapes_attribute_words
+from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, CausalLMTokenizer, FlamingoTokenizer
+from vlm.data.tokenizer import fit_context_length
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlm.formats.build import CheckpointError, check_weights
 from vlm.formats.checkpoint import INFERENCE_KEY
 from vlm.formats.settings import caption_settings
 from vlm.generation import Captioner
+from vlm.losses import next_token_loss
 from vlm.models.flamingo import Flamingo
-from vlm.tasks.language import next_token_loss, vocabulary_token_ids
+from vlm.tasks.language import vocabulary_token_ids
 from vlm.tasks.loading import CheckedLoading
-from vlm.tasks.optim import build_optimizer
+from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
 
 log = logging.getLogger("vlm.tasks")
 
@@ -80,9 +83,10 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         vision_weights_prefix: key prefix of the tower inside that file (``model.visual.`` in a CLIP task).
         decoder_weights: where the decoder's weights are read from when training starts; None: keep them.
         decoder_weights_prefix: key prefix of the decoder inside that file (``model.`` in an LM task).
-        tokenizer: the decoder's tokenizer (Hugging Face name or directory); ``None`` for GPT-2's BPE.
+        tokenizer: the decoder's tokenizer, as in its language-model stage (default: GPT-2's BPE); the task extends
+            it with Flamingo's tokens (:class:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer`). Its context length, the
+            most tokens per sequence, is capped at the decoder's and is the decoder's where it sets none.
         prompt: text between ``<image>`` and the caption (not learned, also used when generating).
-        context_length: most tokens per sequence (default: the decoder's context length).
         vocabulary: a closed vocabulary (as for :class:`~vlm.tasks.language.LanguageModelTask`, whose decoder was
             trained with the same): the softmax covers only these words' tokens, ``<|endofchunk|>`` and
             end-of-text, in training and generation. ``None``: the whole vocabulary.
@@ -93,12 +97,11 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
             next word must then come from the image rather than from the words before it: without it the bridge
             learns which words followed which in the training captions (on the synthetic data: "blue" was never
             followed by "circle", so a blue circle was called a square). 0: off.
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW weight decay (matrices only).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: linear warm-up steps.
-        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
+        optimizer: builds the optimizer from the trainable parameters' groups
+            (:func:`vlm.tasks.optim.param_groups`). Default: :class:`vlm.tasks.optim.AdamW` with ``lr=1e-3,
+            weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8``.
+        lr_scheduler: builds the per-step schedule from the optimizer. Default:
+            :class:`vlm.tasks.optim.WarmupCosine` with ``warmup_steps=100, min_lr_ratio=0.1``.
         max_new_tokens: caption length limit when generating on validation.
         num_beams: beams when generating on validation (1: greedy).
         attribute_words: words checked by the attribute accuracy (default: the synthetic data's colours, shapes
@@ -109,8 +112,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         compile: ``torch.compile`` the training forward pass (``forward_hidden``) when a Trainer sets the task up:
             ``True``, or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). Generation stays
             eager (its growing KV cache would recompile at every length). The weights are untouched, so checkpoints
-            are the same with and without. Off by default: on the CPU it did not pay (0.86x on the CLIP step,
-            ``scripts/benchmark.py --suite compile``).
+            are the same with and without. Off by default: on the CPU it is slower than eager
+            (``scripts/benchmark.py --suite compile`` compares them).
     """
 
     def __init__(
@@ -120,18 +123,13 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         vision_weights_prefix: str = "model.visual.",
         decoder_weights: str | None = None,
         decoder_weights_prefix: str = "model.",
-        tokenizer: str | None = None,
+        tokenizer: CausalLMTokenizer | None = None,
         prompt: str = "",
-        context_length: int | None = None,
         vocabulary: Sequence[str] | None = None,
         images_per_sequence: int = 1,
         input_noise: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 24,
         num_beams: int = 1,
         attribute_words: Sequence[str] | None = None,
@@ -155,8 +153,9 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         }
         # Set once the files above have been read; saved with the checkpoint, so a rebuilt task never rereads them.
         self.register_buffer("pretrained_loaded", torch.tensor(False))
-        length = min(context_length or model.context_length, model.context_length)
-        self.tokenizer = FlamingoTokenizer(tokenizer, length, vocab_offset=model.decoder.vocab_size, prompt=prompt)
+        base = fit_context_length(tokenizer if tokenizer is not None else CausalLMTokenizer(), model.context_length)
+        self.tokenizer = FlamingoTokenizer(base.name_or_path, base.context_length,
+                                           vocab_offset=model.decoder.vocab_size, prompt=prompt)
         if self.tokenizer.vocab_size > model.decoder.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the decoder only "
                              f"{model.decoder.vocab_size} embeddings: is it the decoder's tokenizer?")
@@ -165,8 +164,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         self.register_buffer("vocab_ids", ids, persistent=False)  # follows from the config
         self.images_per_sequence = images_per_sequence
         self.input_noise = input_noise
-        self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
-                               warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        self.optimizer = optimizer or adamw(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8)
+        self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1)
         self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
         words = shapes_attribute_words() if attribute_words is None else attribute_words
         self.attribute_words = {w.lower() for w in words}
@@ -335,8 +334,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         self._val = {}
 
     # ----------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self):
-        return build_optimizer(self, **self.optim_args)  # only parameters that require gradients
+    def configure_optimizers(self) -> dict:
+        return configure(self, self.optimizer, self.lr_scheduler)  # only parameters that require gradients
 
 
 def _resolve_weights(source: str) -> str:
@@ -348,7 +347,4 @@ def _resolve_weights(source: str) -> str:
     return source
 
 
-__all__ = [
-    "FlamingoTask", "attribute_correct", "caption_scores", "normalize_caption", "shapes_attribute_words",
-    "swap_input_words",
-]
+__all__ = ["FlamingoTask", "swap_input_words"]

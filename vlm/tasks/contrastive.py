@@ -19,63 +19,23 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from vlm.data.hf_tokenizer import HFTokenizer
-from vlm.data.tokenizer import CLIPTokenizer
+from vlm.data.tokenizer import CLIPTokenizer, fit_context_length
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlm.formats.checkpoint import INFERENCE_KEY
 from vlm.formats.settings import zero_shot_settings
+from vlm.losses import clip_loss, siglip_loss
+from vlm.metrics import retrieval_recall, zero_shot_accuracy
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
 from vlm.tasks.loading import CheckedLoading
-from vlm.tasks.optim import build_optimizer
+from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
 from vlm.zero_shot import build_classifier
 
 log = logging.getLogger("vlm.tasks")
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_loss(image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, logit_scale: Tensor, offset: int,
-              same: Tensor | None = None):
-    """Symmetric InfoNCE over this rank's rows of the global similarity matrix.
-
-    Args:
-        image: this rank's image features (b, d), unit length.
-        text: this rank's text features (b, d), unit length.
-        all_image: every rank's image features (B, d), this rank's included at ``offset``.
-        all_text: every rank's text features (B, d).
-        logit_scale: ``log(1/T)``.
-        offset: index of this rank's first sample in the global batch.
-        same: optional (b, B) bool, True where this rank's caption i equals the global caption j: every such pair is
-            a positive, the target spread evenly over them (see ``ContrastiveTask(same_caption_positive)``).
-    """
-    scale = logit_scale.exp()
-    logits_per_image = scale * image @ all_text.T  # (b, B)
-    logits_per_text = scale * text @ all_image.T  # (b, B)
-    if same is not None:  # identical captions: image i's positives are texts j, text i's are images j (symmetric)
-        targets = same.float() / same.sum(dim=1, keepdim=True)
-        return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
-    labels = torch.arange(image.shape[0], device=image.device) + offset  # the matching pair sits on the diagonal
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int,
-                same: Tensor | None = None) -> Tensor:
-    """Pairwise sigmoid loss: every (image, text) pair is an independent binary classification (SigLIP).
-
-    Normalised by the local batch size as in the paper, so the per-rank losses average to the global one. ``same``
-    (as for :func:`clip_loss`) makes every pair with identical captions a positive.
-    """
-    logits = logit_scale.exp() * image @ all_text.T + logit_bias  # (b, B)
-    if same is not None:
-        labels = same.to(logits.dtype) * 2 - 1
-    else:
-        labels = -torch.ones_like(logits)
-        labels[torch.arange(image.shape[0]), torch.arange(image.shape[0]) + offset] = 1.0  # +1 on the pairs
-    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
 class ContrastiveTask(CheckedLoading, L.LightningModule):
@@ -83,14 +43,15 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
 
     Args:
         model: the CLIP model.
-        tokenizer: turns captions and zero-shot prompts into token ids.
+        tokenizer: turns captions and zero-shot prompts into token ids (default: CLIP's BPE). Its context length is
+            capped at the text tower's (:func:`~vlm.data.tokenizer.fit_context_length`), so a config states it once,
+            on the tower; only a tower without a fixed length (a Hugging Face encoder) leaves it to the tokenizer.
         loss: ``clip`` (symmetric cross-entropy) or ``siglip`` (needs ``model.logit_bias``).
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings and the temperature).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: linear warm-up steps.
-        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
+        optimizer: builds the optimizer from the parameter groups (:func:`vlm.tasks.optim.param_groups`: no weight
+            decay for biases, norms, embeddings and the temperature). Default: :class:`vlm.tasks.optim.AdamW` with
+            ``lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6``.
+        lr_scheduler: builds the per-step schedule from the optimizer. Default:
+            :class:`vlm.tasks.optim.WarmupCosine` with ``warmup_steps=100, min_lr_ratio=0.0``.
         lock_image: freeze the image tower (LiT, Zhai et al. 2022), except its last ``lock_image_unlocked_blocks``.
         lock_image_unlocked_blocks: number of final image blocks (and the final norm) left trainable.
         lock_text: freeze the text tower (e.g. a pretrained language model).
@@ -104,8 +65,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
             contrasts each small batch only with itself). Costs one extra forward pass per micro-batch.
         compile: ``torch.compile`` the image and text towers, in place, when a Trainer sets the task up: ``True``,
             or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). The parameter names do not
-            change, so checkpoints are the same with and without. Off by default: on the CPU it did not pay (0.86x
-            on the default CLIP config's step, ``scripts/benchmark.py --suite compile``).
+            change, so checkpoints are the same with and without. Off by default: on the CPU it is slower than eager
+            (``scripts/benchmark.py --suite compile`` compares them).
         same_caption_positive: treat pairs whose captions are identical token for token (anywhere in the global
             batch) as positives too, instead of asking the model to tell identical captions apart. Matters when
             captions recur within a batch (synthetic data, class-name captions: the shapes' "a red circle" comes
@@ -128,12 +89,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         model: CLIP,
         tokenizer: CLIPTokenizer | HFTokenizer | None = None,
         loss: str = "clip",
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         lock_image: bool = False,
         lock_image_unlocked_blocks: int = 0,
         lock_text: bool = False,
@@ -159,10 +116,11 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         self.save_hyperparameters()
         # Kept as attributes: under LightningCLI ``hparams`` holds only the keys the config spelled out.
         self.loss_name = loss
-        self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
-                               warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        self.optimizer = optimizer or adamw(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+        self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.0)
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer()
+        self.tokenizer = fit_context_length(tokenizer if tokenizer is not None else CLIPTokenizer(),
+                                            getattr(model.text, "context_length", None))
         self.templates = templates if isinstance(templates, str) else list(templates)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.accumulate_micro_batches = accumulate_micro_batches
@@ -266,7 +224,12 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
     def inference_settings(self) -> dict[str, Any] | None:
         """What zero-shot classification needs besides the weights, resolved (tokenizer config, templates, image
         statistics), for checkpoints and exports: with it ``scripts/zero_shot.py`` loads without Lightning."""
-        return zero_shot_settings(self)
+        settings = zero_shot_settings(self)
+        if settings is not None:  # the tokenizer as it runs here: its context length fitted to the text tower
+            tokenizer = settings["tokenizer"]
+            init_args = {**(tokenizer.get("init_args") or {}), "context_length": self.tokenizer.context_length}
+            settings["tokenizer"] = {**tokenizer, "init_args": init_args}
+        return settings
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         settings = self.inference_settings()
@@ -419,46 +382,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         return self.all_gather(x).flatten(0, 1)
 
     # ------------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self):
-        return build_optimizer(self, **self.optim_args)
+    def configure_optimizers(self) -> dict:
+        return configure(self, self.optimizer, self.lr_scheduler)
 
 
-def retrieval_recall(image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Image->text and text->image recall@k when row i of ``image`` matches row i of ``text``.
-
-    A caption may be shared by several images (synthetic data): a retrieved item counts as correct when its
-    embedding equals the true one's, so identical captions are not penalised against each other.
-    """
-    sim = image @ text.T  # (n, n)
-    out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        true = s.diagonal().unsqueeze(1)
-        rank = (s > true + 1e-6).sum(dim=1)  # gallery items strictly more similar than the true match
-        for k in ks:
-            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
-    return out
-
-
-def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], heldout: set[str]) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy over all labelled images, and top-1 on the held-out classes alone."""
-    valid = target >= 0
-    logits, target = logits[valid], target[valid]
-    if target.numel() == 0:
-        return {}
-    n = logits.shape[1]
-    out = {
-        f"zero_shot_top{k}": multiclass_accuracy(logits, target, n, top_k=k, average="micro").item()
-        for k in (1, 5)
-        if k <= n
-    }
-    hit1 = logits.argmax(dim=1) == target
-    if heldout:
-        is_heldout = torch.tensor([classnames[t] in heldout for t in target.tolist()], device=target.device)
-        if is_heldout.any():
-            out["zero_shot_top1_heldout"] = hit1[is_heldout].float().mean().item()
-        if (~is_heldout).any():
-            out["zero_shot_top1_seen"] = hit1[~is_heldout].float().mean().item()
-    return out
-
-
-__all__ = ["ContrastiveTask", "clip_loss", "siglip_loss", "retrieval_recall", "zero_shot_accuracy"]
+__all__ = ["ContrastiveTask"]

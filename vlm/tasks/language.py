@@ -11,14 +11,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vlm.data.gpt2_tokenizer import IGNORE_INDEX, CausalLMTokenizer
-from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlm.data.tokenizer import fit_context_length
+from vlm.losses import next_token_loss
 from vlm.tasks.loading import CheckedLoading
-from vlm.tasks.optim import build_optimizer
+from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
 
 
 def vocabulary_token_ids(tokenizer, words: Sequence[str], extra: Sequence[int] = ()) -> Tensor:
@@ -30,67 +31,35 @@ def vocabulary_token_ids(tokenizer, words: Sequence[str], extra: Sequence[int] =
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def next_token_loss(
-    hidden: Tensor, labels: Tensor, unembed: Callable[..., Tensor], token_ids: Tensor | None = None
-) -> Tensor:
-    """Mean cross-entropy of predicting ``labels[:, t + 1]`` from ``hidden[:, t]``.
-
-    Logits are computed only where a label counts, and, with ``token_ids`` (a closed vocabulary), only for those
-    tokens: the unembedding is most of the cost of a small model with a large vocabulary.
-    """
-    target = labels[:, 1:]
-    keep = target != IGNORE_INDEX
-    h, target = hidden[:, :-1][keep], target[keep]  # (k, d), (k,)
-    if token_ids is None:
-        return F.cross_entropy(unembed(h).float(), target)
-    index = torch.searchsorted(token_ids, target).clamp(max=len(token_ids) - 1)
-    if not bool((token_ids[index] == target).all()):
-        outside = target[token_ids[index] != target][0].item()
-        raise ValueError(f"token id {outside} of a training text is not in the task's vocabulary")
-    return F.cross_entropy(unembed(h, token_ids).float(), index)
-
-
 class LanguageModelTask(CheckedLoading, L.LightningModule):
     """Trains a causal decoder (e.g. :class:`~vlm.models.decoder.DecoderLM`) on text.
 
     Args:
         model: the decoder.
-        tokenizer: Hugging Face tokenizer name or directory; ``None`` for GPT-2's BPE (shipped offline).
-        context_length: most tokens per training sequence (default: the decoder's context length).
+        tokenizer: the decoder's tokenizer (default: GPT-2's BPE, shipped offline). Its context length, the most
+            tokens per training sequence, is capped at the decoder's and is the decoder's where it sets none
+            (:func:`~vlm.data.tokenizer.fit_context_length`).
         vocabulary: a closed vocabulary: the words the texts are made of. The softmax then covers only their
             tokens and end-of-text instead of all of the BPE's (most of a small model's cost otherwise); a text
             with another token is an error. ``None``: the whole vocabulary.
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW weight decay (matrices only).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: linear warm-up steps.
-        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
-        image_size: only so an image-text data module can serve its captions (images are ignored).
-        image_mean: as ``image_size``.
-        image_std: as ``image_size``.
+        optimizer: builds the optimizer from the parameter groups (:func:`vlm.tasks.optim.param_groups`). Default:
+            :class:`vlm.tasks.optim.AdamW` with ``lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8``.
+        lr_scheduler: builds the per-step schedule from the optimizer. Default:
+            :class:`vlm.tasks.optim.WarmupCosine` with ``warmup_steps=100, min_lr_ratio=0.1``.
         compile: ``torch.compile`` the training forward pass (``forward_hidden``) when a Trainer sets the task up:
             ``True``, or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). Generation stays
             eager (its growing KV cache would recompile at every length). The weights are untouched, so checkpoints
-            are the same with and without. Off by default: on the CPU it did not pay (0.86x on the CLIP step,
-            ``scripts/benchmark.py --suite compile``).
+            are the same with and without. Off by default: on the CPU it is slower than eager
+            (``scripts/benchmark.py --suite compile`` compares them).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: str | None = None,
-        context_length: int | None = None,
+        tokenizer: CausalLMTokenizer | None = None,
         vocabulary: Sequence[str] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        image_size: int = 224,
-        image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
-        image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
@@ -98,8 +67,8 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
         self.model = model
         self.compile_options = compile
         self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by configure_model
-        length = min(context_length or model.context_length, model.context_length)
-        self.tokenizer = CausalLMTokenizer(tokenizer, context_length=length)
+        self.tokenizer = fit_context_length(tokenizer if tokenizer is not None else CausalLMTokenizer(),
+                                            model.context_length)
         if self.tokenizer.vocab_size > model.vocab_size:
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} ids but the decoder only {model.vocab_size} embeddings"
@@ -107,10 +76,8 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
         # Not a persistent buffer: it follows from the config, and moves to the model's device with it.
         ids = vocabulary_token_ids(self.tokenizer, vocabulary, [self.tokenizer.eos_token_id]) if vocabulary else None
         self.register_buffer("vocab_ids", ids, persistent=False)
-        self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
-                               warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
-        self.image_size = image_size
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.optimizer = optimizer or adamw(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+        self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1)
         self.val_nll = MeanMetric()
 
     def compute_loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
@@ -140,8 +107,8 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
             options = self.compile_options if isinstance(self.compile_options, dict) else {}
             self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
 
-    def configure_optimizers(self):
-        return build_optimizer(self, **self.optim_args)
+    def configure_optimizers(self) -> dict:
+        return configure(self, self.optimizer, self.lr_scheduler)
 
 
-__all__ = ["LanguageModelTask", "next_token_loss", "vocabulary_token_ids"]
+__all__ = ["LanguageModelTask", "vocabulary_token_ids"]

@@ -1,0 +1,156 @@
+"""Checkpoints written before the tasks took an injected optimizer and schedule and a tokenizer config (their
+hyper-parameters hold lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, the language model's image settings,
+a tokenizer named by a string and a task context_length) still load for inference, through every loader, with the
+same outputs; resuming training from one stops with one line naming what changed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import TINY_CLIP
+
+from vlm.data.gpt2_tokenizer import load_hf_tokenizer
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlm.formats import build_task, load_captioner, load_task, load_zero_shot
+from vlm.tasks import ContrastiveTask, LanguageModelTask
+
+MEAN, STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+FORMER_OPTIMIZER = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 1,
+                    "min_lr_ratio": 0.0}
+LIGHTNING = {"_instantiator": "lightning.pytorch.cli.instantiate_module"}
+DECODER = {"class_path": "vlm.models.decoder.DecoderLM",
+           "init_args": {"context_length": 24, "width": 32, "depth": 2, "num_heads": 2}}
+FLAMINGO_MODEL = {"class_path": "vlm.models.flamingo.Flamingo", "init_args": {
+    "vision": {"class_path": "vlm.models.vit.VisionTransformer",
+               "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
+    "decoder": DECODER, "num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}}
+
+
+def _old_clip_hparams() -> dict:
+    """A ContrastiveTask's hyper-parameters as LightningCLI saved them then: every argument, the optimizer's values
+    among them."""
+    return {"_class_path": "vlm.tasks.contrastive.ContrastiveTask",
+            "model": copy.deepcopy(TINY_CLIP["init_args"]["model"]),
+            "tokenizer": {"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"context_length": 16}},
+            "loss": "clip", **FORMER_OPTIMIZER, "lock_image": False, "lock_image_unlocked_blocks": 0,
+            "lock_text": False, "templates": ["a {}"], "image_mean": MEAN, "image_std": STD,
+            "accumulate_micro_batches": 1, "compile": False, "same_caption_positive": False,
+            "cache_locked_text": False, "init_weights": None, "init_weights_prefix": "model.", **LIGHTNING}
+
+
+def _old_lm_hparams() -> dict:
+    """A LanguageModelTask's: the tokenizer a name (None: GPT-2's BPE), a context_length, unused image settings."""
+    return {"_class_path": "vlm.tasks.language.LanguageModelTask", "model": copy.deepcopy(DECODER), "tokenizer": None,
+            "context_length": 16, "vocabulary": None, **FORMER_OPTIMIZER, "betas": [0.9, 0.95], "eps": 1e-8,
+            "image_size": 224, "image_mean": MEAN, "image_std": STD, "compile": False, **LIGHTNING}
+
+
+def _old_flamingo_hparams(tokenizer_dir: str) -> dict:
+    return {"_class_path": "vlm.tasks.captioning.FlamingoTask", "model": copy.deepcopy(FLAMINGO_MODEL),
+            "vision_weights": None, "vision_weights_prefix": "model.visual.", "decoder_weights": None,
+            "decoder_weights_prefix": "model.", "tokenizer": tokenizer_dir, "prompt": "", "context_length": 20,
+            "vocabulary": None, "images_per_sequence": 1, "input_noise": 0.0, **FORMER_OPTIMIZER,
+            "max_new_tokens": 4, "num_beams": 1, "attribute_words": [], "image_size": None, "image_mean": MEAN,
+            "image_std": STD, "compile": False, **LIGHTNING}
+
+
+def _save_old(task, hparams: dict, path) -> str:
+    """A checkpoint of ``task``'s weights with the former ``hparams`` (and no inference block: the loaders then
+    rebuild the whole task from them)."""
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": hparams, "epoch": 0, "global_step": 1,
+                "pytorch-lightning_version": "2.5.0", "optimizer_states": [], "lr_schedulers": []}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    load_hf_tokenizer(None).save_pretrained(path)
+    return str(path)
+
+
+def test_an_old_clip_checkpoint_loads_with_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    reference = build_task(copy.deepcopy(TINY_CLIP)).eval()
+    path = _save_old(reference, _old_clip_hparams(), tmp_path / "old.ckpt")
+    images, text = torch.randn(2, 3, 16, 16), reference.tokenizer(["a red circle", "a blue square"])
+    for task in (load_task(path), ContrastiveTask.load_from_checkpoint(path)):
+        assert "lr" not in task.hparams and task.tokenizer.context_length == 16
+        with torch.no_grad():
+            for got, want in zip(task.model(images, text), reference.model(images, text)):
+                assert torch.equal(got, want)
+    zero_shot = load_zero_shot(path)
+    assert zero_shot.templates == ["a {}"] and list(zero_shot.image_mean) == MEAN
+    assert torch.equal(zero_shot.tokenizer(["a red circle"]), reference.tokenizer(["a red circle"]))
+
+
+def test_an_old_language_model_checkpoint_keeps_its_context_length(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = {"class_path": "vlm.data.gpt2_tokenizer.CausalLMTokenizer", "init_args": {"context_length": 16}}
+    reference = build_task({"class_path": "vlm.tasks.language.LanguageModelTask",
+                            "init_args": {"model": copy.deepcopy(DECODER), "tokenizer": tokenizer}}).eval()
+    path = _save_old(reference, _old_lm_hparams(), tmp_path / "old.ckpt")
+    task = LanguageModelTask.load_from_checkpoint(path)
+    assert task.tokenizer.context_length == 16 < task.model.context_length  # the former task's context_length
+    assert not hasattr(task, "image_size")
+    text = ["a small red circle left of a large blue square above a small green star below a large red cross"]
+    batch = task.tokenizer.encode_batch(text)
+    assert batch["input_ids"].shape[1] == 16 and torch.equal(batch["input_ids"],
+                                                              reference.tokenizer.encode_batch(text)["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(task.compute_loss(batch["input_ids"], batch["labels"]),
+                           reference.compute_loss(batch["input_ids"], batch["labels"]))
+
+
+def test_an_old_flamingo_checkpoint_captions_the_same(tmp_path, gpt2_dir):
+    torch.manual_seed(0)
+    tokenizer = {"class_path": "vlm.data.gpt2_tokenizer.CausalLMTokenizer",
+                 "init_args": {"name_or_path": gpt2_dir, "context_length": 20}}
+    reference = build_task({"class_path": "vlm.tasks.captioning.FlamingoTask", "init_args": {
+        "model": copy.deepcopy(FLAMINGO_MODEL), "tokenizer": tokenizer, "max_new_tokens": 4,
+        "attribute_words": []}}).eval()
+    path = _save_old(reference, _old_flamingo_hparams(gpt2_dir), tmp_path / "old.ckpt")
+    captioner = load_captioner(path)
+    assert captioner.tokenizer.name_or_path == gpt2_dir and captioner.tokenizer.context_length == 20
+    images = torch.randn(2, 3, 16, 16)
+    assert captioner.generate_captions(images) == reference.captioner().generate_captions(images)
+    task = load_task(path)
+    assert task.tokenizer.context_length == 20 and task.optimizer is not None  # the defaults stand in
+
+
+def test_a_hub_name_as_an_old_tokenizer_is_still_refused(tmp_path):
+    """The former string tokenizer becomes a tokenizer config whose name_or_path gets the local-directory check."""
+    from vlm.formats import CheckpointError
+
+    torch.manual_seed(0)
+    reference = build_task({"class_path": "vlm.tasks.language.LanguageModelTask",
+                            "init_args": {"model": copy.deepcopy(DECODER)}})
+    path = _save_old(reference, {**_old_lm_hparams(), "tokenizer": "someone/some-model"}, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="'someone/some-model' is not a local directory"):
+        load_task(path)
+
+
+def test_resuming_from_an_old_checkpoint_is_one_error_line(tmp_path, capsys):
+    from conftest import tiny_clip_config
+
+    from vlm.__main__ import main
+
+    torch.manual_seed(0)
+    path = _save_old(build_task(copy.deepcopy(TINY_CLIP)), _old_clip_hparams(), tmp_path / "old.ckpt")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path)},
+        "model": tiny_clip_config(),
+        "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
+    }))
+    assert main(["fit", "--config", str(config), f"--ckpt_path={path}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"vlm: error: cannot resume from --ckpt_path {path}: it was written by an earlier vlm")
+    assert "ContrastiveTask took lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio" in lines[0]
+    assert "optimizer / lr_scheduler" in lines[0]
