@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load(args.checkpoint, batch_size=args.batch_size)
         if not isinstance(model, CaptionPredictor):
             raise CheckpointError(f"{args.checkpoint} is a {model.kind}: caption.py needs a Flamingo checkpoint")
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # ValueError: a VLM_CPU_LINEAR that names no backend
         return error(str(e))
     try:
         prompt = model.build_prompt(args.prompt, [caption for _, caption in args.example])

@@ -107,10 +107,22 @@ def test_score_only(script, capsys, setup):
 
 
 def test_few_shot_examples(script, capsys, setup):
-    example = setup["folder"] / "0.png"
+    """The examples reach the model: the script's caption equals the captioner's on the stacked (example, input)
+    images under the few-shot prompt, which differs from the caption without them."""
+    from vlm.generation import few_shot_prompt
+    from vlm.inference import load
+
+    example, query = setup["folder"] / "0.png", setup["folder"] / "1.png"
     code, out, _ = run(script, capsys, "--checkpoint", setup["ckpt"], "--json", "--example", example,
-                       "a small red circle", setup["folder"] / "1.png")
-    assert code == 0 and "caption" in json.loads(out)
+                       "a small red circle", query)
+    assert code == 0
+    model = load(setup["ckpt"])
+    images = model.preprocess([example, query]).unsqueeze(0)  # (1, 2, 3, H, W): the example, then the input
+    prompt = few_shot_prompt(["a small red circle"], model.captioner.tokenizer.prompt)
+    expected = model.captioner.generate_captions(images, prompt)[0]
+    without = model.captioner.generate_captions(images[:, 1])[0]
+    assert expected != without  # otherwise this test could not tell the examples were used
+    assert json.loads(out)["caption"] == expected
 
 
 @pytest.mark.parametrize(
