@@ -40,6 +40,20 @@ TINY_CLIP = {
 }
 
 
+TINY_FLAMINGO = {  # a Flamingo task small enough for any test
+    "class_path": "vlm.tasks.captioning.FlamingoTask",
+    "init_args": {
+        "model": {"class_path": "vlm.models.flamingo.Flamingo", "init_args": {
+            "vision": {"class_path": "vlm.models.vit.VisionTransformer",
+                       "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
+            "decoder": {"class_path": "vlm.models.decoder.DecoderLM",
+                        "init_args": {"context_length": 24, "width": 16, "depth": 1, "num_heads": 2}},
+            "num_latents": 2, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
+        "max_new_tokens": 5,
+    },
+}  # fmt: skip
+
+
 def tiny_clip_config(warmup_steps: int | None = None, **overrides) -> dict:
     """A copy of the tiny CLIP task config with top-level ``init_args`` overridden (``warmup_steps``: the
     schedule's)."""

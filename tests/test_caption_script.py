@@ -12,21 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLAMINGO
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "class_path": "vlm.tasks.captioning.FlamingoTask",
-    "init_args": {
-        "model": {"class_path": "vlm.models.flamingo.Flamingo", "init_args": {
-            "vision": {"class_path": "vlm.models.vit.VisionTransformer",
-                       "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
-            "decoder": {"class_path": "vlm.models.decoder.DecoderLM",
-                        "init_args": {"context_length": 24, "width": 16, "depth": 1, "num_heads": 2}},
-            "num_latents": 2, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
-        "max_new_tokens": 5,
-    },
-}
+TINY = TINY_FLAMINGO
 
 
 def _load_script():

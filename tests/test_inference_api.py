@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_clip_config
+from conftest import TINY_FLAMINGO, tiny_clip_config
 from PIL import Image
-from test_untrusted_files import TINY_FLAMINGO
 
 import vlm
 from vlm.data.images import ImageLoadError

@@ -19,24 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_clip_config
+from conftest import TINY_FLAMINGO, tiny_clip_config
 from PIL import Image
 
 from vlm.formats import BUILDABLE, CheckpointError, build_task, export_task, load_captioner, load_task, load_zero_shot
 
 ROOT = Path(__file__).parent.parent
-TINY_FLAMINGO = {
-    "class_path": "vlm.tasks.captioning.FlamingoTask",
-    "init_args": {
-        "model": {"class_path": "vlm.models.flamingo.Flamingo", "init_args": {
-            "vision": {"class_path": "vlm.models.vit.VisionTransformer",
-                       "init_args": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "num_heads": 2}},
-            "decoder": {"class_path": "vlm.models.decoder.DecoderLM",
-                        "init_args": {"context_length": 24, "width": 16, "depth": 1, "num_heads": 2}},
-            "num_latents": 2, "resampler_depth": 1, "resampler_heads": 2, "cross_attn_heads": 2}},
-        "max_new_tokens": 3,
-    },
-}  # fmt: skip
 EVIL_MODULE = '''
 import pathlib
 pathlib.Path({marker!r}).touch()  # runs on import
