@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 from vlm.formats import CheckpointError, load_captioner, load_zero_shot
-from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, task_class_path
+from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
 from vlm.generation import Captioner, few_shot_prompt
 from vlm.zero_shot import ZeroShotModel, build_classifier, get_templates
 
@@ -302,11 +302,12 @@ def load(source: str | os.PathLike, weights: str | os.PathLike | None = None, de
     elif weights is not None:
         raise CheckpointError(f"{text}: weights=... is for open_clip: and timm: sources; a checkpoint holds its own")
     else:
-        kind = task_class_path(text)
+        file = read_task_file(text)  # read once, then built as what it holds
+        kind = file.class_path
         if kind == CONTRASTIVE_TASK:
-            predictor = CLIPPredictor(load_zero_shot(text), text, **options)
+            predictor = CLIPPredictor(load_zero_shot(text, file), text, **options)
         elif kind == FLAMINGO_TASK:
-            predictor = CaptionPredictor(load_captioner(text), text, **options)
+            predictor = CaptionPredictor(load_captioner(text, file), text, **options)
         else:
             raise CheckpointError(f"{text} holds a {kind.rpartition('.')[2]}: vlm.load serves CLIP (ContrastiveTask) "
                                   "and Flamingo (FlamingoTask) checkpoints")

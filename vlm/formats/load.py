@@ -9,8 +9,10 @@ tensor is allocated), and every setting read here is checked against bounds and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -68,26 +70,51 @@ def load_task(path: str | Path, expected: str | None = None) -> LightningModule:
     return task.eval()
 
 
+@dataclass
+class TaskFile:
+    """A ``.ckpt`` or export read once: its task config, inference settings (or None), the weights' names and shapes,
+    and a function that gives the weights (memory-mapped for a checkpoint, read on call for an export)."""
+
+    config: dict
+    settings: Any
+    shapes: dict[str, tuple[int, ...]]
+    weights: Callable[[], dict]
+
+    @property
+    def class_path(self) -> str:
+        return self.config["class_path"]
+
+
+def read_task_file(path: str | Path) -> TaskFile:
+    """Reads a checkpoint or export once, building nothing; its task class must be one of vlm's tasks."""
+    path, where = Path(path), str(path)
+    if is_export(path):
+        config = read_export_config(path)
+        file = TaskFile(config, config.get(INFERENCE_KEY), weight_shapes(path), lambda: read_export_weights(path))
+    else:
+        ckpt = read_checkpoint(path)
+        weights = ckpt["state_dict"]
+        file = TaskFile(task_config(ckpt["hyper_parameters"], where), ckpt.get(INFERENCE_KEY), shapes_of(weights),
+                        lambda: weights)  # fmt: skip
+    check_class_path(file.class_path, where, "config", ("task",))
+    return file
+
+
 def task_class_path(path: str | Path) -> str:
     """The task class a ``.ckpt`` or export holds (its ``class_path``, one of vlm's tasks), read without building
     anything."""
-    path = Path(path)
-    if is_export(path):
-        class_path = read_export_config(path)["class_path"]
-    else:
-        class_path = task_config(read_checkpoint(path)["hyper_parameters"], str(path))["class_path"]
-    return check_class_path(class_path, str(path), "config", ("task",))
+    return read_task_file(path).class_path
 
 
-def load_zero_shot(path: str | Path) -> ZeroShotModel:
+def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotModel:
     """A :class:`ZeroShotModel` from a ``vlm fit`` checkpoint of a CLIP task or a ``vlm export`` directory, in eval
-    mode on the CPU.
+    mode on the CPU (``file``: the file as :func:`read_task_file` already read it).
 
     Raises:
         CheckpointError: the file is missing, unreadable, refused, not a CLIP task, or does not match its config.
     """
     path = Path(path)
-    loaded = _load_model(path, CONTRASTIVE_TASK)
+    loaded = _load_model(path, CONTRASTIVE_TASK, file or read_task_file(path))
     if loaded is None:
         task = load_task(path, expected=CONTRASTIVE_TASK)
         return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std)
@@ -106,15 +133,15 @@ def load_zero_shot(path: str | Path) -> ZeroShotModel:
                          image_std=tuple(float(x) for x in settings["image_std"]))  # fmt: skip
 
 
-def load_captioner(path: str | Path) -> Captioner:
+def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
     """A :class:`Captioner` from a ``vlm fit`` checkpoint of a Flamingo task or a ``vlm export`` directory, in eval
-    mode on the CPU.
+    mode on the CPU (``file``: the file as :func:`read_task_file` already read it).
 
     Raises:
         CheckpointError: the file is missing, unreadable, refused, not a Flamingo task, or does not match its config.
     """
     path = Path(path)
-    loaded = _load_model(path, FLAMINGO_TASK)
+    loaded = _load_model(path, FLAMINGO_TASK, file or read_task_file(path))
     if loaded is None:
         return load_task(path, expected=FLAMINGO_TASK).captioner()
     model, settings = loaded
@@ -156,28 +183,22 @@ def _require(settings: dict, names: tuple[str, ...], where: str) -> None:
         raise CheckpointError(f"{where}: its inference settings are incomplete (no {', '.join(missing)})")
 
 
-def _load_model(path: Path, task_class_path: str) -> tuple[nn.Module, dict] | None:
+def _load_model(path: Path, task_class_path: str, file: TaskFile) -> tuple[nn.Module, dict] | None:
     """The model (weights loaded, eval mode) and inference settings of a checkpoint or export of the task
     ``task_class_path``, or None where the file must go through the task (no settings, or another task kind)."""
-    where = str(path)
-    if is_export(path):
-        config = read_export_config(path)
-        settings, weights, shapes = config.get(INFERENCE_KEY), None, weight_shapes(path)
-    else:
-        ckpt = read_checkpoint(path)
-        config, settings = task_config(ckpt["hyper_parameters"], where), ckpt.get(INFERENCE_KEY)
-        weights = ckpt["state_dict"]
-        shapes = shapes_of(weights)
+    where, config, settings = str(path), file.config, file.settings
     if config["class_path"] != task_class_path or not isinstance(settings, dict):
         return None
     check_plain(settings, where, INFERENCE_KEY)
     model_config = (config.get("init_args") or {}).get("model")
     if not isinstance(model_config, dict):
         raise CheckpointError(f"{where} does not record its model config")
-    model_shapes = {k[len(MODEL_PREFIX):]: s for k, s in shapes.items() if k.startswith(MODEL_PREFIX)}
+    model_shapes = {k[len(MODEL_PREFIX):]: s for k, s in file.shapes.items() if k.startswith(MODEL_PREFIX)}
     model = build_checked(model_config, model_shapes, where, ("model",), "config.init_args.model")
-    weights = read_export_weights(path) if weights is None else weights
+    weights = file.weights()
     copy_weights(model, {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}, where)
     return model.eval(), settings
 
-__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "load_captioner", "load_task", "load_zero_shot", "task_class_path"]
+
+__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "TaskFile", "load_captioner", "load_task", "load_zero_shot",
+           "read_task_file", "task_class_path"]
