@@ -403,8 +403,8 @@ def test_caption_text_output_escapes_the_model_output(scripts, env, hostile_name
 
     load = vlm.inference.load_captioner
 
-    def load_with_hostile_output(path):
-        captioner = load(path)
+    def load_with_hostile_output(path, *args):
+        captioner = load(path, *args)
         captioner.generate_captions = lambda images, *args, **kwargs: ["two\nlines\x1b[2J"] * len(images)
         return captioner
 
