@@ -3,11 +3,15 @@
 There is exactly one attention implementation here (:class:`Attention`); the ViT, the text tower, the decoder LM,
 the Perceiver Resampler and Flamingo's gated cross-attention all call it. It is built on
 ``torch.nn.functional.scaled_dot_product_attention`` so the fused kernels (flash / memory-efficient) are used
-wherever PyTorch has them. Every projection is a plain :class:`torch.nn.Linear`; CPU-only speed-ups are applied
-from outside by :func:`vlm.kernels.use_cpu_kernels`.
+wherever PyTorch has them; inside :func:`record_attention` it computes the softmax weights explicitly and keeps
+them (for attention maps), and only there. Every projection is a plain :class:`torch.nn.Linear`; CPU-only speed-ups
+are applied from outside by :func:`vlm.kernels.use_cpu_kernels`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +116,8 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.recorded: list[Tensor] | None = None  # set by record_attention: weights are appended while it is a list
+        self.detach_recorded = True
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape  # (b, n, h*d) -> (b, h, n, d)
@@ -168,11 +174,60 @@ class Attention(nn.Module):
                     is_causal = False
         if attn_mask is not None:
             is_causal = False
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, is_causal=is_causal
-        )  # (b, h, n, d)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.recorded is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        else:
+            weights = attention_weights(q, k, attn_mask, is_causal)  # (b, h, n, m)
+            self.recorded.append(weights.detach() if self.detach_recorded else weights)
+            out = F.dropout(weights, dropout_p) @ v  # (b, h, n, d)
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
+
+
+def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """The softmax weights (b, h, n, m) that ``scaled_dot_product_attention`` applies to the values, computed
+    explicitly (the fused kernels never materialise them): same scale, same mask conventions."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (b, h, n, m)
+    if is_causal:
+        n, m = scores.shape[-2:]
+        attn_mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()  # top-left, as SDPA
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return scores.float().softmax(dim=-1).to(q.dtype)
+
+
+@contextmanager
+def record_attention(model: nn.Module, detach: bool = True) -> Iterator[dict[str, list[Tensor]]]:
+    """Records the attention weights of every :class:`Attention` inside ``model`` while the block is open.
+
+    ``detach=False`` keeps the weights in the autograd graph (for gradient-weighted maps: ``torch.autograd.grad``
+    of a score with respect to them).
+
+    Yields ``{module name: [weights (b, heads, queries, keys), ...]}``, one entry per call in call order (a decoder
+    that generates token by token calls each layer once per step). While recording, attention runs the explicit
+    softmax path so the weights exist; outside the block the fused kernel runs untouched.
+
+        with record_attention(vit) as maps:
+            vit(images)
+        last = maps["blocks.11.attn"][0]
+    """
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    records: dict[str, list[Tensor]] = {}
+    busy = [name or type(model).__name__ for name, module in modules if module.recorded is not None]
+    if busy:
+        raise RuntimeError(f"attention of {busy[0]} is already being recorded")
+    for name, module in modules:
+        module.recorded, module.detach_recorded = [], detach
+        records[name] = module.recorded
+    try:
+        yield records
+    finally:
+        for _, module in modules:
+            module.recorded = None
 
 
 class MLP(nn.Module):
@@ -304,7 +359,9 @@ __all__ = [
     "LayerScale",
     "MLP",
     "QuickGELU",
+    "attention_weights",
     "checkpoint_blocks",
     "init_weights_trunc_normal",
     "make_activation",
+    "record_attention",
 ]

@@ -213,8 +213,11 @@ class VisionTransformer(nn.Module):
         blocks = self.blocks[: len(self.blocks) - skip_last_blocks]
         return checkpoint_blocks(blocks, self._embed(images), self.grad_checkpointing)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Images (b, c, h, w) -> pooled embedding (b, width)."""
-        x = self.forward_tokens(images)
+    def pool_tokens(self, x: Tensor) -> Tensor:
+        """Tokens from :meth:`forward_tokens` (b, prefix + patches, width) -> pooled embedding (b, width)."""
         pooled = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
         return self.fc_norm(pooled)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images (b, c, h, w) -> pooled embedding (b, width)."""
+        return self.pool_tokens(self.forward_tokens(images))
