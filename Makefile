@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo demo-clip demo-lm demo-flamingo lint benchmark gpu-wheels clean
+.PHONY: install browser test demo demo-clip demo-lm demo-flamingo lint benchmark gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: install
+# The browser test of `vlm serve` drives Debian's headless Chromium (a package, never a downloaded browser build).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium and chromium-driver (Debian packages) for the browser test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q
 
 lint: install

@@ -80,6 +80,29 @@ def build_trainable(config: dict):
     return with_config(task, config)
 
 
+def write_tiny_checkpoints(folder) -> dict:
+    """``clip.ckpt`` and ``flamingo.ckpt`` (its gates opened, so the image changes the caption) of the tiny configs,
+    as ``vlm fit`` saves them, in ``folder``; returns ``{"clip": path, "flamingo": path}``."""
+    from pathlib import Path
+
+    from vlm.formats import build_task
+
+    out = {}
+    for name, config in (("clip", tiny_clip_config()), ("flamingo", copy.deepcopy(TINY_FLAMINGO))):
+        torch.manual_seed(0)
+        task = build_task(config)
+        if name == "flamingo":
+            with torch.no_grad():
+                for blk in task.model.cross_attn:
+                    blk.attn_gate.fill_(1.0)
+                    blk.mlp_gate.fill_(1.0)
+        ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "inference": task.inference_settings()}  # fmt: skip
+        out[name] = Path(folder) / f"{name}.ckpt"
+        torch.save(ckpt, out[name])
+    return out
+
+
 @pytest.fixture
 def tiny_clip_task():
     from vlm.formats import build_task

@@ -3,18 +3,18 @@ the library functions they wrap (so the API adds convenience, never different nu
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FLAMINGO, tiny_clip_config
+from conftest import TINY_FLAMINGO, write_tiny_checkpoints
 from PIL import Image
 
 import vlm
 from vlm.data.images import ImageLoadError
 from vlm.formats import CheckpointError, build_task, export_task
+from vlm.formats.load import load_task
 from vlm.inference import CaptionPredictor, CLIPPredictor, VisionPredictor
 from vlm.zero_shot import build_classifier, classify
 
@@ -22,20 +22,9 @@ from vlm.zero_shot import build_classifier, classify
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
-    out = {}
-    for name, config in (("clip", tiny_clip_config()), ("flamingo", copy.deepcopy(TINY_FLAMINGO))):
-        torch.manual_seed(0)
-        task = build_task(config)
-        if name == "flamingo":  # open the gates: the images then change the captions
-            with torch.no_grad():
-                for blk in task.model.cross_attn:
-                    blk.attn_gate.fill_(1.0)
-                    blk.mlp_gate.fill_(1.0)
-        ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "inference": task.inference_settings()}  # fmt: skip
-        torch.save(ckpt, tmp / f"{name}.ckpt")
-        out[name] = tmp / f"{name}.ckpt"
-        out[f"{name}_export"] = export_task(task, tmp / f"{name}_export")
+    out = write_tiny_checkpoints(tmp)
+    for name in ("clip", "flamingo"):
+        out[f"{name}_export"] = export_task(load_task(out[name]), tmp / f"{name}_export")
     lm = build_task({"class_path": "vlm.tasks.language.LanguageModelTask",
                      "init_args": {"model": TINY_FLAMINGO["init_args"]["model"]["init_args"]["decoder"]}})
     torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams)}, tmp / "lm.ckpt")

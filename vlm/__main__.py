@@ -3,6 +3,10 @@
 - ``vlm fit|validate|test|predict --config FILE [--key value ...]``: LightningCLI over the tasks in ``vlm.tasks``.
 - ``vlm data shapes|digits|shards ...``: writes the built-in datasets (see ``vlm data --help``).
 - ``vlm export --checkpoint CKPT --out DIR``: model weights as safetensors plus the constructor config.
+- ``vlm explain --checkpoint CKPT IMAGE... [--labels A,B] --out DIR``: attention and similarity maps (PNG + JSON).
+- ``vlm serve --clip CKPT [--captioner CKPT] [--index INDEX]``: a web page over the models (127.0.0.1 by default).
+- ``vlm index --checkpoint CKPT --images DIR --out INDEX``, ``vlm search --index INDEX QUERY``, ``vlm retrieval
+  --checkpoint CKPT --images DIR``: image search over a folder and retrieval recall (see ``vlm.index``).
 
 User errors on the Lightning path are one ``vlm: error:`` line and exit status 2, not a traceback: a FIFO, device
 or socket named on the command line (jsonargparse would block reading it as a config), a ``--ckpt_path`` that is
@@ -282,6 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.cli import export_main
 
         return export_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from vlm.serve import serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "explain":
+        from vlm.cli import explain_main
+
+        return explain_main(argv[1:])
+    if argv and argv[0] in ("index", "search", "retrieval"):
+        from vlm.cli import index_main, retrieval_main, search_main
+
+        return {"index": index_main, "search": search_main, "retrieval": retrieval_main}[argv[0]](argv[1:])
     from vlm.data.shapes import StaleDataError
     from vlm.inputs import printable
     from vlm.interop.weights import WeightsSourceError

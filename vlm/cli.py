@@ -1,13 +1,28 @@
-"""``vlm export``: the command-line entry point over :mod:`vlm.formats` (LightningCLI runs the other commands)."""
+"""``vlm export``, ``vlm explain``, ``vlm index``, ``vlm search`` and ``vlm retrieval``: command-line entry points
+over :mod:`vlm.formats`, :mod:`vlm.explain` and :mod:`vlm.index` (LightningCLI runs the training commands)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from vlm.formats.build import CheckpointError
 from vlm.formats.export import CONFIG_FILE, WEIGHTS_FILE, export_task
 from vlm.formats.load import load_task
+from vlm.index import (
+    MAX_BATCH_SIZE,
+    MAX_TOP_K,
+    RECALL_KS,
+    IndexFileError,
+    build_index,
+    fingerprint,
+    load_clip,
+    load_index,
+    retrieval_eval,
+    search,
+)
+from vlm.inputs import printable
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -33,3 +48,221 @@ def export_main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE} ({type(task).__name__})")
     return 0
+
+
+def explain_main(argv: list[str] | None = None) -> int:
+    """``vlm explain --checkpoint CKPT IMAGE... [--labels ... | --labels-file F] --out DIR``: attention maps as PNG
+    overlays and JSON; returns the exit code (0 all explained, 1 some image failed, 2 usage error)."""
+    from pathlib import Path
+
+    from vlm.data.files import UnsafeFileError, check_regular
+    from vlm.explain import LABEL_METHODS
+    from vlm.inputs import expand_paths, load_batches, read_labels
+
+    parser = argparse.ArgumentParser(
+        prog="vlm explain",
+        description="Where the model looks: for a CLIP checkpoint, attention rollout, class-token attention and one "
+        "map per label; for a Flamingo checkpoint, the caption with one map per word. Writes DIR/<image>.png "
+        "(overlays) and DIR/<image>.json (the raw maps).",
+    )
+    parser.add_argument("paths", nargs="*", metavar="IMAGE", help="image files or folders of images")
+    parser.add_argument("--checkpoint", required=True, help="a vlm fit checkpoint (.ckpt) or a vlm export directory")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help="comma-separated class names (CLIP)")
+    labels.add_argument("--labels-file", help="file with one class name per line (CLIP)")
+    parser.add_argument("--method", choices=LABEL_METHODS, default="relevance",
+                        help="per-label maps: gradient-weighted attention (relevance, default) or patch-text cosine")
+    parser.add_argument("--max-labels", type=int, default=4, help="label maps drawn per image (the best-scoring)")
+    parser.add_argument("--out", default="explain", help="output folder (default: explain)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    parser.add_argument("--pointing", metavar="SCENES",
+                        help="instead of images: score the maps on a `vlm data scenes` folder (does each object's map "
+                        "peak inside its box?) and print the hit rate against chance as JSON")
+    parser.add_argument("--limit", type=int, help="with --pointing: the first N scenes only")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+    def fail(message: str) -> int:
+        print(f"vlm explain: error: {printable(message)}", file=sys.stderr)
+        return 2
+
+    if bool(args.paths) == bool(args.pointing):
+        return fail("give images to explain, or --pointing SCENES (not both)")
+    if args.pointing:
+        return _pointing(args, fail)
+    try:
+        check_regular(args.checkpoint, "checkpoint", directory_ok=True)
+        names = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else None
+        if not 1 <= args.max_labels <= 64:
+            raise ValueError("--max-labels must be between 1 and 64")
+    except (UnsafeFileError, ValueError) as e:
+        return fail(str(e))
+    from vlm.explain.render import render
+    from vlm.inference import CaptionPredictor, CLIPPredictor, load
+
+    try:
+        model = load(args.checkpoint, batch_size=1)
+        if isinstance(model, CLIPPredictor) and not names:
+            raise ValueError("a CLIP checkpoint explains labels: give --labels or --labels-file")
+        if not isinstance(model, (CLIPPredictor, CaptionPredictor)):
+            raise ValueError(f"{args.checkpoint} is a {model.kind}: vlm explain needs a CLIP or Flamingo checkpoint")
+    except (CheckpointError, ValueError) as e:
+        return fail(str(e))
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"cannot create {out}: {e.strerror or e}")
+    unlistable: dict = {}
+    paths = expand_paths(args.paths, unlistable)
+    if not paths:
+        return fail("no images found in the given paths")
+    failed, used = 0, set()
+    for batch in load_batches(paths, 1, unlistable):
+        for path in batch.paths:
+            if path in batch.errors:
+                failed += 1
+                _emit(args.json, {"path": str(path), "error": batch.errors[path]},
+                      f"{printable(path)}: error: {printable(batch.errors[path])}")
+                continue
+            image = batch.images[batch.ok_paths.index(path)]
+            try:
+                kwargs = {"method": args.method} if isinstance(model, CLIPPredictor) else {}
+                exp = model.explain(image, names, **kwargs)[0]
+            except ValueError as e:  # a label or template the model refuses: the same for every image
+                return fail(str(e))
+            name = path.stem
+            while name in used:  # two inputs with one name (from different folders) keep both outputs
+                name += "_"
+            used.add(name)
+            stem = out / name
+            png, raw = render(image, exp, stem.with_suffix(".png"), args.max_labels), stem.with_suffix(".json")
+            raw.write_text(json.dumps({"path": str(path), **exp.to_json()}))
+            record = {"path": str(path), "png": str(png), "json": str(raw)}
+            if exp.caption is not None:
+                record["caption"] = exp.caption
+            else:
+                record["labels"] = sorted(exp.scores, key=lambda k: -exp.scores[k])[: args.max_labels]
+            said = exp.caption if exp.caption is not None else ", ".join(record["labels"])
+            _emit(args.json, record, f"{printable(path)}: {printable(said)} -> {printable(png)}")
+    return 1 if failed else 0
+
+
+def _pointing(args: argparse.Namespace, fail) -> int:
+    from vlm.explain.localise import caption_pointing, clip_pointing
+    from vlm.inference import CaptionPredictor, CLIPPredictor, load
+
+    try:
+        model = load(args.checkpoint, batch_size=1)
+        if isinstance(model, CLIPPredictor):
+            result = {"method": args.method, **clip_pointing(model, args.pointing, args.method, args.limit)}
+        elif isinstance(model, CaptionPredictor):
+            result = {"method": "caption words", **caption_pointing(model, args.pointing, args.limit)}
+        else:
+            raise ValueError(f"{args.checkpoint} is a {model.kind}: vlm explain needs a CLIP or Flamingo checkpoint")
+    except (CheckpointError, ValueError, OSError, KeyError) as e:
+        return fail(f"{args.pointing}: {e}")
+    print(json.dumps(result))
+    return 0
+
+
+def _emit(as_json: bool, record: dict, text: str) -> None:
+    print(json.dumps(record) if as_json else text, flush=True)
+
+
+# ------------------------------------------------------------------- vlm index / vlm search / vlm retrieval
+def _error(prog: str, message: str) -> int:
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, bounds: dict[str, int]) -> argparse.Namespace | int:
+    """The arguments, or the exit code of a usage error: argparse's, or an option outside 1..``bounds[option]``."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage message
+        return int(e.code or 0)
+    for option, high in bounds.items():
+        if not 1 <= getattr(args, option[2:].replace("-", "_")) <= high:
+            return _error(parser.prog, f"{option} must be between 1 and {high:,}")
+    return args
+
+
+def index_main(argv: list[str] | None = None) -> int:
+    """``vlm index --checkpoint CKPT --images DIR --out INDEX [--batch-size N] [--rebuild]``; returns the exit code."""
+    p = argparse.ArgumentParser(prog="vlm index", description="Embed a folder of images into a search index.")
+    p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (.ckpt) or vlm export folder")
+    p.add_argument("--images", required=True, help="the folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="the index file (safetensors), created or updated")
+    p.add_argument("--batch-size", type=int, default=64, help=f"images per batch, 1 to {MAX_BATCH_SIZE:,}")
+    p.add_argument("--rebuild", action="store_true", help="re-embed every image, replacing any existing index")
+    if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
+        return args
+    try:
+        r = build_index(args.checkpoint, args.images, args.out, args.batch_size, rebuild=args.rebuild)
+    except ValueError as e:  # CheckpointError, IndexFileError, UnsafeFileError included
+        return _error(p.prog, str(e))
+    except OSError as e:
+        print(f"{p.prog}: error: cannot write {printable(args.out)}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"{printable(args.out)}: {r.total} images ({r.embedded} embedded, {r.reused} unchanged, {r.removed} removed, "
+          f"{len(r.failed)} skipped)")
+    return 1 if r.failed else 0
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    """``vlm search --index INDEX QUERY [--top-k K] [--json] [--checkpoint CKPT]``; returns the exit code."""
+    p = argparse.ArgumentParser(prog="vlm search", description="Find the indexed images that best match a text.")
+    p.add_argument("query", nargs="+", help="the text to search for (several words are joined by spaces)")
+    p.add_argument("--index", required=True, help="an index written by vlm index")
+    p.add_argument("--top-k", type=int, default=10, help=f"results, 1 to {MAX_TOP_K:,} (default 10)")
+    p.add_argument("--json", action="store_true", help='one {"query", "results": [{"path", "score"}]} object')
+    p.add_argument("--checkpoint", help="the CLIP checkpoint (default: the one the index was built with)")
+    if isinstance(args := _parse(p, argv, {"--top-k": MAX_TOP_K}), int):
+        return args
+    if not (query := " ".join(args.query)).strip():
+        return _error(p.prog, "the query is empty")
+    try:
+        index = load_index(args.index)
+        checkpoint = args.checkpoint or index.checkpoint
+        if fingerprint(checkpoint) != index.fingerprint:
+            raise IndexFileError(f"{args.index} was built with another checkpoint ({index.checkpoint}) than "
+                                 f"{checkpoint}: rebuild it with vlm index --rebuild")
+        results = search(index, load_clip(checkpoint), query, args.top_k)
+    except CheckpointError as e:  # the one the index records may have moved
+        hint = "" if args.checkpoint else " (the checkpoint the index records; give another with --checkpoint)"
+        return _error(p.prog, f"{e}{hint}")
+    except ValueError as e:  # IndexFileError included
+        return _error(p.prog, str(e))
+    if args.json:
+        print(json.dumps({"query": query, "results": [{"path": str(p), "score": round(s, 6)} for p, s in results]}))
+    for rank, (path, score) in enumerate(results if not args.json else [], start=1):
+        print(f"{rank:>3}  {score:.4f}  {printable(path)}", flush=True)
+    return 0
+
+
+def retrieval_main(argv: list[str] | None = None) -> int:
+    """``vlm retrieval --checkpoint CKPT --images DIR [--json] [--batch-size N]``; returns the exit code."""
+    p = argparse.ArgumentParser(prog="vlm retrieval", description="Image-text recall@1/5/10 over a captioned folder.")
+    p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (.ckpt) or vlm export folder")
+    p.add_argument("--images", required=True, help="a folder whose metadata.jsonl rows have file_name and "
+                   "captions (a list) or caption (rows naming one image add up)")
+    p.add_argument("--batch-size", type=int, default=64, help=f"images per batch, 1 to {MAX_BATCH_SIZE:,}")
+    p.add_argument("--json", action="store_true", help="one JSON object with the counts and recalls")
+    if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
+        return args
+    try:
+        report = retrieval_eval(load_clip(args.checkpoint, args.batch_size), args.images)
+    except ValueError as e:  # CheckpointError, UnsafeFileError included
+        return _error(p.prog, str(e))
+    m = report.metrics
+    if args.json:
+        print(json.dumps({"images": report.images, "captions": report.captions, **m}))
+    else:
+        print(f"{report.images} images, {report.captions} captions")
+        for name, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+            print(f"{label}  " + "  ".join(f"R@{k} {m[f'{name}_R@{k}']:.3f}" for k in RECALL_KS))
+    return 1 if report.failed else 0
+

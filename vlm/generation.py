@@ -263,7 +263,22 @@ def caption_images(
     num_beams: int = 1,
     **kwargs: Any,
 ) -> list[str]:
-    """Captions a batch of images with a Flamingo model.
+    """Captions a batch of images with a Flamingo model (arguments as :func:`caption_tokens`)."""
+    tokens = caption_tokens(model, tokenizer, images, prompt, max_new_tokens, num_beams, **kwargs)
+    return [tokenizer.decode(row) for row in tokens]
+
+
+@torch.no_grad()
+def caption_tokens(
+    model: Any,
+    tokenizer: Any,
+    images: Tensor,
+    prompt: str | None = None,
+    max_new_tokens: int = 20,
+    num_beams: int = 1,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """The caption tokens a Flamingo model generates for a batch of images, each row cut before its stop token.
 
     Args:
         model: a :class:`~vlm.models.flamingo.Flamingo`.
@@ -292,7 +307,12 @@ def caption_images(
         suppress_token_ids=[tokenizer.image_token_id, tokenizer.pad_token_id],
         **kwargs,
     )
-    return [tokenizer.decode(row) for row in tokens]
+    ends = {tokenizer.end_of_chunk_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    rows = []
+    for row in tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in ends), len(row))
+        rows.append(row[:cut])
+    return rows
 
 
 
@@ -325,10 +345,23 @@ class Captioner:
         ``images`` is (b, 3, H, W), or (b, T, 3, H, W) with a ``prompt`` holding T ``<image>`` markers (few-shot);
         ``kwargs`` go to :func:`generate` (e.g. ``length_penalty``, ``do_sample``, ``top_p``).
         """
+        return [self.tokenizer.decode(row) for row in
+                self.generate_tokens(images, prompt, max_new_tokens, num_beams, **kwargs)]  # fmt: skip
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        images: Tensor,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        **kwargs: Any,
+    ) -> list[list[int]]:
+        """The caption tokens of :meth:`generate_captions`, each row cut before its stop token."""
         if self.vocab_ids is not None:
             kwargs.setdefault("allowed_token_ids", self.vocab_ids)
-        return caption_images(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
+        return caption_tokens(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
                               num_beams or self.num_beams, **kwargs)  # fmt: skip
 
 
-__all__ = ["Captioner", "caption_images", "few_shot_prompt", "generate", "sample_next"]
+__all__ = ["Captioner", "caption_images", "caption_tokens", "few_shot_prompt", "generate", "sample_next"]

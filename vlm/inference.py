@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
+from vlm.explain import Explanation, caption_maps, clip_maps
 from vlm.formats import CheckpointError, load_captioner, load_zero_shot
 from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
 from vlm.generation import Captioner, few_shot_prompt
@@ -67,6 +68,9 @@ class Predictor:
 
     def caption(self, images: Images, prompt: str | None = None, examples: Any = None, **kwargs: Any) -> list[str]:
         raise self._cannot("captioning needs a Flamingo checkpoint")
+
+    def explain(self, images: Images, labels: Sequence[str] | None = None, **kwargs: Any) -> list[Explanation]:
+        raise self._cannot("attention maps need a CLIP or a Flamingo checkpoint")
 
     # ------------------------------------------------------------------------------------------------ images
     def preprocess(self, images: Images) -> Tensor:
@@ -194,6 +198,19 @@ class CLIPPredictor(Predictor):
         return out
 
 
+    def explain(self, images: Images, labels: Sequence[str] | None = None, templates: Any = None,
+                method: str = "relevance") -> list[Explanation]:
+        """Where the model looks, per image: attention rollout, class-token attention and one map per label
+        (``method``: ``relevance``, gradient-weighted attention, or ``similarity``, patch-text cosine); see
+        :mod:`vlm.explain.maps`. The labels' vectors are built as for :meth:`classify`."""
+        if not labels:
+            raise ValueError("explain needs at least one label for a CLIP model")
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        classifier = self.zero_shot_classifier(labels, templates)
+        return [exp for batch in self._batches(images)
+                for exp in clip_maps(self.model, batch, classifier, labels, method)]
+
+
 class CaptionPredictor(Predictor):
     """A Flamingo model with its tokenizer, decoding defaults and image preprocessing."""
 
@@ -234,6 +251,19 @@ class CaptionPredictor(Predictor):
             out.extend(self.captioner.generate_captions(batch, full, max_new_tokens, num_beams, **sampling))
         return out
 
+
+    def explain(self, images: Images, labels: Sequence[str] | None = None, prompt: str | None = None,
+                **decoding: Any) -> list[Explanation]:
+        """Each image's caption with one map per caption token: where the gated cross-attention looked (through
+        the resampler's latents, back to the image patches) when that token was predicted. ``decoding`` as for
+        :meth:`caption`; ``labels`` is not used (a captioner explains its own words)."""
+        full = self.build_prompt(prompt)
+        out: list[Explanation] = []
+        for batch in self._batches(images):
+            ids = self.captioner.generate_tokens(batch, full, **decoding)
+            texts = [self.captioner.tokenizer.decode(row) for row in ids]
+            out.extend(caption_maps(self.captioner, batch, ids, full, texts))
+        return out
 
     def build_prompt(self, prompt: str | None = None, example_captions: Sequence[str] = ()) -> str:
         """The generation prompt for one input after ``example_captions``' images.

@@ -172,6 +172,29 @@ def folder_metadata(paths: Sequence[Path], warn: Callable[[str], None] = _warn_s
     return rows
 
 
+def read_labels(inline: str | None, path: str | None) -> list[str]:
+    """Class names from a comma-separated string or a file; blank, duplicate or missing ones are usage errors.
+
+    The file must be a regular UTF-8 file of at most :data:`vlm.data.files.TEXT_LIMIT` bytes: a FIFO or device
+    would block or never end, a huge file would be read whole.
+    """
+    if path is not None:
+        raw = read_text_bounded(path, "labels file").splitlines()  # UnsafeFileError is a ValueError
+        raw = [line for line in raw if line.strip()]
+    else:
+        raw = inline.split(",")
+    labels = [label.strip() for label in raw]
+    if not labels or not any(labels):
+        raise ValueError("no labels given: pass at least one non-blank class name")
+    blank = [i + 1 for i, label in enumerate(labels) if not label]
+    if blank:
+        raise ValueError(f"label number {blank[0]} is blank")
+    dupes = sorted({label for label in labels if labels.count(label) > 1})
+    if dupes:
+        raise ValueError(f"duplicate label {dupes[0]!r}")
+    return labels
+
+
 @dataclass
 class LoadedBatch:
     """A batch of inputs: ``images`` holds the ones that loaded (RGB), ``errors`` the message for each that did not."""

@@ -1,5 +1,6 @@
-"""Validation metrics of the contrastive task: image-text retrieval recall and zero-shot classification accuracy.
-Pure functions of embeddings and logits; the task gathers them across ranks and logs what these return.
+"""Validation metrics of the contrastive task: image-text retrieval recall (one caption per image, or several: the
+COCO / Flickr30k protocol) and zero-shot classification accuracy. Pure functions of embeddings and logits; the task
+gathers them across ranks and logs what these return.
 """
 
 from __future__ import annotations
@@ -22,6 +23,52 @@ def retrieval_recall(image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5)) ->
     for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
         true = s.diagonal().unsqueeze(1)
         rank = (s > true + 1e-6).sum(dim=1)  # gallery items strictly more similar than the true match
+        for k in ks:
+            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    return out
+
+
+def multi_caption_recall(image: Tensor, text: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10),
+                         chunk: int = 1024) -> dict[str, float]:
+    """Image->text and text->image recall@k when each image has one or more captions (the COCO / Flickr30k protocol).
+
+    Image->text: an image is a hit when ANY of its captions is among its ``k`` most similar captions. Text->image: a
+    caption is a hit when ITS image is among its ``k`` most similar images. Ties within 1e-6 count in the true
+    match's favour, as in :func:`retrieval_recall`, which this equals when every image has exactly one caption.
+    Similarities are computed ``chunk`` rows at a time, so memory stays bounded for large galleries.
+
+    Args:
+        image: (n, d) image embeddings.
+        text: (m, d) caption embeddings.
+        text_to_image: (m,) the index of each caption's image; every image must have at least one caption.
+        ks: the cut-offs.
+        chunk: rows of the similarity matrix held at once.
+
+    Raises:
+        ValueError: mismatched shapes, an index out of range, or an image without a caption.
+    """
+    n, m = image.shape[0], text.shape[0]
+    t2i = text_to_image.to(device=image.device, dtype=torch.long)
+    if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1] or t2i.shape != (m,):
+        raise ValueError(f"expected image (n, d), text (m, d) and text_to_image (m,), got {tuple(image.shape)}, "
+                         f"{tuple(text.shape)} and {tuple(t2i.shape)}")
+    if m and (t2i.min() < 0 or t2i.max() >= n):
+        raise ValueError(f"text_to_image holds an index outside 0..{n - 1}")
+    if n == 0 or torch.bincount(t2i, minlength=n).min() == 0:
+        raise ValueError("every image needs at least one caption")
+    ranks = {"image_to_text": [], "text_to_image": []}
+    for start in range(0, n, chunk):  # image -> text: rank of the best of the image's own captions
+        sim = image[start:start + chunk] @ text.T  # (c, m)
+        own = t2i.unsqueeze(0) == torch.arange(start, start + sim.shape[0], device=image.device).unsqueeze(1)
+        best = sim.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
+        ranks["image_to_text"].append((sim > best + 1e-6).sum(dim=1))
+    for start in range(0, m, chunk):  # text -> image: rank of the caption's own image
+        sim = text[start:start + chunk] @ image.T  # (c, n)
+        true = sim.gather(1, t2i[start:start + chunk].unsqueeze(1))
+        ranks["text_to_image"].append((sim > true + 1e-6).sum(dim=1))
+    out = {}
+    for name, parts in ranks.items():
+        rank = torch.cat(parts)
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return out
@@ -56,4 +103,4 @@ def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], he
     return out
 
 
-__all__ = ["retrieval_recall", "zero_shot_accuracy"]
+__all__ = ["multi_caption_recall", "retrieval_recall", "zero_shot_accuracy"]

