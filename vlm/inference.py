@@ -47,6 +47,7 @@ class Predictor:
                  batch_size: int = 32, device: str | torch.device = "cpu") -> None:
         self.source = source
         self.image_size = image_size
+        self.image_mean, self.image_std = tuple(mean), tuple(std)
         self.transform = eval_transform(image_size, mean, std)
         self.batch_size = batch_size
         self.device = torch.device(device)
