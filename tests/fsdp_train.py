@@ -6,7 +6,6 @@ trained weights (``weights.pt``).
 
     python tests/fsdp_train.py OUT --task clip|flamingo --strategy single|ddp|fsdp [--devices N] [--num-nodes N]
         [--max-steps N] [--ckpt-every N] [--stop-after N] [--resume CKPT] [--checkpointing none|frozen|all]
-        [--decoder HF_DIR]
 """
 
 from __future__ import annotations
@@ -28,13 +27,8 @@ GLOBAL_BATCH, SAMPLES = 8, 24  # 3 steps per epoch
 WORDS = (["red", "blue", "green"], ["circle", "square", "star"])  # one GPT-2 token each: equal caption lengths
 
 
-def flamingo_config(decoder: str | None = None) -> dict:
+def flamingo_config() -> dict:
     cfg = copy.deepcopy(TINY_FLAMINGO)
-    if decoder:
-        cfg["init_args"]["model"]["init_args"]["decoder"] = {
-            "class_path": "vlm.models.hf_decoder.HFCausalLM", "init_args": {"name_or_path": decoder}}
-        cfg["init_args"]["tokenizer"] = {"class_path": "vlm.data.gpt2_tokenizer.CausalLMTokenizer",
-                                         "init_args": {"name_or_path": decoder, "context_length": 16}}
     cfg["init_args"]["optimizer"] = {"class_path": "vlm.tasks.optim.AdamW",
                                      "init_args": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95]}}
     cfg["init_args"]["lr_scheduler"] = {"class_path": "vlm.tasks.optim.WarmupCosine",
@@ -119,12 +113,11 @@ def main() -> None:
     p.add_argument("--stop-after", type=int, default=0)
     p.add_argument("--resume")
     p.add_argument("--checkpointing", default="none")
-    p.add_argument("--decoder")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    task = build_trainable(tiny_clip_config(warmup_steps=0) if args.task == "clip" else flamingo_config(args.decoder))
+    task = build_trainable(tiny_clip_config(warmup_steps=0) if args.task == "clip" else flamingo_config())
     world = args.devices * args.num_nodes
     loader = torch.utils.data.DataLoader(Samples(task, args.task), batch_size=GLOBAL_BATCH // world,
                                          sampler=Strided(world))

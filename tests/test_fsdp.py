@@ -154,16 +154,22 @@ def shapes(tmp_path_factory):
     return path
 
 
+def args_dtype(cfg: dict) -> str:
+    return cfg["model"]["init_args"]["model"]["init_args"]["decoder"]["init_args"]["dtype"]
+
+
 @pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
 def test_hf_lm_config_trains_under_fsdp_with_a_local_decoder(hf_lm_dirs, shapes, tmp_path, name):
-    """configs/flamingo/hf_lm.yaml as shipped (FSDP2, activation checkpointing of the frozen decoder, a full
-    last.ckpt) with its hub parts swapped for a tiny local decoder and tower, on 2 CPU processes: two steps and a
-    validation with generation, then the checkpoint loads through vlm's checked loader."""
+    """configs/flamingo/hf_lm.yaml as shipped (FSDP2, activation checkpointing of the frozen decoder, bf16-mixed with
+    the decoder stored in bf16, a full last.ckpt) with its hub parts swapped for a tiny local decoder and tower, on
+    2 CPU processes: two steps and a validation with generation, then the checkpoint loads through vlm's checked
+    loader."""
     from vlm.formats import load_task
 
     cfg = yaml.safe_load((ROOT / "configs/flamingo/hf_lm.yaml").read_text())
     trainer = cfg["trainer"]
-    trainer.update(accelerator="cpu", devices=2, precision="32-true", max_steps=2, val_check_interval=2,
+    assert trainer["precision"] == "bf16-mixed" and args_dtype(cfg) == "bfloat16"  # kept: CPU autocast has bf16
+    trainer.update(accelerator="cpu", devices=2, max_steps=2, val_check_interval=2,
                    limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=str(tmp_path), logger=False,
                    enable_progress_bar=False, enable_model_summary=False)
     trainer["callbacks"] = [c for c in trainer["callbacks"] if "LearningRateMonitor" not in c["class_path"]]
@@ -189,8 +195,10 @@ def test_hf_lm_config_trains_under_fsdp_with_a_local_decoder(hf_lm_dirs, shapes,
     decoder = task.model.decoder
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(hf_lm_dirs[name])
-    # The frozen decoder came through sharding and gathering unchanged; the bridge trained.
-    assert all(torch.equal(p, ref.state_dict()[k]) for k, p in decoder.model.state_dict().items())
+    ref = AutoModelForCausalLM.from_pretrained(hf_lm_dirs[name], dtype=torch.bfloat16)
+    # The frozen decoder came through sharding and gathering unchanged, in bf16; the bridge trained, in float32.
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, ref.state_dict()[k])
+               for k, p in decoder.model.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in task.model.cross_attn.parameters())
     gates = torch.stack([b.attn_gate.detach().flatten()[0] for b in task.model.cross_attn])
     assert bool((gates != 0).any())
