@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py and tests/test_multinode.py in subprocesses: a few training steps of a tiny CLIP or
+"""Run by tests/test_fsdp.py in subprocesses: a few training steps of a tiny CLIP or
 Flamingo task on a fixed in-memory dataset, under one process, DDP or FSDP2 (``vlm.tasks.sharding.FSDP2Strategy``)
 on CPUs (gloo), on one or several simulated nodes. Each rank writes the loss of every step it trained
 (``losses_rank{R}.json``) and samples, what its model and optimizer hold (``run_rank{R}.json``), rank 0 the full
