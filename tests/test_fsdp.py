@@ -158,47 +158,71 @@ def args_dtype(cfg: dict) -> str:
     return cfg["model"]["init_args"]["model"]["init_args"]["decoder"]["init_args"]["dtype"]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
-def test_hf_lm_config_trains_under_fsdp_with_a_local_decoder(hf_lm_dirs, shapes, tmp_path, name):
+def run_hf_lm_config(hf_dir: str, shapes: Path, root: Path, accelerator: str, devices: int) -> None:
     """configs/flamingo/hf_lm.yaml as shipped (FSDP2, activation checkpointing of the frozen decoder, bf16-mixed with
-    the decoder stored in bf16, a full last.ckpt) with its hub parts swapped for a tiny local decoder and tower, on
-    2 CPU processes: two steps and a validation with generation, then the checkpoint loads through vlm's checked
-    loader."""
+    the decoder stored in bf16, gradient clipping, a full last.ckpt) with its hub parts swapped for a tiny local
+    decoder and tower: two steps and a validation with generation through ``vlm fit``, then the checkpoint loads
+    through vlm's checked loader with the frozen decoder unchanged."""
+    from transformers import AutoModelForCausalLM
+
     from vlm.formats import load_task
 
     cfg = yaml.safe_load((ROOT / "configs/flamingo/hf_lm.yaml").read_text())
     trainer = cfg["trainer"]
     assert trainer["precision"] == "bf16-mixed" and args_dtype(cfg) == "bfloat16"  # kept: CPU autocast has bf16
-    trainer.update(accelerator="cpu", devices=2, max_steps=2, val_check_interval=2,
-                   limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=str(tmp_path), logger=False,
+    trainer.update(accelerator=accelerator, devices=devices, max_steps=2, val_check_interval=2,
+                   limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=str(root), logger=False,
                    enable_progress_bar=False, enable_model_summary=False)
     trainer["callbacks"] = [c for c in trainer["callbacks"] if "LearningRateMonitor" not in c["class_path"]]
     args = cfg["model"]["init_args"]
     model = args["model"]["init_args"]
     model.update(cross_attn_every=1, cross_attn_heads=2, num_latents=4, resampler_depth=1, resampler_heads=2)
     model["vision"]["init_args"].update(image_size=16, patch_size=8, width=16, depth=2, num_heads=2)
-    model["decoder"]["init_args"]["name_or_path"] = hf_lm_dirs[name]
-    args["tokenizer"]["init_args"].update(name_or_path=hf_lm_dirs[name], context_length=32)
+    model["decoder"]["init_args"]["name_or_path"] = hf_dir
+    args["tokenizer"]["init_args"].update(name_or_path=hf_dir, context_length=32)
     args.update(vision_weights=None, max_new_tokens=3, num_beams=1)
     cfg["data"] = {"class_path": "vlm.data.datamodules.ImageTextDataModule",
                    "init_args": {"source": {"class_path": "vlm.data.builtin.ShapesSource",
                                             "init_args": {"data_dir": str(shapes), "num_train": 16, "num_val": 4}},
                                  "batch_size": 2, "in_memory": True, "num_workers": 0}}
-    config = tmp_path / "config.yaml"
+    config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "vlm", "fit", "--config", str(config)], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
     assert ckpt["global_step"] == 2
-    task = load_task(tmp_path / "checkpoints" / "last.ckpt")  # one full file, as vlm.load and the scripts read
-    decoder = task.model.decoder
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(hf_lm_dirs[name], dtype=torch.bfloat16)
+    task = load_task(root / "checkpoints" / "last.ckpt")  # one full file, as vlm.load and the scripts read
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16)
     # The frozen decoder came through sharding and gathering unchanged, in bf16; the bridge trained, in float32.
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, ref.state_dict()[k])
-               for k, p in decoder.model.state_dict().items())
+               for k, p in task.model.decoder.model.state_dict().items())
     assert all(p.dtype == torch.float32 for p in task.model.cross_attn.parameters())
     gates = torch.stack([b.attn_gate.detach().flatten()[0] for b in task.model.cross_attn])
     assert bool((gates != 0).any())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
+def test_hf_lm_config_trains_under_fsdp_with_a_local_decoder(hf_lm_dirs, shapes, tmp_path, name):
+    """The shipped GPU config on 2 CPU processes (gloo, CPU bf16 autocast)."""
+    run_hf_lm_config(hf_lm_dirs[name], shapes, tmp_path, "cpu", 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hf_lm_config_trains_under_fsdp_on_gpus(hf_lm_dirs, shapes, tmp_path):
+    """The same on the GPUs (NCCL, CUDA bf16 autocast): one FSDP2 rank per GPU, up to 2 (one GPU: a world of one,
+    which still runs the sharded code path)."""
+    run_hf_lm_config(hf_lm_dirs["llama"], shapes, tmp_path, "gpu", min(2, torch.cuda.device_count()))
+
+
+def test_memory_suite_fsdp_row_shards_what_each_rank_holds():
+    """``scripts/benchmark.py --suite memory``'s FSDP2-vs-DDP rows (2 spawned ranks, gloo): each FSDP2 rank holds
+    half of the parameters and optimizer state that each DDP rank holds."""
+    from vlm.benchmark.core import Settings
+    from vlm.benchmark.sharded import sharded_memory_rows
+
+    peak, held = sharded_memory_rows("memory", Settings(quick=True, repeats=1))
+    assert peak.name.endswith("per-rank peak memory, FSDP2 vs DDP") and peak.ours > 0 and peak.peer > 0
+    assert held.name.endswith("per-rank parameters + optimizer state, FSDP2 vs DDP")
+    assert held.ours == pytest.approx(held.peer / 2, rel=0.02)
