@@ -170,8 +170,9 @@ def run_hf_lm_config(hf_dir: str, shapes: Path, root: Path, accelerator: str, de
     cfg = yaml.safe_load((ROOT / "configs/flamingo/hf_lm.yaml").read_text())
     trainer = cfg["trainer"]
     assert trainer["precision"] == "bf16-mixed" and args_dtype(cfg) == "bfloat16"  # kept: CPU autocast has bf16
+    # Validation (with generation) runs twice: Lightning's sanity check before any training step, and after step 2.
     trainer.update(accelerator=accelerator, devices=devices, max_steps=2, val_check_interval=2,
-                   limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=str(root), logger=False,
+                   limit_val_batches=1, default_root_dir=str(root), logger=False,
                    enable_progress_bar=False, enable_model_summary=False)
     trainer["callbacks"] = [c for c in trainer["callbacks"] if "LearningRateMonitor" not in c["class_path"]]
     args = cfg["model"]["init_args"]
