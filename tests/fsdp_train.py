@@ -5,7 +5,7 @@ on CPUs (gloo), on one or several simulated nodes. Each rank writes the loss of 
 trained weights (``weights.pt``).
 
     python tests/fsdp_train.py OUT --task clip|flamingo --strategy single|ddp|fsdp [--devices N] [--num-nodes N]
-        [--max-steps N] [--ckpt-every N] [--stop-after N] [--resume CKPT] [--checkpointing none|frozen|all]
+        [--max-steps N] [--ckpt-every N] [--resume CKPT] [--checkpointing none|frozen|all]
 """
 
 from __future__ import annotations
@@ -79,17 +79,6 @@ class Strided(torch.utils.data.Sampler):
         return SAMPLES // self.world
 
 
-class StopAfter(Callback):
-    """Ends the run after ``step`` steps, as an interruption would, with the schedule still that of ``max_steps``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 class Record(Callback):
     def __init__(self, out: Path):
         self.out, self.losses, self.samples = out, {}, {}
@@ -110,7 +99,6 @@ def main() -> None:
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--ckpt-every", type=int, default=0)
-    p.add_argument("--stop-after", type=int, default=0)
     p.add_argument("--resume")
     p.add_argument("--checkpointing", default="none")
     args = p.parse_args()
@@ -127,12 +115,13 @@ def main() -> None:
         strategy = FSDP2Strategy(activation_checkpointing=args.checkpointing)
     else:
         strategy = "ddp" if args.strategy == "ddp" else "auto"
-    callbacks: list[Callback] = [Record(args.out)] + ([StopAfter(args.stop_after)] if args.stop_after else [])
+    callbacks: list[Callback] = [Record(args.out)]
     if args.ckpt_every:
         from vlm.callbacks import Checkpoint
 
+        # Every N steps a checkpoint of its own (step=N.ckpt), besides last.ckpt.
         callbacks.append(Checkpoint(dirpath=str(args.out / "checkpoints"), every_n_train_steps=args.ckpt_every,
-                                    save_top_k=0))
+                                    save_top_k=-1, filename="{step}"))
     L.seed_everything(0)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                         max_steps=args.max_steps, logger=False, enable_checkpointing=bool(args.ckpt_every),
