@@ -7,9 +7,11 @@
 # It uses the machine's own python3 and PyTorch (nothing is downloaded there), installs the carried wheels into a
 # scratch folder, and writes into $OUT (the tool's output folder; runs/gpu elsewhere):
 #   gpu.txt          the GPU, driver, torch and package versions
-#   cuda_tests.txt   the cuda-marked tests (the benchmark suites and the Flamingo step on the GPU)
+#   cuda_tests.txt   the cuda-marked tests (the benchmark suites, the Flamingo step on the GPU, and one FSDP2 run
+#                    of configs/flamingo/hf_lm.yaml with a tiny local decoder: NCCL, bf16 autocast, up to 2 GPUs)
 #   bench.jsonl      scripts/benchmark.py --device cuda --precision bf16-mixed --json: the roofline, vit, clip
-#                    (with the ViT-B/16 CLIP training step's model FLOPs utilisation), memory and ddp suites
+#                    (with the ViT-B/16 CLIP training step's model FLOPs utilisation), memory (with 2+ GPUs: the
+#                    per-rank peak of the Flamingo step under FSDP2 vs DDP) and ddp suites
 #   bench.log        its stderr
 # Each step has its own time limit, so one that hangs still leaves the others' results (about 5 minutes in all
 # on an H200 is the plan; the budget is the tool's 10 minutes a command).
@@ -34,11 +36,11 @@ export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 } >"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-timeout 150 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_benchmark.py tests/test_flamingo.py \
-    >"$out/cuda_tests.txt" 2>&1
+timeout 200 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_benchmark.py tests/test_flamingo.py \
+    tests/test_fsdp.py >"$out/cuda_tests.txt" 2>&1
 echo "cuda tests: exit $?"; tail -n 3 "$out/cuda_tests.txt"
 
-timeout 360 "$py" scripts/benchmark.py --device cuda --precision bf16-mixed --json >"$out/bench.jsonl" \
+timeout 330 "$py" scripts/benchmark.py --device cuda --precision bf16-mixed --json >"$out/bench.jsonl" \
     2>"$out/bench.log"
 status=$?
 echo "benchmark: exit $status, $(wc -l <"$out/bench.jsonl") rows"

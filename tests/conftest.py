@@ -114,3 +114,34 @@ def tiny_clip_task():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_lm_dirs(tmp_path_factory):
+    """Tiny random causal LMs (GPT-2, OPT, Llama) saved with save_pretrained, each with the GPT-2 BPE tokenizer next
+    to it: ``{name: directory}``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from vlm.data.gpt2_tokenizer import load_hf_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    tokenizer = load_hf_tokenizer(None)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)),
+        # OPT: learned positions offset by 2, biases, a ReLU MLP; its real vocabulary is GPT-2's BPE padded to 50272.
+        "opt": OPTForCausalLM(OPTConfig(vocab_size=50272, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32)),
+        # A vocabulary larger than the tokenizer's (padded, as OPT's and Qwen's are): new ids go after it.
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=50272, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64, bos_token_id=50256, eos_token_id=50256,
+                                              pad_token_id=None, initializer_range=0.3)),  # varied generations
+    }
+    dirs = {}
+    for name, model in models.items():
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs

@@ -93,7 +93,7 @@ def test_hf_config_instantiates_with_a_local_decoder(tmp_path):
     load_hf_tokenizer(None).save_pretrained(tmp_path)
     cfg = copy.deepcopy(_config("configs/flamingo/hf_lm.yaml"))
     assert cfg["trainer"]["precision"] == "bf16-mixed"
-    assert cfg["trainer"]["strategy"]["class_path"].endswith("FSDPStrategy")
+    assert cfg["trainer"]["strategy"]["class_path"] == "vlm.tasks.sharding.FSDP2Strategy"
     args = cfg["model"]["init_args"]
     decoder = args["model"]["init_args"]["decoder"]["init_args"]
     tokenizer = args["tokenizer"]["init_args"]

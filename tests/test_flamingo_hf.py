@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs (tiny random GPT-2 and Llama saved locally) as Flamingo's frozen decoder."""
+"""Hugging Face causal LMs (tiny random GPT-2, OPT and Llama saved locally) as Flamingo's frozen decoder."""
 
 from __future__ import annotations
 
@@ -8,34 +8,12 @@ import torch
 from vlm.models.hf_decoder import HFCausalLM
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """Tiny random models saved with save_pretrained, each with the GPT-2 BPE tokenizer next to it."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from vlm.data.gpt2_tokenizer import load_hf_tokenizer
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("hf")
-    tokenizer = load_hf_tokenizer(None)
-    models = {
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)),
-        # A vocabulary larger than the tokenizer's (padded, as OPT's and Qwen's are): new ids go after it.
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=50272, hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=64, bos_token_id=50256, eos_token_id=50256,
-                                              pad_token_id=None, initializer_range=0.3)),  # varied generations
-    }
-    dirs = {}
-    for name, model in models.items():
-        path = root / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        dirs[name] = str(path)
-    return dirs
+@pytest.fixture
+def hf_dirs(hf_lm_dirs):
+    return hf_lm_dirs
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
 def test_adapter_matches_the_hf_model(hf_dirs, name):
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +50,7 @@ def _task_config(path: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
 def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
     from conftest import build_trainable
     from transformers import AutoModelForCausalLM

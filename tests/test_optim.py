@@ -201,3 +201,46 @@ def test_warmup_cosine_schedule_and_its_default_length():
     assert lrs[3] == pytest.approx(0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi / 4)))
     task = build_trainable(tiny_clip_config(warmup_steps=5))  # no trainer: the former code's one-step run
     assert task.configure_optimizers()["lr_scheduler"]["scheduler"].total_steps == 1
+
+
+@pytest.mark.parametrize("config", ["configs/clip/vit_b16.yaml", "configs/flamingo/hf_lm.yaml"])
+def test_gpu_configs_clip_gradients_under_mixed_precision_with_the_fused_optimizer(config):
+    """The GPU configs' bf16-mixed with gradient clipping, on the fused AdamW: Lightning refuses to clip for an
+    optimizer that unscales inside its step, so vlm's AdamW must not claim to."""
+    trainer_cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())["trainer"]
+    assert trainer_cfg["precision"] == "bf16-mixed" and trainer_cfg["gradient_clip_val"] > 0
+    task = build_trainable(tiny_clip_config(warmup_steps=0))
+    images, text = make_batch(8)
+    loader = torch.utils.data.DataLoader([{"image": i, "text": t} for i, t in zip(images, text)], batch_size=4)
+    before = copy.deepcopy(task.state_dict())
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=trainer_cfg["precision"], max_steps=2,
+                        gradient_clip_val=trainer_cfg["gradient_clip_val"], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with one_thread():
+        trainer.fit(task, train_dataloaders=loader)
+    assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == 2
+    assert not torch.equal(before["model.text_proj.weight"], task.state_dict()["model.text_proj.weight"])
+
+
+def test_fused_adamw_under_an_fp16_grad_scaler_steps_like_the_per_tensor_loop():
+    """With ``_step_supports_amp_scaling`` off, the GradScaler unscales before clipping and the step: the fused
+    update then equals the per-tensor loop's under the same scaler."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(8, 4)
+    models = {"fused": copy.deepcopy(ref), "loop": copy.deepcopy(ref)}
+    optimizers = {"fused": AdamW(models["fused"].parameters(), lr=0.1),
+                  "loop": torch.optim.AdamW(models["loop"].parameters(), lr=0.1, weight_decay=0.01, foreach=False)}
+    assert optimizers["fused"].defaults["fused"]
+    x = torch.randn(16, 8)
+    for name, model in models.items():
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for _ in range(3):
+            optimizers[name].zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.unscale_(optimizers[name])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            scaler.step(optimizers[name])
+            scaler.update()
+    for a, b in zip(models["fused"].parameters(), models["loop"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models["fused"].weight, ref.weight)

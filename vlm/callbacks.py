@@ -162,6 +162,12 @@ class Checkpoint(ModelCheckpoint):
         exception.code = 128 + signal.SIGTERM
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a DTensor's local shard), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 class NonFiniteGuard(Callback):
     """Catches a NaN or infinite loss or gradient before it reaches the weights.
 
@@ -200,7 +206,9 @@ class NonFiniteGuard(Callback):
         flags = torch.zeros(2, device=device)
         if loss_bad is not None:
             flags[0] = loss_bad.to(device).float()
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # Under FSDP each rank checks its own shard (possibly empty) of every gradient; the ranks agree below.
+        grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [g for g in grads if g.numel() > 0]
         if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
             # The max-norm is NaN/inf exactly when some entry is; unlike the 2-norm it cannot overflow.
             largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)

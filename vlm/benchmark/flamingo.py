@@ -38,23 +38,28 @@ def default_flamingo_task() -> LightningModule:
     return build_task(copy.deepcopy(_model_config())).eval()
 
 
-def flamingo_step(task: LightningModule, batch: int, settings: Settings | None = None) -> Callable[[], None]:
+def flamingo_step(task: LightningModule, batch: int, settings: Settings | None = None,
+                  loss: Callable[..., torch.Tensor] | None = None) -> Callable[[], None]:
     """One training step of ``task`` (forward, loss, backward, AdamW) on a fixed synthetic batch, on the settings'
-    device and precision (the task must already be there)."""
+    device and precision (the task must already be there). ``loss``: what computes it from (images, ids, labels)
+    instead of ``task.compute_loss`` (e.g. a DDP-wrapped module); the step's ``optimizer`` attribute is its
+    optimizer."""
     settings = settings or Settings()
     size = task.image_size
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(settings.device)
     enc = task.tokenizer.encode_batch([task.tokenizer.prompt + CAPTIONS[i % len(CAPTIONS)] for i in range(batch)])
     ids, labels = enc["input_ids"].to(settings.device), enc["labels"].to(settings.device)
     optimizer = task.configure_optimizers()["optimizer"]
+    compute = loss or task.compute_loss
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with settings.autocast():
-            loss = task.compute_loss(images, ids, labels)
-        loss.backward()
+            value = compute(images, ids, labels)
+        value.backward()
         optimizer.step()
 
+    step.optimizer = optimizer  # type: ignore[attr-defined]
     return step
 
 

@@ -9,6 +9,8 @@
   its second forward pass costs.
 - A Flamingo step with the vision tower and decoder frozen (the recipe) against the same model with everything
   trainable: time and peak memory (frozen parameters need no weight gradients and no saved inputs for them).
+- The same frozen-recipe step on two ranks, FSDP2 against DDP at the same global batch: per-rank peak memory
+  (:mod:`vlm.benchmark.sharded`).
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[
 
 
 def run(settings: Settings) -> Iterator[Row]:
+    from vlm.benchmark.sharded import sharded_memory_rows
+
     yield from clip_checkpointing_rows(settings)
     yield from accumulation_rows(settings)
     yield from flamingo_memory_rows(SUITE, settings)
+    yield from sharded_memory_rows(SUITE, settings)

@@ -283,7 +283,9 @@ class Flamingo(nn.Module):
             return None
         x = args[0] if args else kwargs["hidden_states"]
         kv = ctx.media_kv[j] if ctx.media_kv is not None else None
-        x = self.cross_attn[j](x, ctx.media, ctx.mask, kv)
+        # Back in the decoder's own dtype: a decoder stored in bf16 keeps its bf16 residual stream (the float32 gates
+        # would otherwise promote it, and its norms' bf16 weights would meet float32 inputs).
+        x = self.cross_attn[j](x, ctx.media, ctx.mask, kv).to(x.dtype)
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": x}

@@ -13,11 +13,14 @@ configs) and, separately, where their *weights* are: ``vision_weights`` / ``deco
 stage's checkpoint (``runs/clip-scenes/checkpoints/last.ckpt`` and ``runs/lm/checkpoints/last.ckpt`` in the shapes
 config), a ``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``model.safetensors``, for users with
 internet); ``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM
-task). Those files are read only when training starts (``setup("fit")``); the Flamingo checkpoint then holds
-every weight, frozen ones included, and records that they were loaded (the ``pretrained_loaded`` buffer), so
-rebuilding it (:func:`vlm.formats.load_task`, ``scripts/caption.py``) or resuming it never reads those files
-again: it works after those runs are deleted. Swapping in another tower or a Hugging Face decoder is a config
-change (``vlm.models.hf_decoder.HFCausalLM`` loads its own pretrained weights).
+task). ``decoder_weights`` may also be a Hugging Face GPT-2 checkpoint for a :class:`~vlm.models.decoder.DecoderLM`
+of the same shape: its ``save_pretrained`` directory or weights file, recognised by its keys and converted
+(:mod:`vlm.interop.hf_gpt2`; the prefix is then not used). Those files are read only when training starts
+(``setup("fit")``); the Flamingo checkpoint then holds every weight, frozen ones included, and records that they
+were loaded (the ``pretrained_loaded`` buffer), so rebuilding it (:func:`vlm.formats.load_task`,
+``scripts/caption.py``) or resuming it never reads those files again: it works after those runs are deleted.
+Swapping in another tower or a Hugging Face decoder is a config change (``vlm.models.hf_decoder.HFCausalLM`` loads
+its own pretrained weights).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         model: the Flamingo model (vision tower and decoder given as configs; see the module docstring).
         vision_weights: where the vision tower's weights are read from when training starts; None: keep them.
         vision_weights_prefix: key prefix of the tower inside that file (``model.visual.`` in a CLIP task).
-        decoder_weights: where the decoder's weights are read from when training starts; None: keep them.
+        decoder_weights: where the decoder's weights are read from when training starts (also a Hugging Face GPT-2
+            ``save_pretrained`` directory or weights file); None: keep them.
         decoder_weights_prefix: key prefix of the decoder inside that file (``model.`` in an LM task).
         tokenizer: the decoder's tokenizer, as in its language-model stage (default: GPT-2's BPE); the task extends
             it with Flamingo's tokens (:class:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer`). Its context length, the
@@ -194,20 +198,31 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
 
     def load_pretrained(self) -> None:
         """Reads the frozen parts' weights from ``vision_weights`` / ``decoder_weights``."""
-        from vlm.interop.weights import ConversionError, WeightsSourceError, read_state_dict, sub_state_dict
+        from vlm.interop.hf_gpt2 import (
+            check_gpt2_config,
+            gpt2_decoder_state_dict,
+            is_gpt2_state_dict,
+            read_gpt2_checkpoint,
+        )
+        from vlm.interop.weights import ConversionError, WeightsSourceError, sub_state_dict
 
         parts = {"vision": self.model.vision, "decoder": self.model.decoder}
         for name, (source, prefix) in self._pretrained_sources.items():
             if not source:
                 continue
+            expected = parts[name].state_dict()
             try:
-                state = read_state_dict(_resolve_weights(source))
+                state, hf_config = read_gpt2_checkpoint(_resolve_weights(source))
+                if name == "decoder" and is_gpt2_state_dict(state) and not is_gpt2_state_dict(expected):
+                    # A Hugging Face GPT-2 checkpoint (directory or weights file): its own keys, no prefix.
+                    state, prefix = gpt2_decoder_state_dict(state, source), ""
+                    if hf_config is not None:
+                        check_gpt2_config(hf_config, parts[name], source)
             except ConversionError as e:
                 raise WeightsSourceError(f"cannot read the {name} weights ({name}_weights={source!r}): {e}. Train that "
                                          f"stage first (see the config's header) or point {name}_weights elsewhere."
                                          ) from None
             part = sub_state_dict(state, prefix)
-            expected = parts[name].state_dict()
             extra = [k for k in part if k not in expected]  # e.g. the rest of a CLIP task: ignored
             shapes = {k: tuple(v.shape) for k, v in part.items() if k in expected}
             try:

@@ -45,6 +45,11 @@ class AdamW(torch.optim.AdamW):
             fused = (bool(tensors) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                            for p in tensors)) or None  # fmt: skip
         super().__init__(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+        # Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that says it unscales them
+        # inside its step, as the fused kernel does. Under bf16 there is nothing to unscale; under fp16 the
+        # GradScaler then unscales them before clipping and the step, as for the per-tensor loop. The update is the
+        # same either way.
+        self._step_supports_amp_scaling = False
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
