@@ -256,8 +256,10 @@ class ImageTextDataModule(LightningDataModule):
                 collate_fn=self._collate("train"),
                 position=self._trained_batches,
             )
-        # Streams can give ranks different batch counts; EqualBatchesDataLoader stops all ranks together.
+        # Streams can give ranks different batch counts; EqualBatchesDataLoader stops all ranks together, and skips
+        # the batches of the epoch already trained on when a run resumes.
         loader_class = EqualBatchesDataLoader if iterable else DataLoader
+        extra = {"position": self._trained_batches} if iterable and training else {}
         return loader_class(
             dataset,
             batch_size=batch_size,
@@ -267,6 +269,7 @@ class ImageTextDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0 and not iterable,
             collate_fn=self._collate("train" if training else "validation"),
+            **extra,
         )
 
     def _trained_batches(self) -> int:

@@ -10,7 +10,9 @@ every ``world_size``-th sample) and Hugging Face splits a rank's shards across i
 sample is read exactly once per epoch. Ranks can still end up with different numbers of batches (shards of
 different sizes), and a rank that stops early would leave the others waiting in the gradient all-reduce forever.
 :class:`EqualBatchesDataLoader` makes all ranks stop after the same number of batches (the smallest), the
-streaming analogue of ``drop_last``.
+streaming analogue of ``drop_last``, and resumes mid-epoch: a stream's order is fixed (shards in order, split the
+same way across ranks and workers every epoch), so its checkpointed state is the number of batches of the epoch
+already trained on, which the resumed loader reads again and drops.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import os
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +181,50 @@ class EqualBatchesDataLoader(DataLoader):
     Before each batch, the ranks agree (one all-reduce of a flag) whether all of them still have one; the epoch
     ends on all ranks as soon as one rank is out, dropping the others' extra batches (as ``drop_last`` does).
     Without torch.distributed it is a plain DataLoader.
+
+    It has Lightning's ``state_dict`` / ``load_state_dict`` protocol: the state is how many batches of the current
+    epoch were trained on, and after ``load_state_dict`` the next pass reads that many batches on every rank and
+    drops them before yielding. A run resumed with the same world size, batch size and ``num_workers`` (the stream's
+    split depends on them) neither repeats nor skips a sample; the price is reading the trained part of the epoch
+    once more, at the loader's speed.
+
+    Args:
+        *args: DataLoader's arguments.
+        position: returns how many batches of the current epoch have been trained on (the data module reads it from
+            the trainer's progress); None: the state is always 0.
+        **kwargs: DataLoader's keyword arguments.
     """
 
+    def __init__(self, *args: Any, position: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+        self._skip = 0
+        self._pass_ended = False
+
+    def state_dict(self) -> dict[str, int]:
+        # A pass that has ended (Lightning fetches one batch ahead, so it knows before the last step) was trained
+        # on in full: the resumed run starts the next epoch from its beginning.
+        batches = int(self.position()) if self.position is not None and not self._pass_ended else 0
+        return {"batches": batches, "batch_size": int(self.batch_size or 0), "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = (state.get("batch_size", self.batch_size), state.get("num_workers", self.num_workers))
+        if saved != (self.batch_size, self.num_workers):
+            log.warning("resuming a stream saved with batch_size %s, num_workers %s under batch_size %s, "
+                        "num_workers %s: samples of the interrupted epoch may be repeated or skipped",
+                        *saved, self.batch_size, self.num_workers)
+        self._skip = int(state.get("batches", 0))
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        # Taken by the pass that yields the first batch (a generator runs only then): one-shot.
+        skip, self._skip = self._skip, 0
+        self._pass_ended = False
         iterator = super().__iter__()
+        for _ in islice(iterator, skip):  # if that ends the stream, the epoch ends below (after the agreement)
+            pass
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             yield from iterator
+            self._pass_ended = True
             return
         group = _agreement_group()
         dropped = 0
@@ -198,6 +239,7 @@ class EqualBatchesDataLoader(DataLoader):
                 dropped += has_batch + sum(1 for _ in iterator) if has_batch else 0
                 if dropped:
                     log.warning("rank %d dropped %d batch(es) to keep ranks in step", dist.get_rank(), dropped)
+                self._pass_ended = True
                 return
             yield batch
 
