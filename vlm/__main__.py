@@ -84,7 +84,7 @@ def refuse_special_files(argv: Sequence[str]) -> None:
 def check_checkpoint_file(path: Any) -> None:
     """Refuses a ``--ckpt_path`` that is missing, a FIFO, device or socket, or a file that is not a PyTorch archive.
 
-    A directory is passed on (a sharded FSDP or DeepSpeed checkpoint), as is a remote ``scheme://`` path.
+    A directory is passed on (a sharded FSDP2 checkpoint), as is a remote ``scheme://`` path.
 
     Raises:
         UsageError: naming the path and what is wrong with it.

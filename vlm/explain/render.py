@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def render(image: Image.Image, exp: Explanation, out: str | os.PathLike, max_lab
     panels = _panels(exp, max_labels)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.2 * (len(panels) + 1), 2.5), squeeze=False)
     axes[0, 0].imshow(rgb)
-    axes[0, 0].set_title(title or (exp.caption if exp.caption is not None else "image"), fontsize=8)
+    heading = title or (exp.caption if exp.caption is not None else "image")
+    axes[0, 0].set_title(textwrap.fill(heading, 28), fontsize=8)
     for ax, (name, grid_map) in zip(axes[0, 1:], panels):
         ax.imshow(rgb)
         ax.imshow(upsample(grid_map, image.size), cmap="jet", alpha=0.5)
