@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_data_resume import Recorder
 
 from vlm.data.datamodules import ImageTextDataModule
 from vlm.data.shards import EqualBatchesDataLoader
@@ -115,22 +116,8 @@ def test_a_resumed_stream_reads_exactly_the_rest_of_the_epoch(stream):
     assert sorted(union) == list(range(NUM))
 
 
-class _Recorder(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[tuple[int, tuple[str, ...]]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append((self.current_epoch, tuple(batch["path"])))
-        return (self.weight * batch["image"].mean()).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def _fit(source, root, ckpt_path=None, **trainer_args):
-    task = _Recorder()
+    task = Recorder()
     dm = ImageTextDataModule(train=source, batch_size=25, tokenizer=CLIPTokenizer(8), image_size=8,
                                image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
