@@ -10,18 +10,6 @@ import sys
 from vlm.formats.build import CheckpointError
 from vlm.formats.export import CONFIG_FILE, WEIGHTS_FILE, export_task
 from vlm.formats.load import load_task
-from vlm.index import (
-    MAX_BATCH_SIZE,
-    MAX_TOP_K,
-    RECALL_KS,
-    IndexFileError,
-    build_index,
-    fingerprint,
-    load_clip,
-    load_index,
-    retrieval_eval,
-    search,
-)
 from vlm.inputs import printable
 
 
@@ -192,6 +180,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, bounds: dict
 
 def index_main(argv: list[str] | None = None) -> int:
     """``vlm index --checkpoint CKPT --images DIR --out INDEX [--batch-size N] [--rebuild]``; returns the exit code."""
+    from vlm.index import MAX_BATCH_SIZE, build_index
     p = argparse.ArgumentParser(prog="vlm index", description="Embed a folder of images into a search index.")
     p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (.ckpt) or vlm export folder")
     p.add_argument("--images", required=True, help="the folder of images (searched recursively)")
@@ -214,6 +203,7 @@ def index_main(argv: list[str] | None = None) -> int:
 
 def search_main(argv: list[str] | None = None) -> int:
     """``vlm search --index INDEX QUERY [--top-k K] [--json] [--checkpoint CKPT]``; returns the exit code."""
+    from vlm.index import MAX_TOP_K, IndexFileError, fingerprint, load_clip, load_index, search
     p = argparse.ArgumentParser(prog="vlm search", description="Find the indexed images that best match a text.")
     p.add_argument("query", nargs="+", help="the text to search for (several words are joined by spaces)")
     p.add_argument("--index", required=True, help="an index written by vlm index")
@@ -245,6 +235,7 @@ def search_main(argv: list[str] | None = None) -> int:
 
 def retrieval_main(argv: list[str] | None = None) -> int:
     """``vlm retrieval --checkpoint CKPT --images DIR [--json] [--batch-size N]``; returns the exit code."""
+    from vlm.index import MAX_BATCH_SIZE, RECALL_KS, load_clip, retrieval_eval
     p = argparse.ArgumentParser(prog="vlm retrieval", description="Image-text recall@1/5/10 over a captioned folder.")
     p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (.ckpt) or vlm export folder")
     p.add_argument("--images", required=True, help="a folder whose metadata.jsonl rows have file_name and "
