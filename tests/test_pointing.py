@@ -14,7 +14,7 @@ from torch import nn
 from vlm.data.scenes import two_object_scene
 from vlm.data.transforms import eval_transform
 from vlm.explain import clip_maps
-from vlm.explain.localise import chance_in_box, peak_in_box
+from vlm.explain.localise import label_pointing
 from vlm.models.vit import VisionTransformer
 
 FIXTURE = Path(__file__).parent / "data" / "pointing_clip.safetensors"
@@ -48,16 +48,7 @@ def pointing(method: str) -> dict[str, float]:
     labels = list(classes)
     batch = torch.stack([transform(image) for image, _ in scenes])
     explained = clip_maps(model, batch, torch.stack(list(classes.values())), labels, method)  # every class per image
-    hit = other = chance = 0.0
-    count = 0
-    for exp, (_, row) in zip(explained, scenes):
-        cell = (size / exp.grid[1], size / exp.grid[0])
-        for k, obj in enumerate(row["objects"]):
-            hit += peak_in_box(exp.labels[obj["label"]], obj["box"], cell)
-            other += peak_in_box(exp.labels[row["objects"][1 - k]["label"]], obj["box"], cell)
-            chance += chance_in_box(exp.grid, obj["box"], cell)
-            count += 1
-    return {"hit": hit / count, "other": other / count, "chance": chance / count}
+    return label_pointing([(exp, row, image.size) for exp, (image, row) in zip(explained, scenes)])
 
 
 def test_relevance_maps_point_at_the_named_object():

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vlm.explain.maps import Explanation
+
 
 def _centre_in(row: int, col: int, box: list[float], cell: tuple[float, float]) -> bool:
     x, y = (col + 0.5) * cell[0], (row + 0.5) * cell[1]
@@ -37,24 +39,32 @@ def read_scenes(folder: str | os.PathLike, limit: int | None = None) -> list[tup
     return [(folder / r["file_name"], r) for r in rows[:limit]]
 
 
-def clip_pointing(predictor, folder: str | os.PathLike, method: str = "relevance", limit: int | None = None,
-                  templates=None) -> dict[str, float]:
-    """The pointing game of a CLIP predictor's per-label maps over a scenes folder: ``hit`` (own label's peak in
-    own box), ``chance`` (random peak in that box), ``other`` (the other object's label's peak in this box)."""
+def label_pointing(scored: list[tuple[Explanation, dict, tuple[int, int]]]) -> dict[str, float]:
+    """The pointing game of per-label maps: ``(explanation, scene row, image size (w, h))`` triples, each
+    explanation holding a map for both objects' labels -> ``hit`` (own label's peak in own box), ``other`` (the
+    other object's label's peak in this box) and ``chance`` (a random peak in this box), over all objects."""
     hits = others = chance = 0.0
     count = 0
-    for path, row in read_scenes(folder, limit):
-        image = Image.open(path).convert("RGB")
+    for exp, row, (width, height) in scored:
+        cell = (width / exp.grid[1], height / exp.grid[0])
         labels = [obj["label"] for obj in row["objects"]]
-        exp = predictor.explain(image, labels, templates=templates, method=method)[0]
-        cell = (image.width / exp.grid[1], image.height / exp.grid[0])
         for k, obj in enumerate(row["objects"]):
-            other = labels[1 - k]
-            hits += peak_in_box(exp.labels[obj["label"]], obj["box"], cell)
-            others += peak_in_box(exp.labels[other], obj["box"], cell)
+            hits += peak_in_box(exp.labels[labels[k]], obj["box"], cell)
+            others += peak_in_box(exp.labels[labels[1 - k]], obj["box"], cell)
             chance += chance_in_box(exp.grid, obj["box"], cell)
             count += 1
     return {"objects": count, "hit": hits / count, "other": others / count, "chance": chance / count}
+
+
+def clip_pointing(predictor, folder: str | os.PathLike, method: str = "relevance", limit: int | None = None,
+                  templates=None) -> dict[str, float]:
+    """:func:`label_pointing` of a CLIP predictor's per-label maps over a scenes folder."""
+    scored = []
+    for path, row in read_scenes(folder, limit):
+        image = Image.open(path).convert("RGB")
+        labels = [obj["label"] for obj in row["objects"]]
+        scored.append((predictor.explain(image, labels, templates=templates, method=method)[0], row, image.size))
+    return label_pointing(scored)
 
 
 def caption_pointing(predictor, folder: str | os.PathLike, limit: int | None = None) -> dict[str, float]:
@@ -77,4 +87,4 @@ def caption_pointing(predictor, folder: str | os.PathLike, limit: int | None = N
     return {"objects": count, "hit": hits / max(count, 1), "chance": chance / max(count, 1)}
 
 
-__all__ = ["caption_pointing", "chance_in_box", "clip_pointing", "peak_in_box", "read_scenes"]
+__all__ = ["caption_pointing", "chance_in_box", "clip_pointing", "label_pointing", "peak_in_box", "read_scenes"]
