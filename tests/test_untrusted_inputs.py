@@ -465,7 +465,7 @@ def fit_runs(env, tmp_path_factory) -> dict:
         "socket": (cfg + ["--ckpt_path", str(env["socket"])], "is a socket"),
         "random": (cfg + ["--ckpt_path", str(tmp / "random.ckpt")], "not a PyTorch checkpoint archive"),
         "truncated": (cfg + ["--ckpt_path", str(tmp / "truncated.ckpt")], "not a PyTorch checkpoint archive"),
-        "junk_inside": (cfg + ["--ckpt_path", str(tmp / "junk_inside.ckpt")], "cannot read --ckpt_path"),
+        "junk_inside": (cfg + ["--ckpt_path", str(tmp / "junk_inside.ckpt")], "is not a readable checkpoint"),
         "not_lightning": (cfg + ["--ckpt_path", str(env["clip"])], "not a Lightning training checkpoint"),
         "directory": (cfg + ["--ckpt_path", str(tmp / "folder.ckpt")], "Is a directory"),
         "missing": (cfg + ["--ckpt_path", str(tmp / "missing.ckpt")], "not found"),

@@ -102,20 +102,24 @@ def check_checkpoint_file(path: Any) -> None:
         raise UsageError(f"checkpoint (--ckpt_path) {path} is not a PyTorch checkpoint archive (corrupt or truncated)")
 
 
-def refuse_foreign_config(path: str | os.PathLike) -> None:
-    """Refuses a checkpoint whose recorded task config names anything outside vlm's allow-list (or breaks its
-    bounds): Lightning would hand that config to jsonargparse, which imports and builds what it names.
+def read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a ``--ckpt_path`` file through :func:`vlm.formats.checkpoint.read_archive` (regular file, uncompressed
+    members, bounded pickle and values, whole dense tensors) and checks the task config it records: vlm's allow-list
+    and bounds, no earlier vlm's arguments, torch's or vlm's optimizer and schedule classes only. That config is
+    never built and never merged into the run: a checkpoint resumes weights and loop state, not configuration.
 
     Raises:
-        UsageError: naming the file, the key and the refused value.
+        UsageError: naming the file and what is wrong with it.
     """
-    import torch
-
     from vlm.formats.build import CheckpointError, check_config, check_plain
-    from vlm.formats.checkpoint import TRAINING_ONLY, legacy_arguments, task_config
+    from vlm.formats.checkpoint import legacy_arguments, read_archive, task_config
 
-    hparams = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters") or {}
     try:
+        ckpt = read_archive(path, "checkpoint (--ckpt_path)")
+        if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt:  # Lightning needs it
+            raise UsageError(f"cannot resume from --ckpt_path {path}: not a Lightning training checkpoint")
+        hparams = ckpt.get("hyper_parameters") or {}
+        check_plain(hparams, str(path), "hyper_parameters")
         if isinstance(hparams, dict) and "_class_path" in hparams:
             legacy = legacy_arguments(hparams)
             if legacy:
@@ -125,12 +129,33 @@ def refuse_foreign_config(path: str | os.PathLike) -> None:
                     f"{', '.join(legacy)}; tasks now take optimizer / lr_scheduler (and a tokenizer config). It still "
                     "loads for inference (vlm.load); to train on, start a new run")
             check_config(task_config(hparams, str(path)), str(path), ("task",))  # without the training-only ones
-            for name in TRAINING_ONLY:
+            for name in ("optimizer", "lr_scheduler"):
                 check_training_callable(hparams.get(name), str(path), name)
-        else:  # merged into this run's own task config as plain values
-            check_plain(hparams, str(path), "hyper_parameters")
     except CheckpointError as e:
         raise UsageError(f"cannot resume from --ckpt_path: {e}") from None
+    return ckpt
+
+
+def config_differences(recorded: Any, current: Any, key: str = "", limit: int = 3) -> list[str]:
+    """Up to ``limit`` settings (dotted keys, with both values) in which a checkpoint's recorded task config differs
+    from this run's, for one line of notice; both are plain data."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found: list[str] = []
+        for name in sorted(recorded, key=str):  # a setting only this run has is a default the file left unsaid
+            if len(found) >= limit:
+                break
+            if name not in current:
+                found.append(f"{key}{name} (only in the file)")
+            else:
+                found += config_differences(recorded[name], current[name], f"{key}{name}.", limit - len(found))
+        return found
+    if recorded != current:
+        def short(value: Any) -> str:
+            text = repr(value)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        return [f"{key.rstrip('.')}: {short(recorded)} in the file, {short(current)} now"]
+    return []
 
 
 def check_training_callable(config: Any, where: str, key: str) -> None:
@@ -167,6 +192,8 @@ def _guard_strategy(strategy: Any) -> None:
 
     def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         check_checkpoint_file(checkpoint_path)  # also the file that "last" or "hpc" resolved to
+        if isinstance(checkpoint_path, str | os.PathLike) and Path(checkpoint_path).is_file():
+            _check_resume_weights(strategy, checkpoint_path)
         try:
             checkpoint = load(checkpoint_path, *args, **kwargs)
         except Exception as e:  # only the file is being read here: whatever fails is about it
@@ -184,6 +211,28 @@ def _guard_strategy(strategy: Any) -> None:
             raise
 
     strategy.load_checkpoint, strategy.load_model_state_dict = load_checkpoint, load_model_state_dict
+
+
+def _check_resume_weights(strategy: Any, path: str | os.PathLike) -> None:
+    """Every bound of :func:`read_resume_checkpoint` on the file the strategy is about to load, then its weights'
+    names and shapes against the model this run built (read from the memory-mapped file, nothing copied), so that
+    loading it costs no more than the model and the file."""
+    import torch
+
+    from vlm.formats.build import CheckpointError, check_weights
+
+    ckpt = read_resume_checkpoint(path)
+    module = strategy.lightning_module
+    weights = ckpt.get("state_dict")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise UsageError(f"cannot resume from --ckpt_path {path}: its state_dict is not a mapping of named tensors")
+    if module is not None and getattr(module, "strict_loading", True):
+        try:
+            check_weights(module.state_dict(keep_vars=True), {k: tuple(v.shape) for k, v in weights.items()},
+                          str(path), "this run's model")  # fmt: skip
+        except CheckpointError as e:
+            raise UsageError(f"cannot resume from --ckpt_path: {e}") from None
 
 
 def cli_main(args: list[str] | None = None) -> None:
@@ -244,19 +293,32 @@ def _cli_class() -> type:
                 check_checkpoint_file(ckpt_path)
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI's (private) step that reads --ckpt_path and merges the model config it records into
-            # this run's config, for jsonargparse to build: that config is first held to vlm's allow-list, or a
-            # crafted checkpoint could name any importable class.
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-            try:
-                if ckpt_path and Path(ckpt_path).is_file():
-                    refuse_foreign_config(ckpt_path)
-                super()._parse_ckpt_path()
-            except UsageError:
-                raise
-            except Exception as e:
-                _mark_user_error(e, f"cannot read --ckpt_path {ckpt_path}: {_summary(e)}")
-                raise
+            # LightningCLI's (private) step that would merge the task config a --ckpt_path records into this run's
+            # config for jsonargparse to build. vlm never does: a file's values would reach torch.compile, the
+            # optimizer or an import. The file is read and checked here instead, and a difference from this run's
+            # config is one line of notice; the run is built from its own config alone.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            hparams = read_resume_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            if not (isinstance(hparams, dict) and "_class_path" in hparams):
+                return
+            from vlm.formats.checkpoint import TRAINING_ONLY, task_config
+
+            recorded = task_config(hparams, str(ckpt_path))
+            current = self.config[subcommand].get("model")
+            current = current.as_dict() if hasattr(current, "as_dict") else current
+            if isinstance(current, dict):
+                current = {**current, "init_args": {k: v for k, v in (current.get("init_args") or {}).items()
+                                                    if k not in TRAINING_ONLY}}  # fmt: skip
+            differences = config_differences(recorded, current)
+            if differences and os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+                from vlm.inputs import printable
+
+                print(printable(f"vlm: note: --ckpt_path {ckpt_path} was written with another task config ("
+                                f"{'; '.join(differences)}); its weights and loop state resume under this run's "
+                                "config"), file=sys.stderr)
 
         def instantiate_classes(self) -> None:
             try:

@@ -73,22 +73,38 @@ WEIGHTS_FROM_FILE = {"vlm.models.hf_decoder.HFCausalLM": {"pretrained": False},
 MAX_ITEMS = 1 << 16  # entries of any list or mapping in a config
 MAX_STRING = 1 << 16  # characters of any string in a config
 MAX_DEPTH = 32  # nesting of lists and mappings
+MAX_NODES = 1 << 18  # values in one config in all, counting a shared reference at each place it appears
 MAX_TEMPLATES = 1000
 
 
 def _refuse(where: str, key: str, why: str) -> CheckpointError:
+    if len(key) > 200:  # a key path built from a file's own (up to 65,536-character) names
+        key = key[:100] + "..." + key[-97:]
     return CheckpointError(f"{where}: refused {key}: {why}")
 
 
 def check_plain(value: Any, where: str, key: str = "config", depth: int = 0) -> None:
-    """Refuses anything but bounded JSON-like data (None, bool, int, float, str, lists and string-keyed mappings)."""
+    """Refuses anything but bounded JSON-like data (None, bool, int, float, str, lists and string-keyed mappings).
+
+    Every value visited counts against one budget of :data:`MAX_NODES`, shared references included: a pickle can
+    refer to one list from 65,536 places on each of a few levels, which is small on disk but would take a walk of
+    65,536 ** levels steps.
+    """
+    budget = [MAX_NODES]
+    _check_plain(value, where, key, depth, budget)
+
+
+def _check_plain(value: Any, where: str, key: str, depth: int, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _refuse(where, key, f"more than {MAX_NODES:,} values in all (shared references count each time)")
     if depth > MAX_DEPTH:
         raise _refuse(where, key, f"nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, int):
         if abs(value) > 1 << 53:
-            raise _refuse(where, key, f"integer {value} is out of range")
+            raise _refuse(where, key, "an integer out of range (more than 2**53 in size)")
         return
     if isinstance(value, float):
         return
@@ -100,15 +116,15 @@ def check_plain(value: Any, where: str, key: str = "config", depth: int = 0) -> 
         if len(value) > MAX_ITEMS:
             raise _refuse(where, key, f"a list of {len(value):,} items (at most {MAX_ITEMS:,})")
         for i, item in enumerate(value):
-            check_plain(item, where, f"{key}[{i}]", depth + 1)
+            _check_plain(item, where, f"{key}[{i}]", depth + 1, budget)
         return
     if isinstance(value, dict):
         if len(value) > MAX_ITEMS:
             raise _refuse(where, key, f"a mapping of {len(value):,} entries (at most {MAX_ITEMS:,})")
         for k, item in value.items():
             if not isinstance(k, str):
-                raise _refuse(where, key, f"a mapping key {k!r} that is not a string")
-            check_plain(item, where, f"{key}.{k}", depth + 1)
+                raise _refuse(where, key, f"a mapping key of type {type(k).__name__} that is not a string")
+            _check_plain(item, where, f"{key}.{k}", depth + 1, budget)
         return
     raise _refuse(where, key, f"a {type(value).__name__}, not plain config data")
 

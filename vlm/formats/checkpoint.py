@@ -25,11 +25,15 @@ if TYPE_CHECKING:  # Lightning is imported only where a task is built: reading a
     from lightning import LightningModule
 
 CHECKPOINT_LIMIT = 1 << 40  # bytes; the tensors are memory-mapped, so this only refuses absurd sizes
+PICKLE_LIMIT = 256 << 20  # bytes of a checkpoint's pickle (its structure; the tensors are separate members)
+MAX_VALUES = 1 << 21  # values a checkpoint holds in all (tensors, numbers, containers), shared references counted
 INFERENCE_KEY = "inference"  # the resolved settings inference needs, beside the weights (see vlm.formats.settings)
 
-# A task's optimizer and schedule: callables LightningCLI builds for training. Files are loaded for inference and
-# build no code, so a task is built here without them (its defaults stand in); vlm fit --ckpt_path checks them.
-TRAINING_ONLY = ("optimizer", "lr_scheduler")
+# A task's arguments that only training uses, dropped by name from any config read from a file (the task's defaults
+# stand in): the optimizer and schedule (callables LightningCLI builds), torch.compile's options (which reach
+# TorchInductor, whose options name compilers to run and folders to write), and the paths of the weights a run
+# starts from (the file holds the weights; an export never carries its author's paths).
+TRAINING_ONLY = ("optimizer", "lr_scheduler", "compile", "init_weights", "vision_weights", "decoder_weights")
 _OPTIMIZER_VALUES = ("lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio")
 # Arguments of tasks in checkpoints written by earlier versions of vlm, per task, which its class no longer takes:
 # the optimizer's and schedule's values (now the training-only optimizer / lr_scheduler: dropped), the language
@@ -106,31 +110,115 @@ def task_config(hparams: dict[str, Any], where: str = "the checkpoint") -> dict[
     return current_config({"class_path": class_path, "init_args": hp})
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a Lightning checkpoint file with ``weights_only=True`` (tensors memory-mapped); errors become
-    :class:`CheckpointError`."""
+def read_archive(path: str | Path, what: str = "checkpoint") -> Any:
+    """The contents of a file written by ``torch.save``, read without trusting it: a regular file (no FIFO, device
+    or kernel pseudo-file) within :data:`CHECKPOINT_LIMIT`, whose zip members are stored uncompressed as ``torch.save``
+    writes them (a compressed member could inflate a few MB into many GB) with a pickle of at most
+    :data:`PICKLE_LIMIT` bytes, unpickled with ``weights_only=True`` and memory-mapped, then walked within one budget
+    of :data:`MAX_VALUES` values (shared references counted at each place) and every tensor held to
+    :func:`check_tensor`. What it holds then costs at most the file's own size when read.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
     path = Path(path)
     try:
-        check_regular(path, "checkpoint")
+        check_regular(path, what)
     except UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
-    if path.stat().st_size > CHECKPOINT_LIMIT:
+    size = path.stat().st_size
+    if size > CHECKPOINT_LIMIT:
         raise CheckpointError(f"{path} is larger than {CHECKPOINT_LIMIT:,} bytes")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
-        raise CheckpointError(f"{path} is not a readable checkpoint (not a PyTorch checkpoint archive)")
+        raise CheckpointError(f"{path} is not a readable {what} (not a PyTorch checkpoint archive)")
+    _check_members(path, size)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         # torch explains at length; the line naming the refused global is the one that matters
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln] or ["it holds Python objects"]
         raise CheckpointError(
-            f"{path} is not a safe checkpoint: refused to unpickle it ({lines[0]}); vlm loads only tensors and "
+            f"{path} is not a safe {what}: refused to unpickle it ({lines[0][:300]}); vlm loads only tensors and "
             "plain containers"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError, IndexError,
+            AttributeError, OverflowError, MemoryError, RecursionError) as e:  # fmt: skip
         raise CheckpointError(
-            f"{path} is not a readable checkpoint: {str(e).splitlines()[0] if str(e) else e!r}"
+            f"{path} is not a readable {what}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
         ) from None
+    _check_values(contents, str(path))
+    return contents
+
+
+def _check_members(path: Path, size: int) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint archive: {str(e)[:200]}") from None
+    names = set()
+    for info in members:
+        name = info.filename[:200]
+        if info.filename in names:
+            raise CheckpointError(f"{path}: refused archive member {name!r}: it appears twice")
+        names.add(info.filename)
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise CheckpointError(f"{path}: refused archive member {name!r}: it is compressed ({info.compress_size:,} "
+                                  f"bytes for {info.file_size:,}); torch.save stores every member as it is")
+        if info.file_size > size:
+            raise CheckpointError(f"{path}: refused archive member {name!r}: {info.file_size:,} bytes in a file of "
+                                  f"{size:,}")
+        if info.filename.endswith(".pkl") and info.file_size > PICKLE_LIMIT:
+            raise CheckpointError(f"{path}: refused archive member {name!r}: a pickle of {info.file_size:,} bytes "
+                                  f"(at most {PICKLE_LIMIT:,})")
+
+
+def check_tensor(tensor: torch.Tensor, where: str, key: str) -> None:
+    """Refuses a tensor that is not an ordinary dense CPU tensor owning exactly its storage: sparse, quantized, meta
+    or nested tensors, and views (a stride of 0 describes any shape over one stored value; an offset or a smaller
+    view shares bytes that another tensor also claims).
+
+    Raises:
+        CheckpointError: naming the file, the key and why.
+    """
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: refused tensor {key[:200]}: {why}")
+
+    if tensor.layout != torch.strided or tensor.is_nested:
+        raise refuse(f"its layout is {tensor.layout} (only dense tensors are read)")
+    if tensor.is_quantized:
+        raise refuse("it is quantized (only plain dense tensors are read)")
+    if tensor.device.type != "cpu":
+        raise refuse(f"it is on the {tensor.device.type} device, not stored in the file")
+    expected = tensor.numel() * tensor.element_size()
+    if not tensor.is_contiguous() or tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != expected:
+        raise refuse(f"shape {tuple(tensor.shape)} with strides {tensor.stride()} is not the whole of its storage of "
+                     f"{tensor.untyped_storage().nbytes():,} bytes (a view; only whole, contiguous tensors are read)")
+
+
+def _check_values(contents: Any, where: str) -> None:
+    """Walks everything ``contents`` holds within :data:`MAX_VALUES` visits, checking each tensor."""
+    budget = MAX_VALUES
+    stack: list[tuple[Any, str]] = [(contents, "")]
+    while stack:
+        value, key = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise CheckpointError(f"{where}: refused: it holds more than {MAX_VALUES:,} values in all (shared "
+                                  "references count each time)")
+        if isinstance(value, torch.Tensor):
+            check_tensor(value, where, key or "(top level)")
+        elif isinstance(value, dict):
+            stack.extend((v, f"{key}.{k}" if key else str(k)) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a ``vlm fit`` checkpoint with :func:`read_archive` (tensors memory-mapped, every bound checked); errors
+    become :class:`CheckpointError`."""
+    path = Path(path)
+    ckpt = read_archive(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path} is not a vlm training checkpoint (no state_dict / hyper_parameters)")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
@@ -138,5 +226,5 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "TRAINING_ONLY", "build_task", "current_config",
-           "legacy_arguments", "read_checkpoint", "task_config"]
+__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "TRAINING_ONLY", "build_task", "check_tensor",
+           "current_config", "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]

@@ -111,8 +111,8 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable vlm export directory: {e}") from None
     try:
         config = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer of more than 4,300 digits
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(config, dict) or not isinstance(config.get("class_path"), str):
         raise CheckpointError(f"{path / CONFIG_FILE} has no task class_path")
     if not isinstance(config.get("init_args", {}), dict):

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 CONTRASTIVE_TASK = "vlm.tasks.contrastive.ContrastiveTask"
 FLAMINGO_TASK = "vlm.tasks.captioning.FlamingoTask"
 MODEL_PREFIX = "model."  # a task's model weights are named model.*
+# Beams x new tokens x context positions one image's default decoding may cost: 8 beams of 128 tokens over a
+# 4,096-token context, or 3 beams of 1,365 over 1,024; the attention work of a step grows with the context.
+GENERATION_WORK = 1 << 22
 
 
 def shapes_of(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -143,7 +146,7 @@ def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
     path = Path(path)
     loaded = _load_model(path, FLAMINGO_TASK, file or read_task_file(path))
     if loaded is None:
-        return load_task(path, expected=FLAMINGO_TASK).captioner()
+        return check_generation_work(load_task(path, expected=FLAMINGO_TASK).captioner(), str(path))
     model, settings = loaded
     where = str(path)
     names = ("tokenizer", "image_size", "image_mean", "image_std", "max_new_tokens", "num_beams", "vocab_ids",
@@ -170,11 +173,30 @@ def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
     words = settings["attribute_words"]
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.attribute_words: expected a list of words")
-    return Captioner(model=model, tokenizer=tokenizer, image_size=settings["image_size"],
-                     image_mean=tuple(float(x) for x in settings["image_mean"]),
-                     image_std=tuple(float(x) for x in settings["image_std"]),
-                     max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
-                     vocab_ids=ids, attribute_words=words)  # fmt: skip
+    return check_generation_work(Captioner(
+        model=model, tokenizer=tokenizer, image_size=settings["image_size"],
+        image_mean=tuple(float(x) for x in settings["image_mean"]),
+        image_std=tuple(float(x) for x in settings["image_std"]), max_new_tokens=settings["max_new_tokens"],
+        num_beams=settings["num_beams"], vocab_ids=ids, attribute_words=words), where)
+
+
+def check_generation_work(captioner: Captioner, where: str) -> Captioner:
+    """Refuses decoding defaults whose work per image no real captioner needs, although each is within its own
+    bound: beams x new tokens x context positions over :data:`GENERATION_WORK` (64 beams of 4,096 tokens over a
+    4,096-token context would take minutes per image), or a restricted vocabulary without a stop token (every
+    caption would then run to its full length)."""
+    context = int(getattr(captioner.model, "context_length", 0) or 0)
+    work = captioner.num_beams * captioner.max_new_tokens * max(context, 1)
+    if work > GENERATION_WORK:
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}: num_beams {captioner.num_beams} x max_new_tokens "
+                              f"{captioner.max_new_tokens} x context {context} = {work:,} is over the "
+                              f"{GENERATION_WORK:,} a captioner may ask for per image")
+    tok = captioner.tokenizer
+    stops = {getattr(tok, "end_of_chunk_token_id", None), getattr(tok, "eos_token_id", None)} - {None}
+    if captioner.vocab_ids is not None and not stops & set(captioner.vocab_ids):
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.vocab_ids: it holds no stop token, so no caption "
+                              "could end before max_new_tokens")
+    return captioner
 
 
 def _require(settings: dict, names: tuple[str, ...], where: str) -> None:
@@ -200,5 +222,5 @@ def _load_model(path: Path, task_class_path: str, file: TaskFile) -> tuple[nn.Mo
     return model.eval(), settings
 
 
-__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "TaskFile", "load_captioner", "load_task", "load_zero_shot",
+__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "GENERATION_WORK", "TaskFile", "check_generation_work", "load_captioner", "load_task", "load_zero_shot",
            "read_task_file", "task_class_path"]
