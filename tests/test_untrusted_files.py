@@ -184,9 +184,9 @@ def test_load_from_checkpoint_goes_through_the_same_checks(files, tripwire, tmp_
     {"lr_scheduler": {"class_path": "evil_payload.Evil", "init_args": {}}},
     {"optimizer": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {}}},  # a scheduler, not an optimizer
 ])  # fmt: skip
-def test_resuming_fit_refuses_a_checkpoint_whose_config_names_other_code(files, tripwire, tmp_path, payload):
-    """Lightning merges the task config a ``--ckpt_path`` records into the run's config for jsonargparse to build;
-    ``vlm fit`` holds that config to the allow-list first."""
+def test_resuming_fit_refuses_a_checkpoint_whose_config_names_other_code(files, tripwire, tmp_path, payload, capsys):
+    """``vlm fit`` never builds the task config a ``--ckpt_path`` records, and refuses one that names other code in
+    one line, before the named module is imported."""
     from vlm.__main__ import main
 
     ckpt = torch.load(files["clip"], weights_only=True)
@@ -201,6 +201,8 @@ def test_resuming_fit_refuses_a_checkpoint_whose_config_names_other_code(files, 
         "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
     }))
     assert main(["fit", "--config", str(config), f"--ckpt_path={crafted}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vlm: error: cannot resume from --ckpt_path"), lines
 
 
 def test_the_allow_list_holds_only_vlm_classes():
