@@ -22,7 +22,9 @@ messages are escaped (``\\n``, ``\\x1b``...) so every input prints as one line.
 
 Bounds (larger values are usage errors): ``--max-new-tokens`` 1 to 1,024, ``--num-beams`` 1 to 64,
 ``--length-penalty`` finite with absolute value at most 10, ``--batch-size`` 1 to 4,096, ``--prompt`` and each
-``--example`` caption at most 10,000 characters, at most 32 ``--example`` pairs.
+``--example`` caption at most 10,000 characters, at most 32 ``--example`` pairs. An image of more than 64 Mpx gets its
+error line (:func:`vlm.data.images.load_image`'s pixel budget); images are decoded one at a time, and each is cut to
+the model's input size before the next is read.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing, so --help and usage errors are instant; vlm.load does not import
     # Lightning for a checkpoint that records its inference settings.
     from vlm.data.images import ImageLoadError, load_image
+    from vlm.data.transforms import eval_geometry
     from vlm.formats import CheckpointError
     from vlm.inference import CaptionPredictor, load
     from vlm.inputs import expand_paths, folder_metadata, load_batches
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return error(str(e))
     try:
         prompt = model.build_prompt(args.prompt, [caption for _, caption in args.example])
-        examples = [(load_image(path), caption) for path, caption in args.example]
+        to_input = eval_geometry(model.image_size)  # each example kept as the model's input, not decoded whole
+        examples = [(to_input(load_image(path)), caption) for path, caption in args.example]
     except ImageLoadError as e:
         return error(f"example image {e}")
     except ValueError as e:
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     scored: list[tuple[str, str, bool]] = []  # (prediction, reference, held out) for images with a reference
     quiet = args.score_only
-    for batch in load_batches(paths, args.batch_size, unlistable):
+    # each image is cut to the model's input as soon as it is decoded: a batch never holds decoded images
+    for batch in load_batches(paths, args.batch_size, unlistable, model.image_size):
         captions: dict[Path, str] = {}
         if batch.images:
             try:

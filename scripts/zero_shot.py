@@ -14,7 +14,9 @@ Output: one line per input, in input order. With ``--json`` each is an object ``
 paths, labels and messages are escaped (``\\n``, ``\\x1b``...) so every input prints as one line.
 
 Bounds: ``--top-k`` 1 to 1,000 (clipped to the number of labels), ``--batch-size`` 1 to 4,096; a template has one
-plain ``{}`` and at most 1,000 characters; a labels file is a regular UTF-8 file of at most 16 MiB.
+plain ``{}`` and at most 1,000 characters; a labels file is a regular UTF-8 file of at most 16 MiB. An image of more
+than 64 Mpx gets its error line (:func:`vlm.data.images.load_image`'s pixel budget); images are decoded one at a
+time, and each is cut to the model's input size before the next is read.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     truth = {p: row["label"] for p, row in folder_metadata(paths).items() if isinstance(row.get("label"), str)}
     failed = 0
     hits: list[tuple[str, bool]] = []  # (true label, correct) for labelled images
-    for batch in load_batches(paths, args.batch_size, unlistable):
+    # each image is cut to the model's input as soon as it is decoded: a batch never holds decoded images
+    for batch in load_batches(paths, args.batch_size, unlistable, model.image_size):
         predictions = model.classify(batch.images, args.labels, args.templates, args.top_k) if batch.images else []
         results = dict(zip(batch.ok_paths, predictions))
         for path in batch.paths:

@@ -95,7 +95,8 @@ def server(files, tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlm", "serve", "--clip", str(files["clip"]), "--captioner", str(files["flamingo"]),
-         "--labels", ",".join(LABELS), "--index", str(files["index"]), "--port", str(port)],
+         "--labels", ",".join(LABELS), "--index", str(files["index"]),
+         "--images", str(files["index"].parent / "gallery"), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}/"

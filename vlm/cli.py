@@ -25,16 +25,18 @@ def export_main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed the usage message
         return int(e.code or 0)
+    from vlm.inputs import printable  # every message here may quote the file's own text
+
     try:
         task = load_task(args.checkpoint)
         out = export_task(task, args.out)
     except CheckpointError as e:
-        print(f"vlm export: error: {e}", file=sys.stderr)
+        print(f"vlm export: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"vlm export: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        print(f"vlm export: error: cannot write {printable(args.out)}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE} ({type(task).__name__})")
+    print(printable(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE} ({type(task).__name__})"))
     return 0
 
 
@@ -51,7 +53,8 @@ def explain_main(argv: list[str] | None = None) -> int:
         prog="vlm explain",
         description="Where the model looks: for a CLIP checkpoint, attention rollout, class-token attention and one "
         "map per label; for a Flamingo checkpoint, the caption with one map per word. Writes DIR/<image>.png "
-        "(overlays) and DIR/<image>.json (the raw maps).",
+        "(overlays) and DIR/<image>.json (the raw maps), only inside DIR: <image> is the input's name without "
+        "separators or leading dots, with _2, _3... when two inputs share a name.",
     )
     parser.add_argument("paths", nargs="*", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("--checkpoint", required=True, help="a vlm fit checkpoint (.ckpt) or a vlm export directory")
@@ -87,7 +90,7 @@ def explain_main(argv: list[str] | None = None) -> int:
             raise ValueError("--max-labels must be between 1 and 64")
     except (UnsafeFileError, ValueError) as e:
         return fail(str(e))
-    from vlm.explain.render import render
+    from vlm.explain.render import OutputPathError, inside, output_name, render, write_text
     from vlm.inference import CaptionPredictor, CLIPPredictor, load
 
     try:
@@ -121,13 +124,18 @@ def explain_main(argv: list[str] | None = None) -> int:
                 exp = model.explain(image, names, **kwargs)[0]
             except ValueError as e:  # a label or template the model refuses: the same for every image
                 return fail(str(e))
-            name = path.stem
-            while name in used:  # two inputs with one name (from different folders) keep both outputs
-                name += "_"
-            used.add(name)
-            stem = out / name
-            png, raw = render(image, exp, stem.with_suffix(".png"), args.max_labels), stem.with_suffix(".json")
-            raw.write_text(json.dumps({"path": str(path), **exp.to_json()}))
+            # a safe, unused name (``..png`` would name the folder's parent), checked to resolve inside --out
+            name = output_name(path, used)
+            try:
+                png, raw = inside(out, f"{name}.png"), inside(out, f"{name}.json")
+                render(image, exp, png, args.max_labels)
+                write_text(raw, json.dumps({"path": str(path), **exp.to_json()}))
+            except (OutputPathError, OSError) as e:
+                failed += 1
+                reason = str(e) if isinstance(e, OutputPathError) else f"cannot write into {out}: {e.strerror or e}"
+                _emit(args.json, {"path": str(path), "error": reason}, f"{printable(path)}: error: {printable(reason)}")
+                continue
+            png, raw = out / png.name, out / raw.name  # shown as under --out, as given
             record = {"path": str(path), "png": str(png), "json": str(raw)}
             if exp.caption is not None:
                 record["caption"] = exp.caption

@@ -76,20 +76,23 @@ class Predictor:
     # ------------------------------------------------------------------------------------------------ images
     def preprocess(self, images: Images) -> Tensor:
         """The images as one normalised batch (n, 3, image_size, image_size) on the model's device."""
-        return torch.stack([self.transform(image) for image in as_pil_list(images)]).to(self.device)
+        return torch.stack([self.transform(_as_pil(item)) for item in image_items(images)]).to(self.device)
 
     def _batches(self, images: Images) -> Iterator[Tensor]:
-        pils = as_pil_list(images)
-        for start in range(0, len(pils), self.batch_size):
-            yield torch.stack([self.transform(p) for p in pils[start:start + self.batch_size]]).to(self.device)
+        items = image_items(images)
+        for start in range(0, len(items), self.batch_size):
+            # each image is decoded and turned into its model tensor before the next is decoded: a batch never
+            # holds several decoded full-size images
+            yield torch.stack([self.transform(_as_pil(item))
+                               for item in items[start:start + self.batch_size]]).to(self.device)  # fmt: skip
 
 
-def as_pil_list(images: Images) -> list[Image.Image]:
-    """One or many images (paths, PIL images, arrays, tensors; a 4-d array or tensor is a batch) as RGB PIL images.
+def image_items(images: Images) -> list[ImageInput]:
+    """One or many images (paths, PIL images, arrays, tensors; a 4-d array or tensor is a batch) as a list of single
+    images, none decoded yet.
 
     Raises:
-        vlm.data.images.ImageLoadError: a path that is not a readable image.
-        ValueError: an array or tensor of another shape or dtype.
+        ValueError: no images.
     """
     if isinstance(images, np.ndarray | Tensor) and images.ndim == 4:
         items: Sequence[Any] = list(images)
@@ -99,7 +102,17 @@ def as_pil_list(images: Images) -> list[Image.Image]:
         items = list(images)
     if not items:
         raise ValueError("no images given")
-    return [_as_pil(item) for item in items]
+    return list(items)
+
+
+def as_pil_list(images: Images) -> list[Image.Image]:
+    """One or many images (see :func:`image_items`) as RGB PIL images, all decoded.
+
+    Raises:
+        vlm.data.images.ImageLoadError: a path that is not a readable image.
+        ValueError: an array or tensor of another shape or dtype.
+    """
+    return [_as_pil(item) for item in image_items(images)]
 
 
 def _as_pil(image: ImageInput) -> Image.Image:

@@ -5,8 +5,8 @@ A bad input never stops the others: each yields either a tensor or an error mess
 line for it. Nothing here opens a path while listing: a FIFO or device among the inputs is only ever ``stat``-ed,
 and refused by :func:`vlm.data.images.load_image` with its own error line.
 
-torch is imported only where a batch is stacked, so the scripts can validate their arguments (and print usage
-errors) without paying for the import.
+torch is imported only where images are cut to a model's input, so the scripts can validate their arguments (and
+print usage errors) without paying for the import.
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING
+from typing import Any
 
 from vlm.data.files import METADATA_LIMIT, UnsafeFileError, read_text_bounded
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 METADATA_FILE = "metadata.jsonl"
@@ -195,35 +192,80 @@ def read_labels(inline: str | None, path: str | None) -> list[str]:
     return labels
 
 
+MAX_BATCH_PIXELS = 1 << 26  # pixels a batch holds decoded (64 Mpx: 192 MiB as RGB); a batch ends early at it
+
+
 @dataclass
 class LoadedBatch:
-    """A batch of inputs: ``images`` holds the ones that loaded (RGB), ``errors`` the message for each that did not."""
+    """A batch of inputs: ``images`` holds the ones that loaded, ``errors`` the message for each that did not.
+
+    ``images`` are RGB ``PIL`` images, or, when :func:`load_batches` was given the model's ``image_size``, each
+    image's model input geometry: a uint8 tensor (3, image_size, image_size), which a predictor takes as it takes
+    the file (same results).
+    """
 
     paths: list[Path]
-    images: list[Image.Image]  # one per path of ok_paths
+    images: list[Any]  # one per path of ok_paths
     ok_paths: list[Path]
     errors: dict[Path, str]
 
 
 def load_batches(
-    paths: Sequence[Path], batch_size: int = 32, known_errors: Mapping[Path, str] | None = None
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    known_errors: Mapping[Path, str] | None = None,
+    image_size: int | None = None,
 ) -> Iterator[LoadedBatch]:
     """Loads images ``batch_size`` at a time with :func:`vlm.data.images.load_image`; a file that fails gets the
     reason in ``errors`` instead, as does a path in ``known_errors`` (e.g. a folder that :func:`expand_paths` could
-    not list), which is not loaded."""
+    not list), which is not loaded.
+
+    Images are decoded one at a time, each within :func:`~vlm.data.images.load_image`'s pixel budget. With
+    ``image_size``, each is cut to the model's input geometry (:func:`vlm.data.transforms.eval_geometry`: shorter
+    side resized, centre crop) as soon as it is decoded, so a batch holds ``batch_size`` small tensors and never
+    the decoded images. Either way a batch ends early once the images it holds reach :data:`MAX_BATCH_PIXELS`.
+
+    Args:
+        paths: the inputs, in order (a batch keeps that order).
+        batch_size: the most inputs (loaded or not) in one batch.
+        known_errors: inputs that are not loaded, with the reason each gets.
+        image_size: the model's input side; ``None`` keeps the decoded RGB images.
+    """
     from vlm.data.images import ImageLoadError, load_image
 
+    prepare = None
+    if image_size is not None:
+        import torch
+
+        from vlm.data.transforms import eval_geometry
+
+        geometry = eval_geometry(image_size)
+
+        def prepare(image):  # a plain tensor, not torchvision's Image subclass
+            return geometry(image).as_subclass(torch.Tensor)
     known_errors = known_errors or {}
-    for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start : start + batch_size])
-        images, ok, errors = [], [], {}
-        for path in chunk:
-            if path in known_errors:
-                errors[path] = known_errors[path]
-                continue
+    chunk: list[Path] = []
+    images: list[Any] = []
+    ok: list[Path] = []
+    errors: dict[Path, str] = {}
+    held = 0  # pixels of the images in this batch
+    for path in paths:
+        chunk.append(path)
+        if path in known_errors:
+            errors[path] = known_errors[path]
+        else:
             try:
-                images.append(load_image(path))
-                ok.append(path)
+                image = load_image(path)
             except ImageLoadError as e:
                 errors[path] = e.reason
+            else:
+                if prepare is not None:  # the decoded image is dropped here, before the next one is read
+                    image = prepare(image)
+                held += image.shape[-1] * image.shape[-2] if prepare is not None else image.width * image.height
+                images.append(image)
+                ok.append(path)
+        if len(chunk) >= batch_size or held >= MAX_BATCH_PIXELS:
+            yield LoadedBatch(chunk, images, ok, errors)
+            chunk, images, ok, errors, held = [], [], [], {}, 0
+    if chunk:
         yield LoadedBatch(chunk, images, ok, errors)

@@ -1,11 +1,16 @@
 """``vlm serve``: a web page over trained models (Gradio), bound to 127.0.0.1 unless told otherwise.
 
     vlm serve --clip runs/clip-scenes/checkpoints/last.ckpt --captioner runs/flamingo/checkpoints/last.ckpt \\
-        --labels-file data/shapes/classnames.txt --index shapes.index --port 7860
+        --labels-file data/shapes/classnames.txt --index shapes.index --images data/shapes/validation --port 7860
 
 Upload an image (or pick an example): the CLIP model's top labels as bars, the heat map of where it found the top
 label, the captioner's caption; type a query to search an index made by ``vlm index``. An upload that is not an
-image, is truncated or is too large gets a message in the page; the server carries on.
+image, is truncated, is too large (bytes, or pixels: :func:`vlm.data.images.load_image`'s budget, checked from the
+header before anything is decoded) gets a message in the page; the server carries on.
+
+An index is a file like any other: it names its own folder and files. The page shows a search result only when its
+real path (symbolic links resolved) lies under the folder given with ``--images`` on the command line; any other is
+dropped with one ``vlm serve: dropped ...`` line on stderr, and ``--index`` without ``--images`` is refused at start.
 """
 
 from __future__ import annotations
@@ -22,17 +27,35 @@ from vlm.inputs import printable, read_labels
 
 DEFAULT_PORT = 7860
 DISPLAY_SIZE = 256  # small images (the shapes are 64 px) are shown enlarged, pixels kept sharp
+SHOWN_SIDE = 2 * DISPLAY_SIZE  # larger images (uploads, matches) are shown reduced to this, heat map included
 
 
 class Demo:
-    """What the page calls: the loaded models and the functions behind each button (usable without a browser)."""
+    """What the page calls: the loaded models and the functions behind each button (usable without a browser).
+
+    Args:
+        clip: a CLIP predictor (labels, heat maps, search), or None.
+        captioner: a Flamingo predictor (captions), or None.
+        index: a :class:`vlm.index.ImageIndex` to search, or None.
+        labels: the classes the CLIP model ranks.
+        max_upload_bytes: the largest upload read.
+        top_k: labels and search matches shown.
+        images: the folder search results must lie in (real paths compared); default: the index's own folder,
+            which only a caller that trusts the index should rely on (``vlm serve`` always passes its ``--images``).
+    """
 
     def __init__(self, clip: Any = None, captioner: Any = None, index: Any = None, labels: Sequence[str] = (),
-                 max_upload_bytes: int = 20 << 20, top_k: int = 5) -> None:
+                 max_upload_bytes: int = 20 << 20, top_k: int = 5, images: str | os.PathLike | None = None) -> None:
         self.clip, self.captioner, self.index = clip, captioner, index
         self.labels = list(labels)
         self.max_upload_bytes = max_upload_bytes
         self.top_k = top_k
+        folder = images if images is not None else (index.root if index is not None else None)
+        self.images = Path(os.path.realpath(folder)) if folder is not None else None
+
+    def _shown_here(self, path: str | os.PathLike) -> bool:
+        """Whether ``path``, symbolic links resolved, lies under :attr:`images`."""
+        return self.images is not None and Path(os.path.realpath(path)).is_relative_to(self.images)
 
     def _read(self, path: str | None):
         from vlm.data.images import ImageLoadError, load_image
@@ -59,7 +82,11 @@ class Demo:
         except (ValueError, OSError) as e:
             return None, None, "", None, f"**Error:** {printable(str(e))}"
         scale = max(1, DISPLAY_SIZE // max(image.size))
-        shown = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        if scale > 1:
+            shown = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        else:  # a large upload is shown (and its heat map drawn) reduced
+            shown = image.copy()
+            shown.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
         probs, heat, caption = None, None, ""
         if self.clip is not None and self.labels:
             top = self.clip.classify(image, self.labels, top_k=self.top_k)[0]
@@ -81,10 +108,17 @@ class Demo:
             return [], "Type what to look for, e.g. 'a small red circle'."
         results = []
         for path, score in search(self.index, self.clip, query.strip(), self.top_k):
+            if not self._shown_here(path):  # a file the index names outside the served folder is never read
+                print(f"vlm serve: dropped a search result outside --images {printable(str(self.images))}: "
+                      f"{printable(str(path))}", file=sys.stderr, flush=True)
+                continue
             try:
-                results.append((load_image(path), f"{score:.3f} {Path(path).name}"))
+                image = load_image(path)
             except ImageLoadError as e:
                 results.append((None, f"{Path(path).name}: {e.reason}"))
+                continue
+            image.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
+            results.append((image, f"{score:.3f} {Path(path).name}"))
         return [r for r in results if r[0] is not None], f"{len(results)} result(s) for '{printable(query)}'."
 
 
@@ -125,7 +159,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", help="a CLIP checkpoint or export (labels, heat maps, search)")
     parser.add_argument("--captioner", help="a Flamingo checkpoint or export (captions)")
-    parser.add_argument("--index", help="an index made by vlm index (search)")
+    parser.add_argument("--index", help="an index made by vlm index (search); needs --images")
+    parser.add_argument("--images", metavar="DIR",
+                        help="the folder the index was built from: the page shows only search results whose real "
+                        "path lies under it (required with --index)")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", help="comma-separated class names")
     labels.add_argument("--labels-file", help="file with one class name per line")
@@ -157,27 +194,34 @@ def serve_main(argv: list[str] | None = None) -> int:
             raise ValueError("--clip needs --labels or --labels-file (the classes to rank)")
         for path in filter(None, (args.clip, args.captioner)):
             check_regular(path, "checkpoint", directory_ok=True)
-        clip = load(args.clip) if args.clip else None
-        captioner = load(args.captioner) if args.captioner else None
-        if clip is not None and not isinstance(clip, CLIPPredictor):
-            raise ValueError(f"--clip {args.clip} is a {clip.kind}")
-        if captioner is not None and not isinstance(captioner, CaptionPredictor):
-            raise ValueError(f"--captioner {args.captioner} is a {captioner.kind}")
         index = None
-        if args.index:
+        if args.index:  # before the models load: a wrong index or a missing --images is refused at once
             from vlm.index import fingerprint, load_index
 
             index = load_index(args.index)
             if fingerprint(args.clip) != index.fingerprint:
                 raise ValueError(f"{args.index} was built with another checkpoint ({index.checkpoint}) than --clip "
                                  f"{args.clip}: rebuild it with vlm index --rebuild")
+            if not args.images:  # the index names its own folder; only the command line says what may be shown
+                raise ValueError("--index needs --images DIR, the folder the index was built from: the page shows "
+                                 "only images under it")
+            if not os.path.isdir(args.images):
+                raise ValueError(f"--images {args.images} is not a folder")
+            if not Path(os.path.realpath(index.root)).is_relative_to(os.path.realpath(args.images)):
+                raise ValueError(f"{args.index} indexes {index.root}, which is not under --images {args.images}")
+        clip = load(args.clip) if args.clip else None
+        captioner = load(args.captioner) if args.captioner else None
+        if clip is not None and not isinstance(clip, CLIPPredictor):
+            raise ValueError(f"--clip {args.clip} is a {clip.kind}")
+        if captioner is not None and not isinstance(captioner, CaptionPredictor):
+            raise ValueError(f"--captioner {args.captioner} is a {captioner.kind}")
     except (CheckpointError, UnsafeFileError, ValueError, OSError) as e:
         return fail(str(e))
     try:
         import gradio  # noqa: F401
     except ImportError:
         return fail("the web page needs Gradio: pip install 'vlm[serve]'")
-    demo = Demo(clip, captioner, index, names, args.max_upload_mb << 20)
+    demo = Demo(clip, captioner, index, names, args.max_upload_mb << 20, images=args.images)
     app = build_app(demo, args.examples)
     print(f"vlm serve: http://{args.host}:{args.port}", flush=True)
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=True,

@@ -13,8 +13,26 @@ Conversions to RGB:
 - CMYK, YCbCr, LAB, HSV, 1-bit and greyscale go through PIL's converters.
 - Animated images (GIF, APNG, WebP): the first frame.
 
-PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept, and enforced strictly: images above it
-are refused (PIL itself only warns between 1x and 2x the limit), before their pixels are decoded.
+Memory is bounded per image, from the header, before any pixel is decoded:
+
+- More than :data:`MAX_PIXELS` (64 Mpx, 2**26 pixels) is refused with an :class:`ImageLoadError` naming the file and
+  its size. That admits every camera and phone photo up to 61 Mpx (9504 x 6336) and is four times the largest
+  input a model takes (``image_size`` <= 4096, so 4096 x 4096); a full-size decode costs at most 4 bytes a pixel in
+  PIL, so at most 256 MiB at the budget. PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept
+  too, and enforced strictly: PIL itself only warns between 1x and 2x its limit.
+- An image whose long side is over :data:`MAX_SIDE` (4096 px, the largest ``image_size`` vlm builds) is reduced by
+  the smallest whole factor that brings its long side to 4096 px or less (so more than 2048 px remain, several
+  times a usual model input): a JPEG is decoded reduced by its decoder (``Image.draft``, 1/2, 1/4 or 1/8 scale);
+  any other image is decoded once at full size, then converted to RGB and reduced a strip of rows at a time
+  (``Image.reduce``, a box filter), so the full-size image is held once and its conversions only a strip at a
+  time.
+- Images over 2 Mpx and every 16/32-bit or float image are converted in strips the same way, so a conversion
+  (alpha compositing, rescaling high-bit values through floats) never makes a full-size copy.
+
+The result is an RGB image of at most 4096 x 4096 pixels (64 MiB in PIL, which keeps RGB at 4 bytes a pixel);
+callers that batch images cut each to its model input before decoding the next (:func:`vlm.inputs.load_batches`).
+Measured on a 16-bit 8192 x 8192 PNG (the budget): about 270 MB peak for the whole process, where decoding it whole
+and converting it through full-size float arrays took 2 GB.
 """
 
 from __future__ import annotations
@@ -28,6 +46,20 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 _BACKGROUND = (255, 255, 255)  # alpha is composited on white (see the module docstring)
+
+MAX_PIXELS = 1 << 26  # 67,108,864 pixels (64 Mpx) per image, checked from the header (see the module docstring)
+MAX_SIDE = 4096  # the long side of a returned image: vlm's largest image_size
+_STRIP_PIXELS = 1 << 21  # pixels converted at a time: 2 Mpx is 8 MiB as RGB, 16 MiB as float64 greyscale
+# EXIF orientation -> the transpose that displays the image upright (EXIF 2.3, tag 0x0112)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def display_path(path: object) -> str:
@@ -100,19 +132,58 @@ def _check_mode(source: object, info: os.stat_result) -> None:
         raise ImageLoadError(source, "empty file (0 bytes)")
 
 
-def _high_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
-    """16/32-bit integer or float greyscale -> 8-bit RGB, rescaled rather than clipped."""
-    pixels = np.asarray(image)
+def _high_bit_scale(image: Image.Image) -> float:
+    """The factor that maps a 16/32-bit integer or float greyscale image's values onto 0..255.
+
+    Float images in [0, 1] are scaled by 255, others kept; 16-bit images (and 32-bit ones holding values above 255)
+    are divided by 257 (65535 -> 255). Measured a strip at a time, so no full-size copy is made.
+    """
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
     if image.mode == "F":
-        pixels = pixels * 255.0 if np.nanmax(pixels, initial=0.0) <= 1.0 else pixels
-    elif image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
-        pixels = pixels / 257.0  # 65535 -> 255
-    grey = np.clip(np.nan_to_num(np.rint(pixels)), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+        top = max((np.nanmax(np.asarray(image.crop((0, y, width, min(height, y + rows)))), initial=0.0)
+                   for y in range(0, height, rows)), default=0.0)
+        return 255.0 if top <= 1.0 else 1.0
+    if image.mode.startswith("I;16"):
+        return 1 / 257.0
+    top = max((np.asarray(image.crop((0, y, width, min(height, y + rows)))).max(initial=0)
+               for y in range(0, height, rows)), default=0)
+    return 1 / 257.0 if top > 255 else 1.0
+
+
+def _high_bit_grey_to_rgb(image: Image.Image, scale: float | None = None) -> Image.Image:
+    """16/32-bit integer or float greyscale -> 8-bit RGB, rescaled rather than clipped.
+
+    Args:
+        image: an ``I``, ``I;16*`` or ``F`` image (or a strip of one).
+        scale: the whole image's factor (:func:`_high_bit_scale`), given when ``image`` is a strip of it.
+    """
+    scale = _high_bit_scale(image) if scale is None else scale
+    # float32 for float images and float64 for integer ones, as numpy's own promotion would give
+    pixels = np.array(image, dtype=np.float32 if image.mode == "F" else np.float64)
+    if scale != 1.0:
+        pixels *= scale
+    np.rint(pixels, out=pixels)
+    np.nan_to_num(pixels, copy=False)
+    np.clip(pixels, 0, 255, out=pixels)
+    return Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode to RGB (see the module docstring for the rules)."""
+    """Converts any PIL mode to RGB (see the module docstring for the rules).
+
+    A large or high-bit image is converted a strip of rows at a time (:func:`_strips_to_rgb`), so the conversion's
+    intermediate images (RGBA, floats) are never made at full size.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F" or image.width * image.height > _STRIP_PIXELS:
+        return _strips_to_rgb(image, 1)
+    return _convert(image)
+
+
+def _convert(image: Image.Image, scale: float | None = None) -> Image.Image:
+    """:func:`to_rgb` on an image held whole (small, or one strip); ``scale`` as for :func:`_high_bit_grey_to_rgb`."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -124,26 +195,87 @@ def to_rgb(image: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
-        return _high_bit_grey_to_rgb(image)
+        return _high_bit_grey_to_rgb(image, scale)
     if mode == "L" and "transparency" in image.info:  # greyscale PNG with a transparent grey level
-        return to_rgb(image.convert("LA"))
+        return _convert(image.convert("LA"))
     if mode == "RGB" and "transparency" in image.info:
-        return to_rgb(image.convert("RGBA"))
+        return _convert(image.convert("RGBA"))
     return image.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
+
+
+def _strips_to_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """``image`` converted to RGB and reduced by the whole ``factor`` (a box filter), a strip of rows at a time.
+
+    Each strip is a whole number of ``factor`` rows, so the result is the same as converting the whole image and
+    then calling ``Image.reduce(factor)`` on it; only the output and one strip's conversions are held beside
+    ``image``. Per-pixel conversions need nothing from the other strips; high-bit images get their whole-image
+    scale first (:func:`_high_bit_scale`).
+    """
+    width, height = image.size
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    rows = max(factor, _STRIP_PIXELS // max(width, 1) // factor * factor)
+    scale = _high_bit_scale(image) if image.mode.startswith("I") or image.mode == "F" else None
+    for top in range(0, height, rows):
+        strip = _convert(image.crop((0, top, width, min(height, top + rows))), scale)
+        out.paste(strip.reduce(factor) if factor > 1 else strip, (0, top // factor))
+    return out
+
+
+def _reduction(size: tuple[int, int]) -> int:
+    """The smallest whole factor that brings the long side of ``size`` to :data:`MAX_SIDE` or less."""
+    return max(1, -(-max(size) // MAX_SIDE))
+
+
+def _check_budget(name: object, image: Image.Image) -> None:
+    """Refuses an image of more than :data:`MAX_PIXELS`, from its header (nothing is decoded yet)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageLoadError(name, f"image too large: {width:,} x {height:,} pixels ({width * height / 1e6:.1f} "
+                                   f"Mpx); vlm decodes at most {MAX_PIXELS:,} pixels ({MAX_PIXELS >> 20} Mpx)")
+
+
+def _orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1, upright, when there is none or the EXIF block is malformed)."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not lose an otherwise fine image
+        return 1
+    return value if value in _ORIENTATION else 1
+
+
+def _decode(name: object, image: Image.Image) -> Image.Image:
+    """An opened image -> RGB within :data:`MAX_SIDE`, EXIF orientation applied (see the module docstring)."""
+    image.seek(0)  # animated images: the first frame
+    _check_budget(name, image)
+    if _reduction(image.size) > 1:  # JPEG: decoded at 1/2, 1/4 or 1/8 scale (other formats ignore the request)
+        image.draft(None, tuple(-(-side // _reduction(image.size)) for side in image.size))
+    image.load()  # before reading the orientation: a PNG may carry its EXIF block after the pixels
+    factor = _reduction(image.size)  # what the JPEG decoder's scale left to do, or all of it for other formats
+    if factor == 1 and image.width * image.height <= _STRIP_PIXELS and not image.mode.startswith(("I", "F")):
+        try:  # small: converted whole, as PIL's own transpose expects
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block must not lose an otherwise fine image
+            pass
+        return _convert(image).copy()
+    orientation, rgb = _orientation(image), _strips_to_rgb(image, factor)
+    return rgb.transpose(_ORIENTATION[orientation]) if orientation != 1 else rgb
 
 
 def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Image.Image:
     """Reads an image file (or its bytes) as an RGB ``PIL.Image`` with EXIF orientation applied.
 
+    The pixel budget is checked from the header before decoding, and a large image is decoded reduced to at most
+    :data:`MAX_SIDE` pixels on its long side (see the module docstring).
+
     Args:
         source: a path, or the encoded bytes of an image.
 
     Returns:
-        A fully decoded RGB image (the file is closed).
+        A fully decoded RGB image of at most ``MAX_SIDE`` x ``MAX_SIDE`` pixels (the file is closed).
 
     Raises:
         ImageLoadError: missing file, dangling link, directory, empty file, not an image, truncated or corrupt
-            data, or more pixels than PIL's decompression-bomb limit.
+            data, more than :data:`MAX_PIXELS` pixels, or more than PIL's decompression-bomb limit.
     """
     name, fp = _open_source(source)
     try:
@@ -151,13 +283,9 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
             # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse those images too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as image:
-                image.seek(0)  # animated images: the first frame
-                image.load()
-                try:
-                    image = ImageOps.exif_transpose(image)
-                except Exception:  # noqa: BLE001 - a malformed EXIF block must not lose an otherwise fine image
-                    pass
-                return to_rgb(image).copy()
+                return _decode(name, image)
+    except ImageLoadError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         limit = Image.MAX_IMAGE_PIXELS
         raise ImageLoadError(
@@ -178,4 +306,4 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
         fp.close()  # PIL closes only the files it opened itself
 
 
-__all__ = ["ImageLoadError", "display_path", "load_image", "to_rgb"]
+__all__ = ["MAX_PIXELS", "MAX_SIDE", "ImageLoadError", "display_path", "load_image", "to_rgb"]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
-from PIL import Image
 
+from vlm.data.files import METADATA_LIMIT, read_text_bounded
+from vlm.data.images import load_image
 from vlm.explain.maps import Explanation
 
 
@@ -33,10 +34,21 @@ def chance_in_box(grid: tuple[int, int], box: list[float], cell: tuple[float, fl
 
 
 def read_scenes(folder: str | os.PathLike, limit: int | None = None) -> list[tuple[Path, dict]]:
-    """The (image path, metadata row) pairs of a ``vlm data scenes`` folder."""
+    """The (image path, metadata row) pairs of a ``vlm data scenes`` folder.
+
+    ``metadata.jsonl`` is read with :func:`vlm.data.files.read_text_bounded` (a regular file within the metadata
+    size bound); a row whose ``file_name`` is not a relative path inside the folder is refused (``ValueError``).
+    """
     folder = Path(folder)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    return [(folder / r["file_name"], r) for r in rows[:limit]]
+    text = read_text_bounded(folder / "metadata.jsonl", "metadata file", limit=METADATA_LIMIT)
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()][:limit]
+    out = []
+    for row in rows:
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not name or PurePath(name).is_absolute() or ".." in PurePath(name).parts:
+            raise ValueError(f"a row's file_name {name!r} is not a relative path inside {folder}")
+        out.append((folder / name, row))
+    return out
 
 
 def label_pointing(scored: list[tuple[Explanation, dict, tuple[int, int]]]) -> dict[str, float]:
@@ -61,7 +73,7 @@ def clip_pointing(predictor, folder: str | os.PathLike, method: str = "relevance
     """:func:`label_pointing` of a CLIP predictor's per-label maps over a scenes folder."""
     scored = []
     for path, row in read_scenes(folder, limit):
-        image = Image.open(path).convert("RGB")
+        image = load_image(path)  # the one decoder: its checks and pixel budget (ImageLoadError is a ValueError)
         labels = [obj["label"] for obj in row["objects"]]
         scored.append((predictor.explain(image, labels, templates=templates, method=method)[0], row, image.size))
     return label_pointing(scored)
@@ -73,7 +85,7 @@ def caption_pointing(predictor, folder: str | os.PathLike, limit: int | None = N
     hits = chance = 0.0
     count = 0
     for path, row in read_scenes(folder, limit):
-        image = Image.open(path).convert("RGB")
+        image = load_image(path)
         exp = predictor.explain(image)[0]
         cell = (image.width / exp.grid[1], image.height / exp.grid[0])
         words = [token.strip() for token, _ in exp.words]
