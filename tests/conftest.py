@@ -145,3 +145,100 @@ def hf_lm_dirs(tmp_path_factory):
         tokenizer.save_pretrained(path)
         dirs[name] = str(path)
     return dirs
+
+
+FP32_EPS = torch.finfo(torch.float32).eps  # 2**-23: one unit in the last place (ulp) of 1.0 in float32
+
+
+def assert_fp32_close(actual, fp32_reference, float64_reference, *, factor: float = 4.0, ulps: float = 8.0,
+                      msg: str = "") -> None:
+    """``actual``, a float32 computation of the value ``float64_reference`` holds, is as accurate as
+    ``fp32_reference``, the reference implementation's own float32 computation of it: its greatest distance from the
+    float64 value is at most ``factor`` times the reference's, and never needs to be below ``ulps`` ulps of the
+    largest value (where the reference happens to round almost exactly).
+
+    Two float32 computations of one value differ only in the order and grouping of their sums (MKL or oneDNN,
+    AVX2 or AVX-512, a cache or a full pass), and those rounding errors are of one size, whichever CPU runs them;
+    the factor leaves room for the spread of the greatest of them. Any real difference (a wrong mask, position or
+    weight) is orders of magnitude above either."""
+    exact = float64_reference.detach().double()
+    assert actual.shape == exact.shape == fp32_reference.shape, msg
+    assert actual.dtype == fp32_reference.dtype == torch.float32, msg
+    reference_error = (fp32_reference.detach().double() - exact).abs().max().item()
+    bound = max(factor * reference_error, ulps * FP32_EPS * exact.abs().max().item())
+    error = (actual.detach().double() - exact).abs().max().item()
+    assert error <= bound, (f"{msg}: float32 result {error:.3g} from the float64 one, the reference's float32 result "
+                            f"{reference_error:.3g} (bound {bound:.3g})")
+
+
+# A job of several processes on this machine: generous for a loaded 2-core machine, yet bounded, so that a hung rank
+# fails its test instead of holding the machine.
+DISTRIBUTED_TIMEOUT_S = 900
+_PORT_TAKEN = ("eaddrinuse", "address already in use", "errno: 98")
+
+
+def port_taken(output: str) -> bool:
+    """Whether a process's output says that its rendezvous port was already in use."""
+    return any(word in output.lower() for word in _PORT_TAKEN)
+
+
+def free_port() -> int:
+    """A port the OS reports free now; another process may take it before the job binds it, which
+    :func:`run_job` notices and answers with a fresh one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(commands, *, timeout: float = DISTRIBUTED_TIMEOUT_S, attempts: int = 3, **popen_kwargs) -> list[str]:
+    """Runs the processes of one distributed job together and returns each one's output (stdout and stderr).
+
+    ``commands`` is a list of argument lists (or of ``(arguments, environment)`` pairs), or a function of a port
+    giving that list, called with a fresh :func:`free_port` for every attempt. Each process leads a session of its
+    own, so that the ranks it starts end with it. As soon as one process fails, the others are stopped; if any
+    output says the rendezvous port was taken (between the pick and the bind, by another job on this machine), the
+    whole job runs again on a fresh port, up to ``attempts`` times. Otherwise a failure, or a job still running
+    after ``timeout`` seconds, fails the test with the outputs' tails.
+    """
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    for attempt in range(attempts):
+        argv = commands(free_port()) if callable(commands) else commands
+        argv = [cmd if isinstance(cmd, tuple) else (cmd, popen_kwargs.get("env")) for cmd in argv]
+        logs = [tempfile.TemporaryFile(mode="w+") for _ in argv]
+        kwargs = {k: v for k, v in popen_kwargs.items() if k != "env"}
+        procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True, **kwargs) for (cmd, env), log in zip(argv, logs)]
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.returncode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+        timed_out = any(p.poll() is None for p in procs) and time.monotonic() >= deadline
+        for p in procs:  # a failed or hung job's whole session: the ranks that Lightning or torchrun started too
+            if p.returncode != 0:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+        if all(p.returncode == 0 for p in procs):
+            return outputs
+        if not any(port_taken(out) for out in outputs) or attempt == attempts - 1:
+            # The ranks of one process write to one output: its error lines first, as a crashed peer's may be early.
+            tails = "\n".join(f"--- process {i} (exit {p.returncode}), error lines:\n"
+                              + "\n".join([line for line in out.splitlines() if "Error" in line][:20])
+                              + f"\n--- its end:\n{out[-3000:]}" for i, (p, out) in enumerate(zip(procs, outputs)))
+            reason = f"still running after {timeout:.0f} s" if timed_out else "failed"
+            raise AssertionError(f"distributed job {reason}:\n{tails}")
+    raise AssertionError("unreachable")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ def equal_batches_worker(rank: int, store: str, out: str) -> None:
     """One rank of the uneven-stream check: rank 0 streams 10 items, rank 1 7, in batches of 2."""
     from vlm.data.shards import EqualBatchesDataLoader
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    # A file store (no port to race for); a bounded wait, so that a rank whose peer died fails instead of hanging.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(minutes=5))
     loader = EqualBatchesDataLoader(_Uneven(10 if rank == 0 else 7), batch_size=2)
     counts = [len(list(loader)) for _ in range(2)]  # twice: the agreement works epoch after epoch
     Path(out, f"{rank}.json").write_text(json.dumps(counts))

@@ -5,7 +5,10 @@ on CPUs (gloo), on one or several simulated nodes. Each rank writes the loss of 
 trained weights (``weights.pt``).
 
     python tests/fsdp_train.py OUT --task clip|flamingo --strategy single|ddp|fsdp [--devices N] [--num-nodes N]
-        [--max-steps N] [--ckpt-every N] [--resume CKPT] [--checkpointing none|frozen|all]
+        [--max-steps N] [--ckpt-every N] [--resume CKPT] [--checkpointing none|frozen|all] [--dtype float64]
+
+``--dtype float64`` trains in float64 (the task's parameters and the images), where two orders of summation agree
+to about 1e-16 relative, so comparing the runs tests the split of the batch and not float32 rounding.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ class Samples(torch.utils.data.Dataset):
     """The same samples in every process: images from a fixed generator, captions of equal token counts (so the mean
     of the ranks' per-token losses is the whole batch's)."""
 
-    def __init__(self, task, kind: str):
+    def __init__(self, task, kind: str, dtype: torch.dtype = torch.float32):
         g = torch.Generator().manual_seed(123)
-        self.images = torch.randn(SAMPLES, 3, 16, 16, generator=g)
+        self.images = torch.randn(SAMPLES, 3, 16, 16, generator=g).to(dtype)
         if kind == "flamingo":
             colours, shapes = WORDS
             self.captions = [f"a {colours[i % 3]} {shapes[(i // 3) % 3]}" for i in range(SAMPLES)]
@@ -101,13 +104,15 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume")
     p.add_argument("--checkpointing", default="none")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    task = build_trainable(tiny_clip_config(warmup_steps=0) if args.task == "clip" else flamingo_config())
+    task = build_trainable(tiny_clip_config(warmup_steps=0) if args.task == "clip" else flamingo_config()).to(dtype)
     world = args.devices * args.num_nodes
-    loader = torch.utils.data.DataLoader(Samples(task, args.task), batch_size=GLOBAL_BATCH // world,
+    loader = torch.utils.data.DataLoader(Samples(task, args.task, dtype), batch_size=GLOBAL_BATCH // world,
                                          sampler=Strided(world))
     if args.strategy == "fsdp":
         from vlm.tasks.sharding import FSDP2Strategy

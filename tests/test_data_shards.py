@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from conftest import run_job
 
 from vlm.__main__ import main as vlm_main
 from vlm.data import shapes as S
@@ -95,9 +95,7 @@ def test_two_rank_ddp_sees_every_sample_exactly_once_per_epoch(shapes_root, tmp_
     write_shards(shapes_root / "train", shards, shard_size=5)  # 8 shards: 4 per rank, 2 per dataloader worker
     script = Path(__file__).with_name("ddp_data_shards.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run([sys.executable, str(script), str(shards), str(tmp_path), "2", "5", "2"],
-                            env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_job([[sys.executable, str(script), str(shards), str(tmp_path), "2", "5", "2"]], env=env)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     expected = {f"{shards / f'shard-{i // 5:06d}.tar'}:{i:08d}.png" for i in range(40)}
     for epoch in ("0", "1"):

@@ -15,20 +15,24 @@ def hf_dirs(hf_lm_dirs):
 
 @pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
 def test_adapter_matches_the_hf_model(hf_dirs, name):
+    """The adapter's logits, in one pass and decoded step by step with its cache, are Hugging Face's: as close to
+    the model's float64 logits as Hugging Face's own float32 forward is."""
+    from conftest import assert_fp32_close
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
+    ref64 = AutoModelForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float64).eval()
     ours = HFCausalLM(hf_dirs[name]).eval()
     assert len(ours.layers) == 2 and ours.width == 32
     ids = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
-        expected = ref(ids).logits
-        torch.testing.assert_close(ours(ids), expected, atol=1e-5, rtol=0)
+        expected, exact = ref(ids).logits, ref64(ids).logits
+        assert_fp32_close(ours(ids), expected, exact, msg="one pass")
         cache = ours.new_cache()
         mask = torch.ones_like(ids)
         steps = [ours(ids[:, :4], mask[:, :4], cache=cache)]
         steps += [ours(ids[:, t : t + 1], mask[:, : t + 1], cache=cache) for t in range(4, 9)]
-        torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=0)
+        assert_fp32_close(torch.cat(steps, 1), expected, exact, msg="cached decoding")
 
 
 def _task_config(path: str) -> dict:
@@ -52,11 +56,12 @@ def _task_config(path: str) -> dict:
 
 @pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
 def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
-    from conftest import build_trainable
+    from conftest import assert_fp32_close, build_trainable
     from transformers import AutoModelForCausalLM
 
     task = build_trainable(_task_config(hf_dirs[name]))
     ref = AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
+    ref64 = AutoModelForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float64).eval()
     decoder = task.model.decoder
     vocab = decoder.vocab_size
     assert task.tokenizer.image_token_id == task.model.image_token_id == vocab  # after the (padded) vocabulary
@@ -64,8 +69,8 @@ def test_hf_decoder_is_frozen_and_only_new_token_rows_train(hf_dirs, name):
     batch = {"image": torch.randn(2, 3, 16, 16), **task.tokenizer.encode_batch(captions)}
     text_ids = torch.randint(0, 50257, (2, 7))
     with torch.no_grad():  # at initialisation: exactly the Hugging Face model
-        torch.testing.assert_close(task.model(batch["image"], text_ids)[..., :vocab], ref(text_ids).logits,
-                                   atol=1e-5, rtol=0)
+        assert_fp32_close(task.model(batch["image"], text_ids)[..., :vocab], ref(text_ids).logits,
+                          ref64(text_ids).logits)
         assert torch.equal(task.model(batch["image"], text_ids)[..., :vocab], decoder(text_ids))
     embedding = decoder.model.get_input_embeddings().weight
     old_rows = embedding.detach().clone()

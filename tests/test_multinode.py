@@ -6,12 +6,11 @@ the same batches and the 2-way gradient sums are the same, so the checkpoints ar
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import run_job
 from resume_helpers import ROOT, clip_task_config, fit_config, subprocess_env, write_config
 
 from vlm.data import shapes as S
@@ -26,20 +25,8 @@ def shapes(tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fit(config, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vlm", "fit", "--config", str(config), *args], cwd=ROOT,
-                            env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
+def _fit(config, *args: str) -> list[str]:
+    return [sys.executable, "-m", "vlm", "fit", "--config", str(config), *args]
 
 
 def _config(shapes, root, strategy: str):
@@ -58,7 +45,7 @@ def one_node(shapes, tmp_path_factory):
     def run(strategy: str):
         if strategy not in done:
             root = tmp_path_factory.mktemp("one_node") / strategy
-            _wait(_fit(_config(shapes, root, strategy)))
+            run_job([_fit(_config(shapes, root, strategy))], cwd=ROOT, env=subprocess_env())
             done[strategy] = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
         return done[strategy]
 
@@ -70,21 +57,17 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(shapes, one_node, t
     """``lightning``: each node runs ``vlm fit`` itself with MASTER_ADDR / MASTER_PORT / NODE_RANK set;
     ``torchrun``: each node runs ``torchrun --nnodes 2 --node-rank R ... -m vlm fit`` (TorchElasticEnvironment)."""
     config = _config(shapes, tmp_path / "two_nodes", strategy)
-    port = str(_free_port())
-    nodes = []
-    for rank in (0, 1):
-        args = ["--trainer.devices", "1", "--trainer.num_nodes", "2"]
+    args = ["--trainer.devices", "1", "--trainer.num_nodes", "2"]
+
+    def nodes(port: int) -> list[tuple[list[str], dict]]:
         if launcher == "torchrun":
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                   "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port, "-m", "vlm", "fit",
-                   "--config", str(config), *args]
-            nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
-        else:
-            env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)}
-            nodes.append(_fit(config, *args, env=env))
-    for node in nodes:
-        _wait(node)
+            return [([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                      "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                      "-m", "vlm", "fit", "--config", str(config), *args], subprocess_env()) for rank in (0, 1)]
+        return [(_fit(config, *args), {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                       "NODE_RANK": str(rank)}) for rank in (0, 1)]
+
+    run_job(nodes, cwd=ROOT)  # again on a fresh port if another job took this one first
 
     one = one_node(strategy)
     two = torch.load(tmp_path / "two_nodes" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from conftest import DISTRIBUTED_TIMEOUT_S, port_taken
 from resume_helpers import (
     assert_same_training_state,
     clip_task_config,
@@ -36,7 +37,15 @@ def runs(tmp_path_factory):
     poison = {"class_path": "resume_helpers.PoisonBatch", "init_args": {"step": 6, "rank": 1}}
     cfg["trainer"]["callbacks"].append(poison)
     config = write_config(cfg, tmp / "config.json")
-    return interrupt_and_resume(tmp, config, {"sigkill": ("SIGKILL", 17), "sigterm": ("SIGTERM", 9)}, per_rank=True)
+    for attempt in range(3):  # Lightning picks each run's port free, then binds it: another job may take it between
+        runs = tmp / f"attempt{attempt}"
+        runs.mkdir()
+        try:
+            return interrupt_and_resume(runs, config, {"sigkill": ("SIGKILL", 17), "sigterm": ("SIGTERM", 9)},
+                                        timeout=DISTRIBUTED_TIMEOUT_S, per_rank=True)
+        except (AssertionError, OSError):
+            if attempt == 2 or not any(port_taken(log.read_text()) for log in runs.glob("*.log")):
+                raise
 
 
 def _rank_records(path: Path, rank: int) -> list[dict]:
