@@ -9,7 +9,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_clip_config
+from conftest import build_trainable, tiny_clip_config
 from ddp_contrastive import Pairs, make_batch
 
 from vlm.formats import build_task, load_task
@@ -57,7 +57,7 @@ def _build(name: str, compile):
     cfg = copy.deepcopy(TASKS[name][0])
     cfg["init_args"]["compile"] = compile
     torch.manual_seed(0)
-    return build_task(cfg).train()
+    return build_trainable(cfg).train()  # as vlm fit builds it: a file's config never carries compile
 
 
 @pytest.fixture
@@ -108,14 +108,15 @@ def test_compiled_fit_checkpoint_loads_with_and_without_compile(tmp_path, record
     calls, graphs = recorded
     cfg = tiny_clip_config(compile=True, warmup_steps=0)
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = build_trainable(cfg)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(task, torch.utils.data.DataLoader(Pairs(), batch_size=4))
     assert calls == [{}, {}] and graphs  # Lightning called configure_model: both towers compiled, then traced
     trainer.save_checkpoint(tmp_path / "compiled.ckpt")
 
-    loaded = load_task(str(tmp_path / "compiled.ckpt"))  # compile=True, but eager until a Trainer configures it
+    loaded = load_task(str(tmp_path / "compiled.ckpt"))  # compile is training-only: dropped when read from a file
+    assert not loaded.compile_options
     eager = build_task(tiny_clip_config(warmup_steps=0)).eval()
     eager.load_state_dict(loaded.state_dict())  # strict: the same keys
     images, text = make_batch(4)

@@ -186,7 +186,7 @@ def test_shared_references_count_against_one_budget(genuine, tmp_path):
         check_plain({"a": nested}, "x")
 
 
-@pytest.mark.parametrize("kind", ["stride0", "offset", "sparse", "meta", "quantized"])
+@pytest.mark.parametrize("kind", ["stride0", "overlap", "sparse", "meta", "quantized"])
 def test_only_whole_dense_tensors_are_read(genuine, tmp_path, kind):
     name = next(k for k, v in genuine["ckpt"]["state_dict"].items() if v.ndim == 2)
 
@@ -194,8 +194,10 @@ def test_only_whole_dense_tensors_are_read(genuine, tmp_path, kind):
         shape = c["state_dict"][name].shape
         if kind == "stride0":  # one stored value, 4096 x 4096 described
             c["state_dict"][name] = torch.zeros(1).expand(4096, 4096)
-        elif kind == "offset":  # a view into a bigger storage
-            c["state_dict"][name] = torch.zeros(shape.numel() + 7)[7:].view(shape)
+        elif kind == "overlap":  # views that share one stored block, each claiming it all
+            block = torch.zeros(shape.numel())
+            c["state_dict"][name] = block.view(shape)
+            c["state_dict"]["extra"] = [block[1:].view(-1) for _ in range(50)]
         elif kind == "sparse":
             c["state_dict"][name] = torch.zeros(shape).to_sparse()
         elif kind == "meta":
@@ -204,8 +206,19 @@ def test_only_whole_dense_tensors_are_read(genuine, tmp_path, kind):
             c["state_dict"][name] = torch.quantize_per_tensor(torch.zeros(shape), 0.1, 0, torch.qint8)
 
     path = _variant(genuine, tmp_path, change)
-    with pytest.raises(CheckpointError, match=f"refused tensor state_dict.{name}"):
+    match = "views that overlap" if kind == "overlap" else f"refused tensor state_dict.{name}"
+    with pytest.raises(CheckpointError, match=match):
         read_checkpoint(path)
+
+
+def test_contiguous_views_that_share_a_storage_without_overlap_are_read(genuine, tmp_path):
+    """As a sharded optimizer writes its state: slices of one flat block, each its own part."""
+    def change(c):
+        flat = torch.arange(12.0)
+        c["extra"] = {"a": flat[:4], "b": flat[4:], "tied": flat[:4]}
+
+    assert read_checkpoint(_variant(genuine, tmp_path, change))["extra"]["b"].tolist() == [float(i) for i in
+                                                                                          range(4, 12)]
 
 
 def _rezip(path: Path, out: Path, deflate: str) -> Path:

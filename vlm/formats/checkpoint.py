@@ -174,9 +174,10 @@ def _check_members(path: Path, size: int) -> None:
 
 
 def check_tensor(tensor: torch.Tensor, where: str, key: str) -> None:
-    """Refuses a tensor that is not an ordinary dense CPU tensor owning exactly its storage: sparse, quantized, meta
-    or nested tensors, and views (a stride of 0 describes any shape over one stored value; an offset or a smaller
-    view shares bytes that another tensor also claims).
+    """Refuses a tensor that is not an ordinary dense, contiguous CPU tensor: sparse, quantized, meta or nested
+    tensors, and strides that repeat stored values (a stride of 0 describes any shape over one stored value).
+    Contiguous views into a larger storage pass (a sharded optimizer's state is written that way); that views do not
+    claim more bytes than the file stores is :func:`_check_values`'s check over all of them.
 
     Raises:
         CheckpointError: naming the file, the key and why.
@@ -190,16 +191,20 @@ def check_tensor(tensor: torch.Tensor, where: str, key: str) -> None:
         raise refuse("it is quantized (only plain dense tensors are read)")
     if tensor.device.type != "cpu":
         raise refuse(f"it is on the {tensor.device.type} device, not stored in the file")
-    expected = tensor.numel() * tensor.element_size()
-    if not tensor.is_contiguous() or tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != expected:
-        raise refuse(f"shape {tuple(tensor.shape)} with strides {tensor.stride()} is not the whole of its storage of "
-                     f"{tensor.untyped_storage().nbytes():,} bytes (a view; only whole, contiguous tensors are read)")
+    if not tensor.is_contiguous():
+        raise refuse(f"shape {tuple(tensor.shape)} with strides {tensor.stride()} is not contiguous (strides that "
+                     "repeat stored values describe more than the file holds)")
 
 
 def _check_values(contents: Any, where: str) -> None:
-    """Walks everything ``contents`` holds within :data:`MAX_VALUES` visits, checking each tensor."""
+    """Walks everything ``contents`` holds within :data:`MAX_VALUES` visits, checking each tensor, and refuses
+    tensors that together claim more bytes than their storages hold (overlapping views of one stored block).
+    The same view under two names (a tied weight) counts once."""
     budget = MAX_VALUES
     stack: list[tuple[Any, str]] = [(contents, "")]
+    storages: dict[int, int] = {}  # storage address -> its bytes
+    views: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    claimed = 0
     while stack:
         value, key = stack.pop()
         budget -= 1
@@ -208,10 +213,21 @@ def _check_values(contents: Any, where: str) -> None:
                                   "references count each time)")
         if isinstance(value, torch.Tensor):
             check_tensor(value, where, key or "(top level)")
+            storage = value.untyped_storage()
+            address = storage.data_ptr()
+            storages[address] = storage.nbytes()
+            view = (address, value.storage_offset(), tuple(value.shape), value.dtype)
+            if view not in views:
+                views.add(view)
+                claimed += value.numel() * value.element_size()
         elif isinstance(value, dict):
             stack.extend((v, f"{key}.{k}" if key else str(k)) for k, v in value.items())
         elif isinstance(value, list | tuple):
             stack.extend((v, f"{key}[{i}]") for i, v in enumerate(value))
+    stored = sum(storages.values())
+    if claimed > stored:
+        raise CheckpointError(f"{where}: refused: its tensors claim {claimed:,} bytes over {stored:,} stored "
+                              "(views that overlap one another)")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
