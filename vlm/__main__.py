@@ -337,9 +337,41 @@ def _cli_class() -> type:
     return CLI
 
 
+# Every command, with what it does, for ``vlm --help`` and for the message on an unknown command.
+COMMANDS = {
+    "fit": "train a task from a config (LightningCLI; vlm fit --help for its options)",
+    "validate": "run a task's validation from a config",
+    "test": "run a task's test loop from a config",
+    "predict": "run a task's prediction loop from a config",
+    "export": "write a checkpoint as model.safetensors + config.json",
+    "data": "write the built-in datasets (shapes, scenes, digits, shards)",
+    "explain": "attention and similarity maps of images, as PNG overlays + JSON",
+    "index": "embed a folder of images for search (incremental)",
+    "search": "search an index with a text query",
+    "retrieval": "image-text retrieval recall of a checkpoint on a captioned folder",
+    "serve": "a local web page over a CLIP (and a captioner, an index)",
+}
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vlm COMMAND [options]   (vlm COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        from vlm.inputs import printable
+
+        print(f"vlm: error: unknown command {printable(argv[0])!r}; the commands are {', '.join(COMMANDS)} "
+              "(vlm --help)", file=sys.stderr)
+        return 2
     if argv and argv[0] == "data":
         from vlm.data.commands import main as data_main
 
