@@ -6,6 +6,9 @@ metadata, a JSON record: the images folder, each image's relative path with its 
 checkpoint's path and SHA-256 fingerprint, the embedding width. Nothing is pickled; the file is replaced atomically.
 A re-run embeds only new or changed images and drops removed ones; an index of another checkpoint is refused.
 
+An index is read within bounds (:func:`load_index`): header size, entry count, and the tensor's shape checked
+against the record and the file's size before it is read. Images are decoded one at a time (:func:`embed_files`).
+
 Exit codes: 0 done, 1 some image could not be read (one stderr line each; the rest are used), 2 usage error (bad
 arguments, a missing, refused or mismatched checkpoint or index; one ``vlm <command>: error:`` line).
 """
@@ -15,26 +18,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from vlm.data.files import METADATA_LIMIT, UnsafeFileError, check_regular, read_text_bounded
+from vlm.data.files import METADATA_LIMIT, UnsafeFileError, check_regular
+from vlm.data.jsonpieces import JsonPieces, read_safetensors_header
+from vlm.data.records import MAX_CAPTIONS_PER_IMAGE, Captions, Skip, read_json_rows
 from vlm.formats import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from vlm.inference import CLIPPredictor, load
-from vlm.inputs import IMAGE_SUFFIXES, METADATA_FILE, load_batches, printable
+from vlm.inputs import IMAGE_SUFFIXES, METADATA_FILE, printable
 from vlm.metrics import multi_caption_recall
 
 FORMAT, VERSION, META_KEY = "vlm-image-index", 1, "vlm_index"
 MAX_TOP_K, MAX_BATCH_SIZE, MAX_EMBED_DIM = 1000, 4096, 1 << 16
+MAX_INDEX_FILES = 1 << 22  # images in one index (4,194,304)
+MAX_HEADER = 512 << 20  # bytes of an index's header: room for MAX_INDEX_FILES entries with long relative paths
 RECALL_KS = (1, 5, 10)
 
 
@@ -49,7 +57,7 @@ class ImageIndex:
 
     root: Path
     files: list[str]
-    stats: list[tuple[int, int]]
+    stats: Sequence[tuple[int, int]]
     embeddings: Tensor
     checkpoint: str
     fingerprint: str
@@ -119,45 +127,111 @@ def _relative_name(name: object) -> bool:
             and ".." not in PurePath(name).parts)  # fmt: skip
 
 
+class _Stats(Sequence):
+    """``(size, mtime_ns)`` per file, stored as two int64 per entry rather than a tuple each."""
+
+    def __init__(self, values: array) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values) // 2
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        i = range(len(self))[i]  # IndexError past the end, as a sequence must
+        return self._values[2 * i], self._values[2 * i + 1]
+
+
+def _parse_files(reader: JsonPieces) -> tuple[list[str], _Stats]:
+    """The ``files`` list, ``[[relative path, size, mtime_ns], ...]``, one entry at a time."""
+    names: list[str] = []
+    values = array("q")
+    for _ in reader.items():
+        if len(names) >= MAX_INDEX_FILES:
+            raise ValueError(f"more than {MAX_INDEX_FILES:,} files")
+        entry = []
+        for _ in reader.items():
+            if len(entry) == 3:
+                raise ValueError("an entry of 'files' with more than 3 items")
+            entry.append(reader.value())
+        if len(entry) != 3 or not _relative_name(entry[0]) or not all(type(v) is int and -(1 << 63) <= v < 1 << 63
+                                                                        for v in entry[1:]):  # int64, for the array
+            raise ValueError("'files' must be a list of [relative path, size, mtime_ns]")
+        names.append(entry[0])
+        values.extend(entry[1:])
+    return names, _Stats(values)
+
+
+def _parse_record(text: str) -> tuple[dict, list[str], _Stats]:
+    """The index record's fields (all but ``files``), and its files with their stats."""
+    reader, fields, files = JsonPieces(text), {}, None
+    for key in reader.keys():
+        if key in fields or (key == "files" and files is not None):
+            raise ValueError(f"the key {key!r} appears twice")
+        if key == "files":
+            files = _parse_files(reader)
+        else:
+            fields[key] = reader.value()
+    reader.end()
+    if files is None:
+        raise ValueError("no 'files'")
+    return fields, *files
+
+
 def load_index(path: str | os.PathLike) -> ImageIndex:
-    """Reads an index written by :func:`build_index`, its header checked before the embeddings are read; raises
-    :class:`IndexFileError` for one that is missing, a FIFO or device, or not a vlm index (naming the reason)."""
+    """Reads an index written by :func:`build_index`; raises :class:`IndexFileError` for one that is missing, a FIFO
+    or device, or not a vlm index (naming the reason). At most :data:`MAX_INDEX_FILES` files and a
+    :data:`MAX_HEADER`-byte header, the record read one entry at a time (:class:`~vlm.data.jsonpieces.JsonPieces`);
+    the embeddings must be F32 ``[files, embed_dim]`` filling the rest of the file before they are read.
+    """
     def bad(why: str) -> IndexFileError:
         return IndexFileError(f"{path} is not a vlm image index: {why}")
 
     try:
         check_regular(path, "index")
-        handle = safe_open(str(path), framework="pt")
+        f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")  # noqa: SIM115 - closed below
     except UnsafeFileError as e:
         raise IndexFileError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - safetensors' errors: a bad header, a truncated file
-        raise bad(f"not a safetensors file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    with handle as f:
+    except OSError as e:
+        raise IndexFileError(f"cannot read index {path}: {e.strerror or e}") from None
+    with f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise IndexFileError(f"index {path} is not a regular file")
         try:
-            record = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-        except (ValueError, RecursionError):  # malformed, or nested without end
-            record = None
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            entries, metadata, start = read_safetensors_header(f, info.st_size, MAX_HEADER)
+            if META_KEY not in metadata:
+                raise ValueError(f"no {META_KEY!r} record in its metadata")
+            if set(entries) != {"embeddings"} or not isinstance(entries["embeddings"], dict):
+                raise ValueError(f"expected one tensor, 'embeddings'; found {sorted(entries)}")
+        except ValueError as e:
+            raise bad(str(e)) from None
+        entry, text = entries["embeddings"], metadata.pop(META_KEY)
+        try:
+            record, files, stats = _parse_record(text)
+        except (ValueError, RecursionError) as e:  # malformed, nested without end, too many files
+            raise bad(f"a malformed {META_KEY!r} record ({e})") from None
+        del text
+        if record.get("format") != FORMAT:
             raise bad(f"no {META_KEY!r} record in its metadata")
         if record.get("version") != VERSION:
             raise bad(f"format version {record.get('version')!r}, this vlm reads version {VERSION}")
-        files, dim = record.get("files"), record.get("embed_dim")
-        if not isinstance(files, list) or not all(isinstance(r, list) and len(r) == 3 and _relative_name(r[0])
-                                                  and all(type(v) is int for v in r[1:]) for r in files):  # fmt: skip
-            raise bad("'files' must be a list of [relative path, size, mtime_ns]")
-        text = {k: record.get(k) for k in ("root", "checkpoint", "fingerprint")}
-        if not all(isinstance(v, str) and v for v in text.values()) or not os.path.isabs(text["root"]):
+        fields = {k: record.get(k) for k in ("root", "checkpoint", "fingerprint")}
+        dim = record.get("embed_dim")
+        if not all(isinstance(v, str) and v for v in fields.values()) or not os.path.isabs(fields["root"]):
             raise bad("'root', 'checkpoint' and 'fingerprint' must be strings, 'root' an absolute path")
         if type(dim) is not int or not 1 <= dim <= MAX_EMBED_DIM:
             raise bad(f"'embed_dim' must be an integer from 1 to {MAX_EMBED_DIM:,}")
-        if set(f.keys()) != {"embeddings"}:
-            raise bad(f"expected one tensor, 'embeddings'; found {sorted(f.keys())}")
-        part = f.get_slice("embeddings")
-        if part.get_dtype() != "F32" or list(part.get_shape()) != [len(files), dim]:
-            raise bad(f"'embeddings' is {part.get_dtype()} {part.get_shape()}, expected F32 [{len(files)}, {dim}]")
-        embeddings = f.get_tensor("embeddings")
-    return ImageIndex(Path(text["root"]), [r[0] for r in files], [(r[1], r[2]) for r in files], embeddings,
-                      text["checkpoint"], text["fingerprint"])  # fmt: skip
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        nbytes = len(files) * dim * 4
+        if dtype != "F32" or shape != [len(files), dim]:
+            raise bad(f"'embeddings' is {dtype} {shape}, expected F32 [{len(files)}, {dim}]")
+        if offsets != [0, nbytes] or info.st_size != start + nbytes:
+            raise bad(f"'embeddings' should be the {nbytes:,} bytes after the header; the file holds "
+                      f"{info.st_size - start:,} there and the header says {offsets}")
+        embeddings = torch.empty(len(files), dim, dtype=torch.float32)
+        if nbytes and f.readinto(memoryview(embeddings.numpy()).cast("B")) != nbytes:
+            raise bad("the file is shorter than its header says")
+    return ImageIndex(Path(fields["root"]), files, stats, embeddings, fields["checkpoint"], fields["fingerprint"])
 
 
 def list_images(root: Path, skip: Callable[[str, str], None]) -> list[str]:
@@ -231,21 +305,41 @@ def build_index(checkpoint: str | os.PathLike, images_dir: str | os.PathLike, ou
     new: dict[str, Tensor] = {}
     show = progress and len(todo) > batch_size and sys.stderr.isatty()
     with tqdm(total=len(todo), disable=not show, unit="img", desc="vlm index", file=sys.stderr) as bar:
-        for batch in load_batches([root / n for n in todo], batch_size):
-            for path, reason in batch.errors.items():
-                skip(path.relative_to(root).as_posix(), reason)
-            if batch.images:
-                rows = predictor.embed_images(batch.images).float().cpu()
-                new.update((p.relative_to(root).as_posix(), row) for p, row in zip(batch.ok_paths, rows))
-            bar.update(len(batch.paths))
+        for done, embedded in embed_files(predictor, root, todo, skip, batch_size):
+            new.update(embedded)
+            bar.update(done)
     kept = [n for n in stats if n in new or reusable.get(n, (None,))[0] == stats[n]]  # embedded now, or unchanged
     if not kept:
         raise ValueError(f"none of the {len(names)} images under {root} could be read")
+    if len(kept) > MAX_INDEX_FILES:
+        raise ValueError(f"{len(kept):,} images under {root}: an index holds at most {MAX_INDEX_FILES:,}")
     rows = [new[n] if n in new else old.embeddings[reusable[n][1]] for n in kept]
     index = ImageIndex(root, kept, [stats[n] for n in kept], torch.stack(rows), os.path.abspath(checkpoint), mark)
     _write_index(index, out)
     removed = len(set(old.files) - set(kept)) if old is not None else 0
     return IndexReport(len(kept), len(new), len(kept) - len(new), removed, failed)
+
+
+def embed_files(predictor: CLIPPredictor, root: Path, names: Sequence[str], skip: Callable[[str, str], None],
+                batch_size: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """Embeds the images ``root / name``, ``batch_size`` at a time: yields the number of names handled and the
+    embeddings (float32, CPU) of those that loaded; one that cannot be read goes to ``skip`` with the reason. Each
+    image is decoded alone and cut to the model's size at once (the same resize and crop ``embed_images`` applies,
+    which then leaves it as it is), so a batch holds small uint8 tensors, never decoded full-size pictures."""
+    from vlm.data.images import ImageLoadError, load_image
+    from vlm.data.transforms import eval_geometry
+
+    geometry = eval_geometry(predictor.image_size)
+    for start in range(0, len(names), batch_size):
+        chunk = names[start : start + batch_size]
+        pixels, ok = [], []
+        for name in chunk:
+            try:
+                pixels.append(geometry(load_image(root / name)).as_subclass(Tensor))
+                ok.append(name)
+            except ImageLoadError as e:
+                skip(name, e.reason)
+        yield len(chunk), dict(zip(ok, predictor.embed_images(pixels).float().cpu())) if pixels else {}
 
 
 def search(index: ImageIndex, predictor: CLIPPredictor, query: str, top_k: int = 10) -> list[tuple[Path, float]]:
@@ -264,37 +358,33 @@ def _say(message: str) -> None:
     print(printable(message), file=sys.stderr, flush=True)
 
 
-def read_captions(images_dir: Path, warn: Callable[[str], None] = _say) -> dict[str, list[str]]:
+def read_captions(images_dir: Path, warn: Callable[[str], None] = _say) -> Captions:
     """Captions by relative image path from ``images_dir/metadata.jsonl`` (rows with ``file_name`` and ``captions``,
-    a list, or ``caption``; rows naming the same file add captions), in first-seen order. A line that is not such a
-    row costs only itself: one ``warn`` call for the whole file names the first one. Raises
+    a list, or ``caption``; rows naming the same file add captions, up to :data:`MAX_CAPTIONS_PER_IMAGE`), in
+    first-seen order. The file is read one line at a time (:func:`vlm.data.records.read_json_rows`) and only rows
+    naming an existing file are kept, so memory follows the folder, not the file. A line that is not such a row costs
+    only itself: one ``warn`` call for the whole file names the first one. Raises
     :class:`~vlm.data.files.UnsafeFileError` for a missing metadata file, or one that is a FIFO, device or too large.
     """
     meta = images_dir / METADATA_FILE
-    text = read_text_bounded(meta, "metadata file", limit=METADATA_LIMIT)
-    captions: dict[str, list[str]] = {}
-    skipped, first = 0, ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row, reason = json.loads(line), "not a JSON object"
-        except (ValueError, RecursionError) as e:
-            row, reason = None, f"not JSON ({type(e).__name__})"
-        if isinstance(row, dict):
-            texts = row["captions"] if "captions" in row else [row.get("caption")]
-            texts = [t for t in texts if isinstance(t, str) and t.strip()] if isinstance(texts, list) else []
-            if not _relative_name(row.get("file_name")):
-                reason = "file_name is not a relative path inside the folder"
-            elif not texts:
-                reason = "no caption (a non-blank 'caption' string or a 'captions' list of strings)"
-            else:
-                captions.setdefault(PurePath(row["file_name"]).as_posix(), []).extend(texts)
-                continue
-        skipped += 1
-        first = first or f"line {number}: {reason}"
-    if skipped:
-        warn(f"warning: {meta}: skipped {skipped} malformed line{'s' if skipped > 1 else ''} (first: {first})")
+    captions = Captions()
+
+    def keep(row: dict) -> int | Skip:
+        texts = row["captions"] if "captions" in row else [row.get("caption")]
+        texts = [t for t in texts if isinstance(t, str) and t.strip()] if isinstance(texts, list) else []
+        name = row.get("file_name")
+        if not _relative_name(name):
+            return Skip("file_name is not a relative path inside the folder")
+        if not texts:
+            return Skip("no caption (a non-blank 'caption' string or a 'captions' list of strings)")
+        name = PurePath(name).as_posix()
+        if name not in captions and not os.path.lexists(images_dir / name):
+            return Skip(f"no image file {name!r}")
+        return captions.add(name, [t.replace("\x00", " ") for t in texts])
+
+    dropped = sum(read_json_rows(meta, keep, lambda m: warn(f"warning: {m}"), limit=METADATA_LIMIT))
+    if dropped:
+        warn(f"warning: {meta}: left out {dropped:,} captions beyond {MAX_CAPTIONS_PER_IMAGE} per image")
     return captions
 
 
@@ -310,13 +400,15 @@ def retrieval_eval(predictor: CLIPPredictor, images_dir: str | os.PathLike, ks: 
         raise ValueError(f"{root / METADATA_FILE} gives no image a caption")
     failed: dict[str, str] = {}
     ok, parts = [], []  # readable images, their embeddings batch by batch
-    for batch in load_batches([root / n for n in captions], predictor.batch_size):
-        for path, reason in batch.errors.items():
-            failed[path.relative_to(root).as_posix()] = reason
-            warn(f"vlm retrieval: skipped {path}: {reason}")
-        if batch.images:
-            parts.append(predictor.embed_images(batch.images))
-            ok += [p.relative_to(root).as_posix() for p in batch.ok_paths]
+
+    def skip(name: str, reason: str) -> None:
+        failed[name] = reason
+        warn(f"vlm retrieval: skipped {root / name}: {reason}")
+
+    for _, embedded in embed_files(predictor, root, list(captions), skip, predictor.batch_size):
+        if embedded:
+            parts.append(torch.stack(list(embedded.values())).to(predictor.device))
+            ok += list(embedded)
     if not ok:
         raise ValueError(f"none of the {len(captions)} images named in {root / METADATA_FILE} could be read")
     texts = [t for name in ok for t in captions[name]]

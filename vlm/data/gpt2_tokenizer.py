@@ -9,6 +9,10 @@ tokenizer of a Hugging Face model from a local directory (or the hub, for users 
 Flamingo's special tokens: ``<image>`` marks where an image sits in the text, ``<|endofchunk|>`` ends the text
 that belongs to it, and a padding token is added if the base tokenizer has none. Their ids follow the decoder's
 vocabulary (``vocab_offset + 0, 1, 2``), where Flamingo's own small embedding holds their rows.
+
+A local tokenizer directory is read as data (:func:`vlm.models.hf_local.load_auto_tokenizer`): refused at
+construction if its config files name code, and a panic of the Rust tokenizer is one
+:class:`~vlm.models.hf_local.HFFileError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from vlm.models.hf_local import check_local_dir, load_auto_tokenizer, rust_panics
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
@@ -37,11 +43,10 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
 
 
 def load_hf_tokenizer(name_or_path: str | None = None) -> Any:
-    """A ``transformers`` tokenizer: GPT-2's BPE from the shipped files, or ``AutoTokenizer(name_or_path)``."""
+    """A ``transformers`` tokenizer: GPT-2's BPE from the shipped files, or ``AutoTokenizer(name_or_path)`` (see
+    :func:`vlm.models.hf_local.load_auto_tokenizer`: no remote code, failures as one ``HFFileError``)."""
     if name_or_path is not None:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return load_auto_tokenizer(name_or_path)
     from transformers import GPT2TokenizerFast
 
     vocab_file, merges_file = gpt2_bpe_files()
@@ -63,6 +68,7 @@ class CausalLMTokenizer:
     def __init__(self, name_or_path: str | None = None, context_length: int | None = None) -> None:
         if context_length is not None and context_length < 3:
             raise ValueError(f"context_length must be at least 3, got {context_length}")
+        check_local_dir(name_or_path)  # a directory whose config names code is refused now, not at first use
         self.name_or_path = name_or_path
         self.context_length = context_length
 
@@ -99,14 +105,22 @@ class CausalLMTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, without added bos/eos."""
-        return list(self.hf.encode(text, add_special_tokens=False))
+        hf = self.hf
+        with rust_panics(self._what):
+            return list(hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """Ids -> text, without special and padding tokens."""
         if isinstance(ids, Tensor):
             ids = ids.tolist()
         special = set(self.special_ids)
-        return self.hf.decode([i for i in ids if i not in special], skip_special_tokens=True).strip()
+        hf = self.hf
+        with rust_panics(self._what):
+            return hf.decode([i for i in ids if i not in special], skip_special_tokens=True).strip()
+
+    @property
+    def _what(self) -> str:
+        return f"tokenizer {self.name_or_path}" if self.name_or_path is not None else "GPT-2 tokenizer"
 
     @property
     def special_ids(self) -> list[int]:
@@ -178,9 +192,11 @@ class FlamingoTokenizer(CausalLMTokenizer):
         self._has_pad = tok.pad_token_id is not None
         new = [IMAGE_TOKEN, END_OF_CHUNK_TOKEN] + ([] if self._has_pad else [PAD_TOKEN])
         # Registered as special tokens so "<image>" is never split by the BPE.
-        tok.add_special_tokens({"additional_special_tokens": new})
+        with rust_panics(self._what):
+            tok.add_special_tokens({"additional_special_tokens": new})
         self._hf_new_ids = tok.convert_tokens_to_ids(new)
-        offset = self.vocab_offset
+        # Not self.vocab_offset: without an explicit offset that property would ask for this one again.
+        offset = self._vocab_offset if self._vocab_offset is not None else self._base_size
         if offset < self._base_size:
             raise ValueError(f"vocab_offset {offset} is inside the tokenizer's vocabulary of {self._base_size} ids")
         self._remap = {hf_id: offset + i for i, hf_id in enumerate(self._hf_new_ids)}
@@ -217,14 +233,18 @@ class FlamingoTokenizer(CausalLMTokenizer):
         return super().special_ids + [self.image_token_id, self.end_of_chunk_token_id]
 
     def encode(self, text: str) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False)
+        hf = self.hf
+        with rust_panics(self._what):
+            ids = hf.encode(text, add_special_tokens=False)
         return [self._remap.get(i, i) for i in ids]
 
     def decode(self, ids: Tensor | list[int]) -> str:
         if isinstance(ids, Tensor):
             ids = ids.tolist()
         special = set(self.special_ids) | set(self._remap.values())
-        return self.hf.decode([i for i in ids if i not in special], skip_special_tokens=True).strip()
+        hf = self.hf
+        with rust_panics(self._what):
+            return hf.decode([i for i in ids if i not in special], skip_special_tokens=True).strip()
 
     @staticmethod
     def count_images(text: str) -> int:

@@ -10,9 +10,12 @@ image paths are relative to:
   ``datasets``' ``webdataset`` loader as a stream;
 - anything else is a Hugging Face hub dataset name (for users with internet), optionally streamed.
 
-Local tables are built in memory with ``datasets.Dataset.from_dict``: no Arrow cache is written to ``$HOME`` and a
-20,000-row folder loads in well under a second (``load_dataset("imagefolder")`` copies every image into a cache
-first, which takes minutes on these CPUs).
+Local tables are built in memory as Arrow tables: no Arrow cache is written to ``$HOME`` and a 20,000-row folder
+loads in well under a second (``load_dataset("imagefolder")`` copies every image into a cache first, which takes
+minutes on these CPUs). A CSV or JSON-lines file is read one line at a time (:mod:`vlm.data.records`: regular files
+only, at most :data:`~vlm.data.files.METADATA_LIMIT` bytes, lines of at most :data:`~vlm.data.records.MAX_LINE`)
+and turned into Arrow every 16,384 rows or 1 MiB of the file, so memory follows the Arrow size of the data (about
+the file's size), not the Python objects of every row.
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ from __future__ import annotations
 import csv
 import glob
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm.data.files import METADATA_LIMIT, check_regular, read_text_bounded
+from vlm.data.records import MAX_LINE, iter_lines, parse_json_line
+
+_CHUNK_ROWS, _CHUNK_BYTES = 1 << 14, 1 << 20  # rows, or bytes of the file, held as Python objects before Arrow
 _TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -38,46 +46,109 @@ class Table:
     source: str
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _rows(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
+    """The rows of a CSV / TSV / JSON-lines / JSON file, one at a time, each with its size in the file (about)."""
     if path.suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        def lines() -> Iterator[str]:
+            for number, line in iter_lines(_checked(path), "table"):
+                if line is None:
+                    raise ValueError(f"{path}:{number}: a line of over {MAX_LINE:,} bytes")
+                yield line.decode("utf-8", errors="replace") + "\n"
+
+        for row in csv.DictReader(lines(), delimiter="\t" if path.suffix == ".tsv" else ","):
+            yield row, sum(len(v) for v in row.values() if isinstance(v, str))
+        return
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        return rows
-    rows = json.loads(path.read_text(encoding="utf-8"))
+        for number, line in iter_lines(_checked(path), "table"):
+            if line is not None and not line.strip():
+                continue
+            row = parse_json_line(line) if line is not None else f"a line of over {MAX_LINE:,} bytes"
+            if isinstance(row, str):
+                raise ValueError(f"{path}:{number}: {row}")
+            yield row, len(line)
+        return
+    rows = json.loads(read_text_bounded(path, "table", limit=METADATA_LIMIT))
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of rows")
-    return rows
-
-
-def _rows_to_dataset(rows: list[dict[str, Any]], source: Path, image_column: str) -> Any:
-    import datasets
-
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    columns: dict[str, list[Any]] = {}
     for row in rows:
-        for key in row:
-            columns.setdefault(key, [])
-    for key in columns:
-        columns[key] = [row.get(key) for row in rows]
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: a row that is not a JSON object")
+        yield row, len(row)
+
+
+def _checked(path: Path) -> Path:
+    return check_regular(path, "table")
+
+
+def _to_arrow(values: list[Any], as_text: bool) -> Any:
+    import pyarrow as pa
+
+    return pa.array([None if v is None else str(v) for v in values] if as_text else values)
+
+
+def _rows_to_dataset(rows: Iterable[dict[str, Any]], source: Path, image_column: str) -> Any:
+    """``(row, size)`` pairs as an in-memory ``datasets.Dataset``, built a chunk at a time; a column holding values
+    of several types (numbers and strings as labels) is stored as text, as Arrow needs one type per column."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    chunks: dict[str, list[Any]] = {}  # column -> Arrow arrays, one per chunk
+    kinds: dict[str, set[type]] = {}
+    pending: dict[str, list[Any]] = {}
+    count = 0
+
+    def flush(n: int) -> None:
+        for key in kinds:
+            values = pending.get(key) or []
+            values += [None] * (n - len(values))  # a column the chunk never mentioned
+            try:
+                chunks.setdefault(key, []).append(_to_arrow(values, len(kinds[key]) > 1))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # e.g. lists of mixed items: keep as text
+                kinds[key].add(str)
+                chunks[key].append(_to_arrow(values, True))
+        pending.clear()
+
+    in_chunk = chunk_bytes = 0
+    for row, size in rows:
+        for key, value in row.items():
+            if key not in kinds:
+                kinds[key] = set()
+                before = count - in_chunk  # rows of earlier chunks; this chunk's are padded in pending
+                chunks[key] = [pa.nulls(before)] if before else []
+            if value is not None:
+                kinds[key].add(type(value))
+            column = pending.setdefault(key, [])
+            column += [None] * (in_chunk - len(column))
+            column.append(value)
+        count, in_chunk, chunk_bytes = count + 1, in_chunk + 1, chunk_bytes + size
+        if in_chunk == _CHUNK_ROWS or chunk_bytes >= _CHUNK_BYTES:
+            flush(in_chunk)
+            in_chunk = chunk_bytes = 0
+    if not count:
+        raise ValueError(f"{source}: no rows")
+    flush(in_chunk)
+    columns = {key: _join(parts, len(kinds[key]) > 1) for key, parts in chunks.items()}
     # The imagefolder convention names the image path "file_name"; expose it under the configured column.
     if image_column not in columns and "file_name" in columns:
         columns[image_column] = columns.pop("file_name")
-    # Mixed types in one column (e.g. numbers and strings as labels) would stop Arrow: store those as text.
-    for key, values in columns.items():
-        kinds = {type(v) for v in values if v is not None}
-        if len(kinds) > 1:
-            columns[key] = [None if v is None else str(v) for v in values]
-    return datasets.Dataset.from_dict(columns)
+    return datasets.Dataset(InMemoryTable(pa.table(columns)))
+
+
+def _join(parts: list[Any], as_text: bool) -> Any:
+    """One column from its chunks: as text if its values had several types (chunks typed before that was known are
+    converted), else the chunks as they are, or re-typed together where Arrow inferred them differently."""
+    import pyarrow as pa
+
+    parts = [p for p in parts if len(p)] or parts[:1]
+    if as_text:
+        parts = [p if pa.types.is_string(p.type) or pa.types.is_null(p.type) else _to_arrow(p.to_pylist(), True)
+                 for p in parts]  # fmt: skip
+    types = {p.type for p in parts if not pa.types.is_null(p.type)}
+    if len(types) > 1:  # e.g. [] in one chunk (list<null>) and ["a"] in another (list<string>)
+        return pa.array([v for p in parts for v in p.to_pylist()])
+    kind = types.pop() if types else pa.null()
+    return pa.chunked_array([p.cast(kind) if pa.types.is_null(p.type) else p for p in parts], type=kind)
 
 
 def _shard_files(source: str) -> list[str] | None:
@@ -173,10 +244,10 @@ def load_table(
     if path.is_dir():
         for name in ("metadata.jsonl", "metadata.csv", "metadata.json"):
             if (path / name).is_file():
-                return Table(_rows_to_dataset(_read_rows(path / name), path / name, image_column), path, False, source)
+                return Table(_rows_to_dataset(_rows(path / name), path / name, image_column), path, False, source)
         raise ValueError(f"{source}: a directory without metadata.jsonl / metadata.csv / *.tar shards")
     if path.is_file() and path.suffix in _TABLE_SUFFIXES:
-        return Table(_rows_to_dataset(_read_rows(path), path, image_column), path.parent, False, source)
+        return Table(_rows_to_dataset(_rows(path), path, image_column), path.parent, False, source)
     if path.exists() or _looks_local(source):
         raise FileNotFoundError(f"{source}: no such dataset file or directory (expected an imagefolder directory, "
                                 f"a .csv/.jsonl file, or .tar shards)")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.models.decoder import positions_from_mask
+from vlm.models.hf_local import check_attn_implementation, check_local_dir, torch_dtype
 
 
 def _find_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -39,8 +40,10 @@ class HFCausalLM(nn.Module):
         name_or_path: local directory or hub name of the model (``AutoModelForCausalLM``).
         pretrained: load the weights; ``False`` builds the architecture from its config with random weights
             (weights then come from a checkpoint, e.g. when a Flamingo checkpoint is rebuilt).
-        dtype: parameter dtype to load in (``"bfloat16"``, ``"float16"``, ``"float32"``); ``None`` for float32.
-        attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
+        dtype: parameter dtype to load in (``"bfloat16"``, ``"float16"``, ``"float32"`` or their short names, see
+            :data:`vlm.models.hf_local.DTYPES`); ``None`` for float32.
+        attn_implementation: ``"sdpa"`` (default), ``"eager"``, ``None`` (the model config's choice) or, where the
+            ``flash_attn`` package is installed, ``"flash_attention_2"``; never a Hub kernel.
         grad_checkpointing: recompute layer activations in the backward pass (the model's own implementation,
             which acts in training mode only; for a frozen decoder use the strategy's activation checkpointing,
             e.g. FSDP's ``activation_checkpointing_policy``).
@@ -58,13 +61,18 @@ class HFCausalLM(nn.Module):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.name_or_path = name_or_path
-        torch_dtype = getattr(torch, dtype) if dtype is not None else torch.float32
+        # Checked before transformers sees anything: it would look a dtype string up on torch, fetch a Hub kernel
+        # named as the attention, and ask on the terminal whether to run a directory's own code.
+        param_dtype = torch_dtype(dtype, "HFCausalLM dtype")
+        check_attn_implementation(attn_implementation, "HFCausalLM")
+        check_local_dir(name_or_path)
         kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if pretrained:
-            self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=param_dtype, trust_remote_code=False,
+                                                              **kwargs)
         else:
-            config = AutoConfig.from_pretrained(name_or_path)
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=param_dtype, trust_remote_code=False, **kwargs)
         if grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         config = self.model.config

