@@ -9,6 +9,7 @@ are not read until they are copied), and its config goes through :func:`vlm.form
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
 import warnings
 import zipfile
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # Lightning is imported only where a task is built: reading a
 
 CHECKPOINT_LIMIT = 1 << 40  # bytes; the tensors are memory-mapped, so this only refuses absurd sizes
 PICKLE_LIMIT = 256 << 20  # bytes of a checkpoint's pickle (its structure; the tensors are separate members)
-MAX_VALUES = 1 << 21  # values a checkpoint holds in all (tensors, numbers, containers), shared references counted
+MAX_VALUES = 1 << 20  # values a checkpoint holds in all (tensors, numbers, containers), shared references counted
 INFERENCE_KEY = "inference"  # the resolved settings inference needs, beside the weights (see vlm.formats.settings)
 
 # A task's arguments that only training uses, dropped by name from any config read from a file (the task's defaults
@@ -131,9 +132,11 @@ def read_archive(path: str | Path, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{path} is larger than {CHECKPOINT_LIMIT:,} bytes")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
         raise CheckpointError(f"{path} is not a readable {what} (not a PyTorch checkpoint archive)")
-    _check_members(path, size)
+    records = _check_members(path, size)
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        contents = _load_mapped(path, size, records)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         # torch explains at length; the line naming the refused global is the one that matters
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln] or ["it holds Python objects"]
@@ -150,10 +153,26 @@ def read_archive(path: str | Path, what: str = "checkpoint") -> Any:
     return contents
 
 
-def _check_members(path: Path, size: int) -> None:
+def _check_members(path: Path, size: int) -> dict[str, tuple[int, int]]:
+    """Checks the archive's members (see :func:`read_archive`); returns each member's name -> (where its data
+    starts in the file, its size)."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            records = {}
+            with open(path, "rb") as f:
+                for info in members:  # the data follows the local header, whose name and extra lengths may differ
+                    f.seek(info.header_offset)
+                    header = f.read(30)
+                    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                        raise CheckpointError(f"{path}: refused archive member {info.filename[:200]!r}: no local "
+                                              "header where the directory says")
+                    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(
+                        header[28:30], "little")
+                    if start + info.file_size > size:
+                        raise CheckpointError(f"{path}: refused archive member {info.filename[:200]!r}: it runs "
+                                              "past the end of the file")
+                    records[info.filename] = (start, info.file_size)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint archive: {str(e)[:200]}") from None
     names = set()
@@ -171,6 +190,50 @@ def _check_members(path: Path, size: int) -> None:
         if info.filename.endswith(".pkl") and info.file_size > PICKLE_LIMIT:
             raise CheckpointError(f"{path}: refused archive member {name!r}: a pickle of {info.file_size:,} bytes "
                                   f"(at most {PICKLE_LIMIT:,})")
+    return records
+
+
+def _load_mapped(path: Path, size: int, records: dict[str, tuple[int, int]]) -> Any:
+    """What ``torch.load(path, weights_only=True, mmap=True)`` returns, read by torch's own ``weights_only``
+    unpickler, with one check torch does not make: each storage the pickle names claims no more bytes (its dtype's
+    size x its element count) than the archive record it is mapped from holds. A storage that claimed more would
+    read past its record, or past the end of the file (a crash, or another record's bytes)."""
+    from torch import _weights_only_unpickler
+
+    pickles = [name for name in records if name.endswith("data.pkl")]
+    if len(pickles) != 1:
+        raise CheckpointError(f"{path}: refused: expected one data.pkl in the archive, found {len(pickles)}")
+    prefix = pickles[0][: -len("data.pkl")]
+    order = records.get(f"{prefix}byteorder")
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(pickles[0])
+        if order is not None and archive.read(f"{prefix}byteorder") != b"little":
+            raise CheckpointError(f"{path}: refused: written on a big-endian machine")
+    mapped = torch.UntypedStorage.from_file(str(path), False, size)  # private: pages are read only when touched
+    loaded: dict[str, Any] = {}
+
+    def persistent_load(saved_id: Any) -> Any:
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] in ("storage", b"storage")):
+            raise CheckpointError(f"{path}: refused: a storage reference that is not torch's")
+        _, storage_type, key, _, numel = saved_id
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int) or numel < 0 or not isinstance(key, str):
+            raise CheckpointError(f"{path}: refused: a storage reference that is not torch's")
+        nbytes = numel * torch._utils._element_size(dtype)
+        offset, held = records.get(f"{prefix}data/{key}", (0, None))
+        if held is None or nbytes > held:
+            raise CheckpointError(f"{path}: refused: storage {key[:50]!r} claims {nbytes:,} bytes but its record "
+                                  f"holds {'none' if held is None else f'{held:,}'}")
+        if key not in loaded:
+            loaded[key] = mapped[offset:offset + nbytes]
+        untyped = loaded[key]
+        if untyped.nbytes() < nbytes:
+            raise CheckpointError(f"{path}: refused: storage {key[:50]!r} is named with two sizes")
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    return unpickler.load()
 
 
 def check_tensor(tensor: torch.Tensor, where: str, key: str) -> None:

@@ -128,7 +128,8 @@ def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotMo
         check_setting(name, settings[name], where, f"{INFERENCE_KEY}.{name}")
     tokenizer = build(settings["tokenizer"], where, ("tokenizer",), f"{INFERENCE_KEY}.tokenizer")
     text_length = getattr(getattr(model, "text", None), "context_length", None)
-    if text_length is not None and getattr(tokenizer, "context_length", text_length) > text_length:
+    length = getattr(tokenizer, "context_length", text_length)
+    if text_length is not None and (not isinstance(length, int) or length > text_length):
         raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.tokenizer: context_length "
                               f"{tokenizer.context_length} is longer than the text tower's {text_length}")
     return ZeroShotModel(model=model, tokenizer=tokenizer, templates=settings["templates"],
@@ -160,7 +161,9 @@ def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
                               f"tower takes {tower_size}")
     tokenizer = build(settings["tokenizer"], where, ("tokenizer",), f"{INFERENCE_KEY}.tokenizer")
     vocab = model.decoder.vocab_size
-    if getattr(tokenizer, "vocab_offset", vocab) != vocab or tokenizer.context_length > model.context_length:
+    length = getattr(tokenizer, "context_length", None)
+    if (getattr(tokenizer, "vocab_offset", vocab) != vocab or not isinstance(length, int)
+            or length > model.context_length):  # fmt: skip
         raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.tokenizer: it does not fit the decoder (vocabulary "
                               f"offset {getattr(tokenizer, 'vocab_offset', None)} vs {vocab} embeddings, context "
                               f"{tokenizer.context_length} vs {model.context_length})")

@@ -103,8 +103,8 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads} (a positive count)")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
