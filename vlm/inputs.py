@@ -11,7 +11,6 @@ print usage errors) without paying for the import.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -114,39 +113,37 @@ def _row_path(folder: Path, file_name: object) -> tuple[Path | None, str]:
     return folder / pure, ""
 
 
-def read_metadata(meta: Path, warn: Callable[[str], None] = _warn_stderr) -> dict[Path, dict]:
-    """The usable rows of one ``metadata.jsonl``, by the path of the image each names.
+METADATA_FIELDS = ("label", "caption", "captions", "heldout")  # what the scripts read of a row
 
-    The file is read with a size bound (:data:`vlm.data.files.METADATA_LIMIT`), regular files only. A line that is
-    not a JSON object with a string ``file_name`` naming a file inside the folder is skipped; the skipped lines (or
-    an unreadable file) get one ``warn`` call for the whole file, never one per line.
+
+def read_metadata(meta: Path, warn: Callable[[str], None] = _warn_stderr,
+                  wanted: set[Path] | None = None) -> dict[Path, dict]:
+    """The usable rows of one ``metadata.jsonl``, by the path of the image each names, holding only
+    :data:`METADATA_FIELDS` (and only the rows of ``wanted`` paths, when given).
+
+    The file is read one line at a time (:func:`vlm.data.records.read_json_rows`: regular files only, at most
+    :data:`vlm.data.files.METADATA_LIMIT` bytes, long lines skipped unread), so memory follows the rows kept, not the
+    file. A line that is not a JSON object with a string ``file_name`` naming a file inside the folder is skipped;
+    the skipped lines (or an unreadable file) get one ``warn`` call for the whole file, never one per line.
     """
+    from vlm.data.records import Skip, read_json_rows
+
+    def keep(row: dict) -> tuple[Path, dict] | Skip | None:
+        path, reason = _row_path(meta.parent, row.get("file_name"))
+        if path is None:
+            return Skip(reason)
+        if wanted is not None and path not in wanted:
+            return None
+        return path, {k: row[k] for k in METADATA_FIELDS if k in row}
+
+    rows: dict[Path, dict] = {}
     try:
-        text = read_text_bounded(meta, "metadata file", limit=METADATA_LIMIT)
+        for item in read_json_rows(meta, keep, warn, limit=METADATA_LIMIT):
+            if item is not None:
+                rows[item[0]] = item[1]
     except UnsafeFileError as e:
         warn(f"{e}; its labels and captions are not used")
         return {}
-    rows: dict[Path, dict] = {}
-    skipped, first = 0, ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:  # malformed JSON, over-long integers, nesting too deep
-            path, reason = None, f"not JSON ({type(e).__name__})"
-        else:
-            if isinstance(row, dict):
-                path, reason = _row_path(meta.parent, row.get("file_name"))
-            else:
-                path, reason = None, "not a JSON object"
-        if path is None:
-            skipped += 1
-            first = first or f"line {number}: {reason}"
-            continue
-        rows[path] = row
-    if skipped:
-        warn(f"{meta}: skipped {skipped} malformed line{'s' if skipped > 1 else ''} (first: {first})")
     return rows
 
 
@@ -165,7 +162,7 @@ def folder_metadata(paths: Sequence[Path], warn: Callable[[str], None] = _warn_s
         meta = folder / METADATA_FILE
         if not os.path.lexists(meta):  # lexists: a dangling link or a FIFO is reported, not silently ignored
             continue
-        rows.update(read_metadata(meta, warn))
+        rows.update(read_metadata(meta, warn, wanted={p for p in paths if p.parent == folder}))
     return rows
 
 
@@ -186,9 +183,10 @@ def read_labels(inline: str | None, path: str | None) -> list[str]:
     blank = [i + 1 for i, label in enumerate(labels) if not label]
     if blank:
         raise ValueError(f"label number {blank[0]} is blank")
-    dupes = sorted({label for label in labels if labels.count(label) > 1})
+    seen: set[str] = set()
+    dupes = {label for label in labels if label in seen or seen.add(label)}  # one pass: a set, not a count per label
     if dupes:
-        raise ValueError(f"duplicate label {dupes[0]!r}")
+        raise ValueError(f"duplicate label {min(dupes)!r}")
     return labels
 
 

@@ -126,4 +126,5 @@ def read_text_bounded(path: str | os.PathLike, what: str, limit: int = TEXT_LIMI
         raise UnsafeFileError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 
 
-__all__ = ["METADATA_LIMIT", "PSEUDO_FILESYSTEMS", "pseudo_filesystem", "TEXT_LIMIT", "UnsafeFileError", "check_regular", "read_bounded", "read_text_bounded"]
+__all__ = ["METADATA_LIMIT", "PSEUDO_FILESYSTEMS", "TEXT_LIMIT", "UnsafeFileError", "check_regular",
+           "pseudo_filesystem", "read_bounded", "read_text_bounded"]

@@ -225,5 +225,5 @@ def _load_model(path: Path, task_class_path: str, file: TaskFile) -> tuple[nn.Mo
     return model.eval(), settings
 
 
-__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "GENERATION_WORK", "TaskFile", "check_generation_work", "load_captioner", "load_task", "load_zero_shot",
-           "read_task_file", "task_class_path"]
+__all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "GENERATION_WORK", "TaskFile", "check_generation_work",
+           "load_captioner", "load_task", "load_zero_shot", "read_task_file", "task_class_path"]
