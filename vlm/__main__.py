@@ -33,8 +33,6 @@ class UsageError(ValueError):
     """A command line or config that is the user's to fix; :func:`main` prints it as one line and returns 2."""
 
 
-# vlm's own optimizer and schedule, allowed in a --ckpt_path's config beside torch's (see check_training_callable)
-_VLM_TRAINING_CALLABLES = {"optimizer": "vlm.tasks.optim.AdamW", "lr_scheduler": "vlm.tasks.optim.WarmupCosine"}
 _USER_ERROR = "_vlm_user_error"  # set on a library exception that is the user's to fix: the one line to print
 
 
@@ -102,87 +100,15 @@ def check_checkpoint_file(path: Any) -> None:
         raise UsageError(f"checkpoint (--ckpt_path) {path} is not a PyTorch checkpoint archive (corrupt or truncated)")
 
 
-def read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a ``--ckpt_path`` file through :func:`vlm.formats.checkpoint.read_archive` (regular file, uncompressed
-    members, bounded pickle and values, whole dense tensors) and checks the task config it records: vlm's allow-list
-    and bounds, no earlier vlm's arguments, torch's or vlm's optimizer and schedule classes only. That config is
-    never built and never merged into the run: a checkpoint resumes weights and loop state, not configuration.
-
-    Raises:
-        UsageError: naming the file and what is wrong with it.
-    """
-    from vlm.formats.build import CheckpointError, check_config, check_plain
-    from vlm.formats.checkpoint import legacy_arguments, read_archive, task_config
+def _read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`vlm.formats.resume.read_resume_checkpoint`, its refusal a :class:`UsageError`."""
+    from vlm.formats.build import CheckpointError
+    from vlm.formats.resume import read_resume_checkpoint
 
     try:
-        ckpt = read_archive(path, "checkpoint (--ckpt_path)")
-        if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt:  # Lightning needs it
-            raise UsageError(f"cannot resume from --ckpt_path {path}: not a Lightning training checkpoint")
-        hparams = ckpt.get("hyper_parameters") or {}
-        check_plain(hparams, str(path), "hyper_parameters")
-        if isinstance(hparams, dict) and "_class_path" in hparams:
-            legacy = legacy_arguments(hparams)
-            if legacy:
-                task = str(hparams["_class_path"]).rpartition(".")[2]
-                raise UsageError(
-                    f"cannot resume from --ckpt_path {path}: it was written by an earlier vlm whose {task} took "
-                    f"{', '.join(legacy)}; tasks now take optimizer / lr_scheduler (and a tokenizer config). It still "
-                    "loads for inference (vlm.load); to train on, start a new run")
-            check_config(task_config(hparams, str(path)), str(path), ("task",))  # without the training-only ones
-            for name in ("optimizer", "lr_scheduler"):
-                check_training_callable(hparams.get(name), str(path), name)
+        return read_resume_checkpoint(path)
     except CheckpointError as e:
-        raise UsageError(f"cannot resume from --ckpt_path: {e}") from None
-    return ckpt
-
-
-def config_differences(recorded: Any, current: Any, key: str = "", limit: int = 3) -> list[str]:
-    """Up to ``limit`` settings (dotted keys, with both values) in which a checkpoint's recorded task config differs
-    from this run's, for one line of notice; both are plain data."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        found: list[str] = []
-        for name in sorted(recorded, key=str):  # a setting only this run has is a default the file left unsaid
-            if len(found) >= limit:
-                break
-            if name not in current:
-                found.append(f"{key}{name} (only in the file)")
-            else:
-                found += config_differences(recorded[name], current[name], f"{key}{name}.", limit - len(found))
-        return found
-    if recorded != current:
-        def short(value: Any) -> str:
-            text = repr(value)
-            return text if len(text) <= 40 else text[:37] + "..."
-
-        return [f"{key.rstrip('.')}: {short(recorded)} in the file, {short(current)} now"]
-    return []
-
-
-def check_training_callable(config: Any, where: str, key: str) -> None:
-    """Refuses an ``optimizer`` / ``lr_scheduler`` config that names anything but one of torch's optimizer or
-    learning-rate scheduler classes or vlm's (:mod:`vlm.tasks.optim`), or whose arguments are not plain data.
-
-    Raises:
-        CheckpointError: naming the file, the key and the refused value.
-    """
-    import torch
-
-    from vlm.formats.build import CheckpointError, check_plain
-
-    if config is None:
-        return
-    schedulers = torch.optim.lr_scheduler
-    module, base = ((torch.optim, torch.optim.Optimizer) if key == "optimizer"
-                    else (schedulers, (schedulers.LRScheduler, schedulers.ReduceLROnPlateau)))  # fmt: skip
-    classes = {n: getattr(module, n, None) for n in module.__all__}
-    allowed = {_VLM_TRAINING_CALLABLES[key],
-               *(f"{module.__name__}.{n}" for n, c in classes.items() if isinstance(c, type) and issubclass(c, base))}
-    check_plain(config, where, key)
-    if not isinstance(config, dict) or set(config) - {"class_path", "init_args"}:
-        raise CheckpointError(f"{where}: refused {key}: expected a class_path with its init_args")
-    if config.get("class_path") not in allowed or not isinstance(config.get("init_args") or {}, dict):
-        raise CheckpointError(f"{where}: refused {key}.class_path: {config.get('class_path')!r} is not one of torch's "
-                              f"or vlm's {key.replace('_', ' ')} classes")
+        raise UsageError(str(e)) from None
 
 
 def _guard_strategy(strategy: Any) -> None:
@@ -221,7 +147,7 @@ def _check_resume_weights(strategy: Any, path: str | os.PathLike) -> None:
 
     from vlm.formats.build import CheckpointError, check_weights
 
-    ckpt = read_resume_checkpoint(path)
+    ckpt = _read_resume_checkpoint(path)
     module = strategy.lightning_module
     weights = ckpt.get("state_dict")
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -301,7 +227,7 @@ def _cli_class() -> type:
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
-            hparams = read_resume_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            hparams = _read_resume_checkpoint(ckpt_path).get("hyper_parameters") or {}
             if not (isinstance(hparams, dict) and "_class_path" in hparams):
                 return
             from vlm.formats.checkpoint import TRAINING_ONLY, task_config
@@ -312,6 +238,8 @@ def _cli_class() -> type:
             if isinstance(current, dict):
                 current = {**current, "init_args": {k: v for k, v in (current.get("init_args") or {}).items()
                                                     if k not in TRAINING_ONLY}}  # fmt: skip
+            from vlm.formats.resume import config_differences
+
             differences = config_differences(recorded, current)
             if differences and os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
                 from vlm.inputs import printable
