@@ -76,7 +76,7 @@ def test_an_image_over_the_budget_is_refused_from_its_header_naming_file_and_siz
     with pytest.raises(ImageLoadError) as err:
         load_image(huge)
     message = str(err.value)
-    assert str(huge) in message and "9,458 x 9,458" in message and "64 Mpx" in message and "\n" not in message
+    assert str(huge) in message and "9,458 x 9,458" in message and "16 Mpx" in message and "\n" not in message
     # Refused before decoding: its 16-bit pixels alone are 9458^2 x 2 bytes = 171 MiB; the interpreter with numpy
     # and PIL is about 40 MiB. Before the budget this load peaked at 2.85 GB.
     peak, out = peak_bytes(f"""
@@ -89,18 +89,32 @@ except ImageLoadError as e:
     assert out == "refused" and peak < 120 * MIB, f"peak {peak / MIB:.0f} MiB"
 
 
-def test_an_image_at_the_budget_is_decoded_reduced_within_a_few_hundred_mb(tmp_path):
-    path = write_constant_png(tmp_path / "big16.png", 8192, 8192)  # 64 Mpx: exactly the budget
-    # Bound: the full-size 16-bit decode is 128 MiB, the 4096 x 4096 RGB result 64 MiB (PIL keeps 4 bytes a
-    # pixel), a strip's conversion about 40 MiB and the interpreter about 40 MiB: about 270 MiB measured. Without
-    # the reduction and the strips this load peaked at 2 GB (the full-size image as float64, several times).
+def test_an_image_at_the_budget_is_decoded_within_its_bound(tmp_path):
+    path = write_constant_png(tmp_path / "big16.png", 4096, 4096)  # 16 Mpx: exactly the budget
+    # Bound: the full-size 16-bit decode is 32 MiB, the 4096 x 4096 RGB result 64 MiB (PIL keeps 4 bytes a pixel),
+    # a strip's conversion about 40 MiB and the interpreter with numpy and PIL about 40 MiB.
     peak, out = peak_bytes(f"""
 from vlm.data.images import load_image
 image = load_image({str(path)!r})
 print(image.mode, image.size, image.getpixel((0, 0)), image.getpixel((4095, 4095)))
 """)
     assert out == "RGB (4096, 4096) (156, 156, 156) (156, 156, 156)"
-    assert peak < 400 * MIB, f"peak {peak / MIB:.0f} MiB"
+    assert peak < 200 * MIB, f"peak {peak / MIB:.0f} MiB"
+
+
+def test_a_png_over_the_budget_is_refused_but_a_jpeg_photo_is_decoded_reduced(tmp_path):
+    """8192 x 8192 is 64 Mpx: a PNG would be decoded whole (256 MiB as RGB), so it is refused; a JPEG of that size
+    is decoded by its own decoder at half scale, within the budget."""
+    Image.new("RGB", (8192, 8192), (10, 200, 10)).save(tmp_path / "big.png")
+    with pytest.raises(ImageLoadError, match="8,192 x 8,192 pixels"):
+        load_image(tmp_path / "big.png")
+    Image.new("RGB", (8192, 8192), (10, 200, 10)).save(tmp_path / "big.jpg", quality=80)
+    peak, out = peak_bytes(f"""
+from vlm.data.images import load_image
+image = load_image({str(tmp_path / "big.jpg")!r})
+print(image.size)
+""")
+    assert out == "(4096, 4096)" and peak < 200 * MIB, f"peak {peak / MIB:.0f} MiB"
 
 
 @pytest.mark.parametrize("size, factor", [((5000, 300), 2), ((300, 12289), 4), ((8192, 100), 2)])

@@ -15,11 +15,13 @@ Conversions to RGB:
 
 Memory is bounded per image, from the header, before any pixel is decoded:
 
-- More than :data:`MAX_PIXELS` (64 Mpx, 2**26 pixels) is refused with an :class:`ImageLoadError` naming the file and
-  its size. That admits every camera and phone photo up to 61 Mpx (9504 x 6336) and is four times the largest
-  input a model takes (``image_size`` <= 4096, so 4096 x 4096); a full-size decode costs at most 4 bytes a pixel in
-  PIL, so at most 256 MiB at the budget. PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept
-  too, and enforced strictly: PIL itself only warns between 1x and 2x its limit.
+- More than :data:`MAX_PIXELS` (16 Mpx, 2**24 pixels) decoded at full size is refused with an
+  :class:`ImageLoadError` naming the file and its size, from the header. That admits 4096 x 4096 (the largest input
+  a model takes) and every 12-16 Mpx photo, and keeps a full-size decode within 64 MiB (PIL holds RGB at 4 bytes a
+  pixel), so reading any accepted image costs less than 100 MiB over a small one. A JPEG is decoded reduced by its
+  own decoder (below), so a baseline JPEG photo of up to :data:`MAX_JPEG_PIXELS` (256 Mpx) is accepted when its
+  reduced decode is within the budget (a progressive JPEG holds its whole image's coefficients: the plain budget). PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept too, and
+  enforced strictly: PIL itself only warns between 1x and 2x its limit.
 - An image whose long side is over :data:`MAX_SIDE` (4096 px, the largest ``image_size`` vlm builds) is reduced by
   the smallest whole factor that brings its long side to 4096 px or less (so more than 2048 px remain, several
   times a usual model input): a JPEG is decoded reduced by its decoder (``Image.draft``, 1/2, 1/4 or 1/8 scale);
@@ -31,8 +33,8 @@ Memory is bounded per image, from the header, before any pixel is decoded:
 
 The result is an RGB image of at most 4096 x 4096 pixels (64 MiB in PIL, which keeps RGB at 4 bytes a pixel);
 callers that batch images cut each to its model input before decoding the next (:func:`vlm.inputs.load_batches`).
-Measured on a 16-bit 8192 x 8192 PNG (the budget): about 270 MB peak for the whole process, where decoding it whole
-and converting it through full-size float arrays took 2 GB.
+Measured on a 16-bit 8000 x 8000 PNG: decoding it whole and converting it through full-size float arrays took 2 GB;
+it is now refused from its header, and a 16-bit 4096 x 4096 one (the budget) decodes within about 100 MB.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 _BACKGROUND = (255, 255, 255)  # alpha is composited on white (see the module docstring)
 
-MAX_PIXELS = 1 << 26  # 67,108,864 pixels (64 Mpx) per image, checked from the header (see the module docstring)
+MAX_PIXELS = 1 << 24  # 16,777,216 pixels (16 Mpx) decoded at full size per image (see the module docstring)
+MAX_JPEG_PIXELS = 1 << 28  # a JPEG's size in its header: decoded reduced (1/2 to 1/8) to within MAX_PIXELS
 MAX_SIDE = 4096  # the long side of a returned image: vlm's largest image_size
 _STRIP_PIXELS = 1 << 21  # pixels converted at a time: 2 Mpx is 8 MiB as RGB, 16 MiB as float64 greyscale
 # EXIF orientation -> the transpose that displays the image upright (EXIF 2.3, tag 0x0112)
@@ -226,12 +229,13 @@ def _reduction(size: tuple[int, int]) -> int:
     return max(1, -(-max(size) // MAX_SIDE))
 
 
-def _check_budget(name: object, image: Image.Image) -> None:
-    """Refuses an image of more than :data:`MAX_PIXELS`, from its header (nothing is decoded yet)."""
+def _check_budget(name: object, image: Image.Image, limit: int = MAX_PIXELS) -> None:
+    """Refuses an image of more than ``limit`` pixels, from its header (nothing is decoded yet)."""
     width, height = image.size
-    if width * height > MAX_PIXELS:
+    if width * height > limit:
         raise ImageLoadError(name, f"image too large: {width:,} x {height:,} pixels ({width * height / 1e6:.1f} "
-                                   f"Mpx); vlm decodes at most {MAX_PIXELS:,} pixels ({MAX_PIXELS >> 20} Mpx)")
+                                   f"Mpx); vlm decodes at most {limit:,} pixels ({limit >> 20} Mpx)"
+                                   f"{' from a JPEG' if limit == MAX_JPEG_PIXELS else ''}")
 
 
 def _orientation(image: Image.Image) -> int:
@@ -246,9 +250,14 @@ def _orientation(image: Image.Image) -> int:
 def _decode(name: object, image: Image.Image) -> Image.Image:
     """An opened image -> RGB within :data:`MAX_SIDE`, EXIF orientation applied (see the module docstring)."""
     image.seek(0)  # animated images: the first frame
-    _check_budget(name, image)
+    # A baseline JPEG decodes reduced a few rows at a time; a progressive one holds every coefficient of the full
+    # image (about 3 bytes a pixel) whatever the scale, so it gets the budget of a full-size decode.
+    jpeg = image.format == "JPEG" and not image.info.get("progressive") and not image.info.get("progression")
+    _check_budget(name, image, MAX_JPEG_PIXELS if jpeg else MAX_PIXELS)
     if _reduction(image.size) > 1:  # JPEG: decoded at 1/2, 1/4 or 1/8 scale (other formats ignore the request)
         image.draft(None, tuple(-(-side // _reduction(image.size)) for side in image.size))
+    if jpeg:
+        _check_budget(name, image)  # the size the decoder will produce
     image.load()  # before reading the orientation: a PNG may carry its EXIF block after the pixels
     factor = _reduction(image.size)  # what the JPEG decoder's scale left to do, or all of it for other formats
     if factor == 1 and image.width * image.height <= _STRIP_PIXELS and not image.mode.startswith(("I", "F")):
@@ -306,4 +315,4 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
         fp.close()  # PIL closes only the files it opened itself
 
 
-__all__ = ["MAX_PIXELS", "MAX_SIDE", "ImageLoadError", "display_path", "load_image", "to_rgb"]
+__all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "MAX_SIDE", "ImageLoadError", "display_path", "load_image", "to_rgb"]

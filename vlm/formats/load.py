@@ -9,6 +9,7 @@ tensor is allocated), and every setting read here is checked against bounds and 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,26 @@ MODEL_PREFIX = "model."  # a task's model weights are named model.*
 GENERATION_WORK = 1 << 22
 
 
+def _hf_refusals(load: Callable) -> Callable:
+    """``load`` with a Hugging Face part's refusal (a tokenizer or config directory the file names that vlm will not
+    use, raised when the part is first used) turned into :class:`CheckpointError`, as every other refusal."""
+    from vlm.models.hf_local import HFFileError
+
+    @functools.wraps(load)
+    def checked(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(path, *args, **kwargs)
+        except HFFileError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+    return checked
+
+
 def shapes_of(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in weights.items()}
 
 
+@_hf_refusals
 def load_task(path: str | Path, expected: str | None = None) -> LightningModule:
     """Rebuilds a task from a Lightning checkpoint or an exported weights directory, in eval mode on the CPU.
 
@@ -109,6 +126,7 @@ def task_class_path(path: str | Path) -> str:
     return read_task_file(path).class_path
 
 
+@_hf_refusals
 def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotModel:
     """A :class:`ZeroShotModel` from a ``vlm fit`` checkpoint of a CLIP task or a ``vlm export`` directory, in eval
     mode on the CPU (``file``: the file as :func:`read_task_file` already read it).
@@ -137,6 +155,7 @@ def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotMo
                          image_std=tuple(float(x) for x in settings["image_std"]))  # fmt: skip
 
 
+@_hf_refusals
 def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
     """A :class:`Captioner` from a ``vlm fit`` checkpoint of a Flamingo task or a ``vlm export`` directory, in eval
     mode on the CPU (``file``: the file as :func:`read_task_file` already read it).
