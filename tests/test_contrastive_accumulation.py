@@ -14,17 +14,17 @@ Also a script: ``python tests/test_contrastive_accumulation.py OUT`` runs one ac
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 import warnings
 
 import lightning as L
 import pytest
 import torch
-from conftest import build_trainable, tiny_clip_config
+from conftest import build_trainable, run_job, tiny_clip_config
 from ddp_contrastive import Pairs, SaveGrads, _siglip_config, make_batch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
+from resume_helpers import subprocess_env
 
 from vlm.callbacks import NonFiniteGuard
 from vlm.formats import build_task
@@ -230,8 +230,9 @@ def test_activation_memory_is_about_one_micro_batch():
 
 # ---------------------------------------------------------------------------------------------------- DDP
 def test_ddp_accumulated_gradients_equal_one_process_on_the_whole_batch(tmp_path):
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Lightning starts the second rank itself, on MASTER_PORT: a fresh port each attempt, the job bounded in time
+    run_job(lambda port: [([sys.executable, __file__, str(tmp_path)],
+                           {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})])
     ranks = [torch.load(tmp_path / f"grads_rank{r}.pt") for r in (0, 1)]
     ref = _task(1)
     _step(ref, *make_batch(8))

@@ -3,12 +3,13 @@ the library functions they wrap (so the API adds convenience, never different nu
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FLAMINGO, write_tiny_checkpoints
+from conftest import FP32_EPS, TINY_FLAMINGO, assert_fp32_close, write_tiny_checkpoints
 from PIL import Image
 
 import vlm
@@ -38,6 +39,12 @@ def files(tmp_path_factory):
     return out
 
 
+def _float64(model: CLIPPredictor) -> torch.nn.Module:
+    """The predictor's CLIP in float64: the reference its float32 results are measured against, since batches of
+    other sizes, or the same values in other memory, may round differently on another CPU."""
+    return copy.deepcopy(model.model).double()
+
+
 def test_load_returns_the_right_kind(files):
     assert isinstance(vlm.load(files["clip"]), CLIPPredictor)
     assert isinstance(vlm.load(files["clip_export"]), CLIPPredictor)
@@ -56,10 +63,15 @@ def test_classify_equals_the_zero_shot_library(files):
     assert len(results) == 5 and all(len(r) == 2 for r in results)
     batch = model.preprocess(files["images"])
     probs = classify(model.model, batch, build_classifier(model.model, model.tokenizer, labels, model.templates))
-    for result, row in zip(results, probs):
-        top = row.topk(2)
-        assert [label for label, _ in result] == [labels[i] for i in top.indices.tolist()]
-        assert [p for _, p in result] == pytest.approx(top.values.tolist(), abs=1e-6)
+    exact_model = _float64(model)
+    exact = classify(exact_model, batch.double(), build_classifier(exact_model, model.tokenizer, labels,
+                                                                    model.templates))
+    top = probs.topk(2, dim=1)
+    for result, indices in zip(results, top.indices):
+        assert [label for label, _ in result] == [labels[i] for i in indices.tolist()]
+    got = torch.tensor([[p for _, p in result] for result in results])
+    # the API's probabilities as close to the float64 ones as the library's float32 ones
+    assert_fp32_close(got, top.values, exact.gather(1, top.indices))
     one = model.classify(files["images"][0], labels)  # a single image: still one list per image
     assert len(one) == 1 and len(one[0]) == 3 and one[0][0][0] == results[0][0][0]
     other = model.classify(files["images"][:1], labels, templates=["a photo of a {}", "{}"])
@@ -74,8 +86,16 @@ def test_every_image_kind_gives_the_same_embedding(files):
     kinds = [path, str(path), pil, array, array.astype(np.float32) / 255.0,
              torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(array).permute(2, 0, 1).float() / 255.0]
     embeddings = torch.cat([model.embed_images(k) for k in kinds])
-    assert torch.allclose(embeddings, embeddings[:1].expand_as(embeddings), atol=1e-5)
-    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(kinds)), atol=1e-5)
+    # every kind becomes the same uint8 pixels: each embedding as close to the float64 one as the library's
+    pixels = model.preprocess(path)
+    with torch.no_grad():
+        expected = model.model.encode_image(pixels, normalize=True).expand_as(embeddings)
+        exact = _float64(model).encode_image(pixels.double(), normalize=True).expand_as(embeddings)
+    assert_fp32_close(embeddings, expected, exact)
+    # unit length: a float32 norm of d terms is off by at most (d/2 + 1) ulps, the division by it by one more,
+    # and the norm taken here by another d/2 + 1
+    bound = (embeddings.shape[-1] + 3) * FP32_EPS
+    assert (embeddings.norm(dim=-1) - 1).abs().max().item() <= bound
     batch = np.stack([array, array])  # a 4-d array is a batch
     assert model.embed_images(batch).shape[0] == 2
     with pytest.raises(ValueError, match="image array must be"):
@@ -86,12 +106,17 @@ def test_every_image_kind_gives_the_same_embedding(files):
 
 def test_batching_does_not_change_results(files):
     big, small = vlm.load(files["clip"]), vlm.load(files["clip"], batch_size=2)
-    assert torch.allclose(big.embed_images(files["images"]), small.embed_images(files["images"]), atol=1e-5)
     texts = ["a red circle", "a blue square", "a tiny green star"]
-    assert torch.allclose(big.embed_texts(texts), small.embed_texts(texts), atol=1e-6)
+    exact_model = _float64(big)  # batches of 2 and of 5 take other float32 kernels: measured against float64
+    with torch.no_grad():
+        exact_images = exact_model.encode_image(big.preprocess(files["images"]).double(), normalize=True)
+        exact_texts = exact_model.encode_text(big.tokenizer(texts), normalize=True)
+    images = big.embed_images(files["images"])
+    assert_fp32_close(small.embed_images(files["images"]), images, exact_images, msg="images")
+    assert_fp32_close(small.embed_texts(texts), big.embed_texts(texts), exact_texts, msg="texts")
     sim = big.similarity(files["images"], texts)
     assert sim.shape == (5, 3)
-    assert torch.allclose(sim, big.embed_images(files["images"]) @ big.embed_texts(texts).T, atol=1e-6)
+    assert_fp32_close(sim, images @ big.embed_texts(texts).T, exact_images @ exact_texts.T, msg="similarity")
 
 
 def test_caption_equals_the_captioner_and_uses_examples(files):
@@ -132,13 +157,16 @@ def test_open_clip_source_with_a_local_weights_file(tmp_path):
     torch.save(peer.state_dict(), tmp_path / "weights.pt")
     model = vlm.load("open_clip:vlm-test-tiny", weights=tmp_path / "weights.pt")
     x = torch.rand(3, 32, 32)
+    exact_peer = copy.deepcopy(peer).double()  # ours as close to open_clip's float64 result as its float32 one
     with torch.no_grad():
         expected = torch.nn.functional.normalize(peer.encode_image(model.preprocess(x)), dim=-1)
-    assert torch.allclose(model.embed_images(x), expected, atol=1e-5)
+        exact = torch.nn.functional.normalize(exact_peer.encode_image(model.preprocess(x).double()), dim=-1)
+    assert_fp32_close(model.embed_images(x), expected, exact, msg="image")
     tokens = open_clip.get_tokenizer("vlm-test-tiny")(["a diagram"])
     with torch.no_grad():
         text = torch.nn.functional.normalize(peer.encode_text(tokens), dim=-1)
-    assert torch.allclose(model.embed_texts("a diagram"), text, atol=1e-5)
+        exact = torch.nn.functional.normalize(exact_peer.encode_text(tokens), dim=-1)
+    assert_fp32_close(model.embed_texts("a diagram"), text, exact, msg="text")
     with pytest.raises(CheckpointError, match="give the local weights file"):
         vlm.load("open_clip:vlm-test-tiny")
 
@@ -151,10 +179,13 @@ def test_timm_source_with_a_local_weights_file(tmp_path):
     model = vlm.load("timm:vit_tiny_patch16_224", weights=tmp_path / "vit.pt")
     assert isinstance(model, VisionPredictor)
     x = torch.rand(3, 224, 224)
+    exact_peer = copy.deepcopy(peer).double()  # ours as close to timm's float64 result as its float32 one
     with torch.no_grad():
         expected = torch.nn.functional.normalize(
             peer.forward_head(peer.forward_features(model.preprocess(x)), pre_logits=True), dim=-1)
-    assert torch.allclose(model.embed_images(x), expected, atol=1e-5)
+        exact = torch.nn.functional.normalize(
+            exact_peer.forward_head(exact_peer.forward_features(model.preprocess(x).double()), pre_logits=True), dim=-1)
+    assert_fp32_close(model.embed_images(x), expected, exact)
     with pytest.raises(TypeError, match="is a vision model: it embeds images; zero-shot classification"):
         model.classify(x, ["a", "b"])
     (tmp_path / "bad.pt").write_bytes(b"junk")

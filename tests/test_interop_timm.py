@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import pytest
 import torch
+from conftest import assert_fp32_close
 
 timm = pytest.importorskip("timm")
 
 from vlm.interop import ShapeMismatchError, UnsupportedModelError, from_timm, load_weights, to_timm  # noqa: E402
 from vlm.interop.timm import vit_from_timm_state_dict  # noqa: E402
 from vlm.models.vit import VisionTransformer  # noqa: E402
-
-TOL = 1e-5
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -34,6 +34,13 @@ def make_timm(img_size: int = 32, **kw) -> torch.nn.Module:
 
 def timm_pooled(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.forward_head(m.forward_features(x), pre_logits=True)
+
+
+def assert_like_timm(ours: torch.Tensor, m: torch.nn.Module, x: torch.Tensor, forward=timm_pooled, msg: str = ""):
+    """``ours`` is as close to timm's float64 result (a float64 copy of ``m``, which also resamples its position
+    embedding in float64) as timm's own float32 one: a bound that holds on every CPU."""
+    with torch.no_grad():
+        assert_fp32_close(ours, forward(m, x), forward(copy.deepcopy(m).double(), x.double()), msg=msg)
 
 
 CONFIGS = {
@@ -58,10 +65,10 @@ def test_from_timm_matches_timm_forward(name):
     size = m.patch_embed.img_size[0]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (vit.forward_tokens(x) - m.forward_features(x)).abs().max() <= TOL
-        assert (vit(x) - timm_pooled(m, x)).abs().max() <= TOL
+        assert_like_timm(vit.forward_tokens(x), m, x, lambda model, y: model.forward_features(y), msg="tokens")
+        assert_like_timm(vit(x), m, x, msg="pooled")
         back = to_timm(vit).eval()
-        assert (timm_pooled(back, x) - timm_pooled(m, x)).abs().max() <= TOL
+        assert_like_timm(timm_pooled(back, x), m, x, msg="back in timm")
     ref = {k: v for k, v in m.state_dict().items() if not k.startswith("head.")}
     assert set(back.state_dict()) == set(ref)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.items())
@@ -86,13 +93,16 @@ def test_different_image_size_than_checkpoint(tmp_path):
         patch_size=8,
     ).eval()
     x = torch.randn(2, 3, 48, 48)
+    # float64: timm resampling the float64 weights to 48 px (set_input_size, the resampling loading does)
+    exact_model = copy.deepcopy(m).double()
+    exact_model.set_input_size(img_size=(48, 48))
     with torch.no_grad():
-        ref = timm_pooled(m48, x)
-        assert (from_timm(m, image_size=48)(x) - ref).abs().max() <= TOL
-        assert (from_timm(m)(x) - ref).abs().max() <= TOL  # vlm's ViT resamples for any input size
-        assert (vit_from_timm_state_dict(path, image_size=48)(x) - ref).abs().max() <= TOL
+        ref, exact = timm_pooled(m48, x), timm_pooled(exact_model, x.double())
+        assert_fp32_close(from_timm(m, image_size=48)(x), ref, exact, msg="resampled at conversion")
+        assert_fp32_close(from_timm(m)(x), ref, exact, msg="on the fly")  # vlm's ViT resamples for any input size
+        assert_fp32_close(vit_from_timm_state_dict(path, image_size=48)(x), ref, exact, msg="from the file")
         m.set_input_size(img_size=(48, 48))
-        assert (timm_pooled(m, x) - ref).abs().max() <= TOL
+        assert_fp32_close(timm_pooled(m, x), ref, exact, msg="timm's set_input_size")
     vit48 = from_timm(m48)
     assert vit48.image_size == 48 and vit48.pos_embed.shape == (1, 1 + 36, 192)
 
@@ -102,7 +112,7 @@ def test_dynamic_img_size_timm_model():
     vit = from_timm(m)
     x = torch.randn(1, 3, 40, 56)  # non-square, not the training size
     with torch.no_grad():
-        assert (vit(x) - timm_pooled(m, x)).abs().max() <= TOL
+        assert_like_timm(vit(x), m, x)
 
 
 def test_to_timm_from_a_vlm_vit():
@@ -112,12 +122,12 @@ def test_to_timm_from_a_vlm_vit():
         m = to_timm(vit).eval()
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
-            assert (timm_pooled(m, x) - vit(x)).abs().max() <= TOL
+            assert_like_timm(vit(x), m, x)
         assert (m.patch_embed.proj.bias is not None) == kw["patch_bias"]
     dyn = to_timm(vit, dynamic_img_size=True).eval()
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
-        assert (timm_pooled(dyn, x) - vit(x)).abs().max() <= TOL
+        assert_like_timm(vit(x), dyn, x, msg="dynamic size")
 
 
 @pytest.mark.parametrize(
@@ -155,7 +165,7 @@ def test_state_dict_helpers_and_errors(tmp_path):
     vit = VisionTransformer(image_size=32, patch_size=8, width=192, depth=2, num_heads=3, pool="avg").eval()
     load_weights(vit, m.state_dict())
     with torch.no_grad():
-        assert (vit(x) - timm_pooled(m, x)).abs().max() <= TOL
+        assert_like_timm(vit(x), m, x)
     # ... and a checkpoint of another width names the first mismatched key and both shapes
     small = VisionTransformer(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, pool="avg")
     with pytest.raises(ShapeMismatchError, match=r"first mismatched key 'cls_token'.*\(1, 1, 192\).*\(1, 1, 64\)"):

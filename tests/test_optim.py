@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import build_trainable, tiny_clip_config
+from conftest import assert_fp32_close, build_trainable, tiny_clip_config
 from ddp_contrastive import make_batch
 from lightning.pytorch.callbacks import Callback
 from resume_helpers import one_thread
@@ -227,20 +227,22 @@ def test_fused_adamw_under_an_fp16_grad_scaler_steps_like_the_per_tensor_loop():
     update then equals the per-tensor loop's under the same scaler."""
     torch.manual_seed(0)
     ref = torch.nn.Linear(8, 4)
-    models = {"fused": copy.deepcopy(ref), "loop": copy.deepcopy(ref)}
+    # the per-tensor loop in float64 too: the reference both float32 updates are measured against
+    models = {"fused": copy.deepcopy(ref), "loop": copy.deepcopy(ref), "exact": copy.deepcopy(ref).double()}
     optimizers = {"fused": AdamW(models["fused"].parameters(), lr=0.1),
-                  "loop": torch.optim.AdamW(models["loop"].parameters(), lr=0.1, weight_decay=0.01, foreach=False)}
+                  "loop": torch.optim.AdamW(models["loop"].parameters(), lr=0.1, weight_decay=0.01, foreach=False),
+                  "exact": torch.optim.AdamW(models["exact"].parameters(), lr=0.1, weight_decay=0.01, foreach=False)}
     assert optimizers["fused"].defaults["fused"]
     x = torch.randn(16, 8)
     for name, model in models.items():
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         for _ in range(3):
             optimizers[name].zero_grad()
-            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.scale(model(x.to(model.weight.dtype)).pow(2).mean()).backward()
             scaler.unscale_(optimizers[name])
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
             scaler.step(optimizers[name])
             scaler.update()
-    for a, b in zip(models["fused"].parameters(), models["loop"].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b, e in zip(models["fused"].parameters(), models["loop"].parameters(), models["exact"].parameters()):
+        assert_fp32_close(a, b, e)
     assert not torch.equal(models["fused"].weight, ref.weight)
