@@ -43,6 +43,9 @@ def test_config_instantiates(config, tmp_path):
     model = getattr(task.model, "text", task.model)  # the CLIP text tower, the decoder, or Flamingo's
     length = getattr(model, "context_length", None)
     assert length is None or task.tokenizer.context_length <= length  # never more tokens than the model takes
+    # one place for a run's outputs: the logs follow --trainer.default_root_dir with the checkpoints
+    for logger in cli.trainer.loggers:
+        assert Path(logger.save_dir).resolve().is_relative_to(tmp_path.resolve()), (config, logger.save_dir)
 
 
 # The optimizer and schedule values every config trained with when they were the tasks' own arguments (lr,
