@@ -50,50 +50,63 @@ def _file_maker(rng, seeds, out):
     return out / "case.bin", "none", ["test"]
 
 
-def test_the_harness_reports_each_way_a_case_can_go_wrong(fuzz_seeds, tmp_path, monkeypatch):
-    """A step that raises a foreign exception, runs past its time, takes memory, imports the planted module or asks
-    on the terminal is reported as such; an accepted error and a result are not. Otherwise the fuzzer could pass
-    while finding nothing."""
-    monkeypatch.syspath_prepend(str(fuzz_seeds / "planted"))
+def _allocate(path, state):
+    state["held"] = b"\x01" * (400 << 20)  # written, so the pages are resident
 
-    def allocate(path, state):
-        state["held"] = b"\x01" * (400 << 20)  # written, so the pages are resident
 
-    def refuse(path, state):
-        raise fc._cls(fc.CHECKPOINT_ERROR)("refused")
+def _refuse(path, state):
+    raise fc._cls(fc.CHECKPOINT_ERROR)("refused")
 
-    def foreign(path, state):
-        raise KeyError("a key the loader forgot")
 
-    def imports(path, state):
-        importlib.import_module(fc.TRIPWIRE_MODULE)
+def _foreign(path, state):
+    raise KeyError("a key the loader forgot")
 
+
+def _imports(path, state):
+    importlib.import_module(fc.TRIPWIRE_MODULE)
+
+
+def _harness_records(seeds: Path, work: Path) -> dict[str, dict]:
+    """Each behaviour through :func:`fuzz_cases.run_case`, the way a fuzz child runs a case (the test runs this in a
+    fresh process: a long-lived one's freed memory would hide an allocation from the peak-resident measure)."""
+    sys.path.insert(0, str(seeds / "planted"))
+    fc._cls(fc.CHECKPOINT_ERROR)  # vlm and torch imported before the wires are set, as in a fuzz child
     behaviours = {
         "ok": (lambda path, state: None, ()),
-        "refused": (refuse, (fc.CHECKPOINT_ERROR,)),
-        "fail": (foreign, (fc.CHECKPOINT_ERROR,)),
+        "refused": (_refuse, (fc.CHECKPOINT_ERROR,)),
+        "fail": (_foreign, (fc.CHECKPOINT_ERROR,)),
         "timeout": (lambda path, state: time.sleep(20), ()),
-        "memory": (allocate, ()),
-        "tripwire": (imports, ()),
+        "memory": (_allocate, ()),
+        "tripwire": (_imports, ()),
         "prompt": (lambda path, state: input("trust this file? "), ()),
     }
     targets = {name: (fc.Step(name, run, accepted),) for name, (run, accepted) in behaviours.items()}
     makers = dict.fromkeys(behaviours, _file_maker)
-    try:
-        with fc.tripwires():
-            records = {name: fc.run_case(name, 7, 3, fuzz_seeds, tmp_path, {}, {}, targets, makers, timeout=1.0)
-                       for name in behaviours}
-    finally:
-        sys.modules.pop(fc.TRIPWIRE_MODULE, None)
+    with fc.tripwires():
+        return {name: fc.run_case(name, 7, 3, seeds, work, {}, {}, targets, makers, timeout=3.0)
+                for name in behaviours}
+
+
+def test_the_harness_reports_each_way_a_case_can_go_wrong(fuzz_seeds, tmp_path):
+    """A step that raises a foreign exception, runs past its time, takes memory, imports the planted module or asks
+    on the terminal is reported as such; an accepted error and a result are not. Otherwise the fuzzer could pass
+    while finding nothing."""
+    code = ("import json, sys; from pathlib import Path; import test_fuzz_files as t; "
+            "print(json.dumps(t._harness_records(Path(sys.argv[1]), Path(sys.argv[2]))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fc.TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, str(fuzz_seeds), str(tmp_path)], cwd=fc.ROOT, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(done.stdout.strip().splitlines()[-1])
     status = {name: r["status"] for name, r in records.items()}
     assert status == {"ok": "ok", "refused": "refused", "fail": "fail", "timeout": "timeout", "memory": "memory",
                       "tripwire": "tripwire", "prompt": "tripwire"}, records
     assert records["fail"]["error"] == "builtins.KeyError"
-    assert "test_fuzz_files.py:foreign" in records["fail"]["where"]
+    assert "test_fuzz_files.py:_foreign" in records["fail"]["where"]
     assert records["memory"]["growth_mib"] >= 390
     assert "asked on the terminal" in records["prompt"]["message"]
     assert "imported fuzz_tripwire" in records["tripwire"]["message"]
-    assert records["timeout"]["seconds"] < 5
+    assert records["timeout"]["seconds"] < 10  # the 3 s alarm, well before the 20 s sleep ends
     # a failing case keeps its files and says how to reproduce it; a passing one leaves nothing behind
     assert Path(records["fail"]["kept"], "case.bin").exists()
     assert not (tmp_path / "ok-7-3").exists()
