@@ -5,8 +5,17 @@
 
 A folder's images are processed in sorted order. If a folder holds a ``metadata.jsonl`` with a ``label`` column,
 the accuracy over those images is reported at the end (a malformed line or file costs only its labels: one
-``warning:`` line per file). Exit codes: 0 all inputs classified, 1 some input failed, 2 usage error (bad arguments,
-missing or wrong checkpoint, a checkpoint or labels file that is a FIFO, device or too large).
+``warning:`` line per file). An image with no such label whose folder is named after one of the labels (a class
+sub-folder, ``red_circle/`` for ``red circle``) has that label as its truth.
+
+Why it fails: with labels of two or more words, the report adds the accuracy per attribute, the words at each
+position across the labels (``attribute 1 (red, blue)``: the colour right; ``attribute 2 (circle, square)``: the
+shape right), and ``--confusion PATH`` writes the confusion matrix of the labelled images as a PNG. With ``--json
+--accuracy-only`` the report is one JSON object: ``{"accuracy", "correct", "labelled", "attributes": [{"attribute",
+"values", "correct", "total", "accuracy"}], ...}`` (plus ``heldout`` / ``seen`` objects with held-out labels).
+
+Exit codes: 0 all inputs classified, 1 some input failed, 2 usage error (bad arguments, missing or wrong checkpoint,
+a checkpoint or labels file that is a FIFO, device or too large, a ``--confusion`` path that cannot be written).
 
 Output: one line per input, in input order. With ``--json`` each is an object ``{"path", "predictions": [{"label",
 "prob"}]}`` or ``{"path", "error"}``; the path is exact (a file name that is not UTF-8 is written with
@@ -50,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--accuracy-only", action="store_true", help="print only the accuracy over labelled images")
     p.add_argument("--heldout-labels-file", help="class names whose accuracy is also reported on its own")
+    p.add_argument("--confusion", metavar="PATH", help="write the labelled images' confusion matrix as a PNG here")
     args = p.parse_args(argv)
     if not 1 <= args.top_k <= MAX_TOP_K:
         raise SystemExit(error(f"--top-k must be between 1 and {MAX_TOP_K:,}"))
@@ -62,9 +72,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.templates = get_templates(args.templates)
         args.labels = read_labels(args.labels, args.labels_file)
         args.heldout = set(read_labels(None, args.heldout_labels_file)) if args.heldout_labels_file else set()
+        if args.confusion:  # checked now, not after every image was classified
+            check_output_path(args.confusion)
     except ValueError as e:  # UnsafeFileError included
         raise SystemExit(error(str(e))) from None
     return args
+
+
+def check_output_path(path: str) -> None:
+    """Refuses an output path whose folder does not exist or that names something other than a regular file (a
+    FIFO would block the write, a directory cannot be written).
+
+    Raises:
+        ValueError: naming the path.
+    """
+    import os
+
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"--confusion {path}: no such folder {folder}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ValueError(f"--confusion {path}: exists and is not a regular file")
 
 
 def error(message: str) -> int:
@@ -99,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return error("no images found in the given paths")
     # Labels that are not strings (a hand-edited file) are not ground truth: they would break the comparisons.
     truth = {p: row["label"] for p, row in folder_metadata(paths).items() if isinstance(row.get("label"), str)}
+    truth = {**folder_truth(paths, args.labels), **truth}  # the metadata's label wins over the folder's name
     failed = 0
-    hits: list[tuple[str, bool]] = []  # (true label, correct) for labelled images
+    pairs: list[tuple[str, str]] = []  # (predicted label, true label) for labelled images
     # each image is cut to the model's input as soon as it is decoded: a batch never holds decoded images
     for batch in load_batches(paths, args.batch_size, unlistable, model.image_size):
         predictions = model.classify(batch.images, args.labels, args.templates, args.top_k) if batch.images else []
@@ -117,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             preds = results[path]
             if path in truth:
-                hits.append((truth[path], preds[0][0] == truth[path]))
+                pairs.append((preds[0][0], truth[path]))
             if not args.accuracy_only:
                 text = ", ".join(f"{printable(label)} ({prob:.3f})" for label, prob in preds)
                 emit(
@@ -125,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                     {"path": exact, "predictions": [{"label": lb, "prob": round(pr, 6)} for lb, pr in preds]},
                     f"{shown}: {text}",
                 )
-    report_accuracy(hits, args.heldout, to_stderr=args.json and not args.accuracy_only)
+    report_accuracy(pairs, args.labels, args.heldout, as_json=args.json and args.accuracy_only,
+                    to_stderr=args.json and not args.accuracy_only)
+    if args.confusion:
+        try:
+            write_confusion(pairs, args.labels, args.confusion)
+        except (OSError, ValueError) as e:  # a folder that does not exist, a path that is a directory...
+            return error(f"--confusion {args.confusion}: {e}")
     if failed:
         print(f"{failed} of {len(paths)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
@@ -136,19 +171,99 @@ def emit(as_json: bool, record: dict, text: str) -> None:
     print(json.dumps(record) if as_json else text, flush=True)
 
 
-def report_accuracy(hits: list[tuple[str, bool]], heldout: set[str], to_stderr: bool) -> None:
-    """Prints top-1 accuracy over the labelled images (and over the held-out classes when given)."""
-    if not hits:
+def folder_truth(paths: list, labels: list[str]) -> dict:
+    """Truth from class sub-folders: each image whose folder's name, as a label (``red_circle`` -> ``red circle``,
+    :func:`vlm.data.sources.folder_label`), is one of ``labels``."""
+    from vlm.data.sources import folder_label
+
+    known = set(labels)
+    return {p: folder_label(p.parent.name) for p in paths if folder_label(p.parent.name) in known}
+
+
+def report_accuracy(pairs: list[tuple[str, str]], labels: list[str], heldout: set[str], as_json: bool,
+                    to_stderr: bool) -> None:
+    """Prints top-1 accuracy over the labelled images, over the held-out and seen classes when held-out classes are
+    given, and per attribute of multi-word labels (:func:`vlm.metrics.attribute_accuracy`).
+
+    Args:
+        pairs: ``(predicted label, true label)`` of each labelled image.
+        labels: the label set (its words give the attributes).
+        heldout: the held-out class names, or empty.
+        as_json: one JSON object on stdout instead of text lines.
+        to_stderr: text lines on stderr (stdout holding JSON records).
+    """
+    if not pairs:
+        return
+    from vlm.metrics import attribute_accuracy
+
+    def score(subset: list[tuple[str, str]]) -> dict:
+        correct = sum(p == t for p, t in subset)
+        return {"accuracy": correct / len(subset), "correct": correct, "labelled": len(subset)}
+
+    report = score(pairs)
+    held = [(p, t) for p, t in pairs if t in heldout]
+    seen = [(p, t) for p, t in pairs if t not in heldout]
+    if held:
+        report["heldout"] = score(held)
+        if seen:
+            report["seen"] = score(seen)
+    report["attributes"] = attribute_accuracy(pairs, labels)
+    if as_json:
+        print(json.dumps(report), flush=True)
         return
     out = sys.stderr if to_stderr else sys.stdout
-    correct = sum(ok for _, ok in hits)
-    print(f"zero-shot top-1 accuracy: {correct / len(hits):.4f} ({correct}/{len(hits)} labelled images)", file=out)
-    held = [ok for label, ok in hits if label in heldout]
-    if held:
-        print(f"zero-shot top-1 on held-out classes: {sum(held) / len(held):.4f} ({sum(held)}/{len(held)})", file=out)
-    seen = [ok for label, ok in hits if label not in heldout]
-    if held and seen:
-        print(f"zero-shot top-1 on seen classes: {sum(seen) / len(seen):.4f} ({sum(seen)}/{len(seen)})", file=out)
+    print(f"zero-shot top-1 accuracy: {report['accuracy']:.4f} ({report['correct']}/{report['labelled']} labelled "
+          "images)", file=out)
+    for key, what in (("heldout", "held-out"), ("seen", "seen")):
+        if key in report:
+            part = report[key]
+            print(f"zero-shot top-1 on {what} classes: {part['accuracy']:.4f} ({part['correct']}/{part['labelled']})",
+                  file=out)
+    for attribute in report["attributes"]:
+        values = attribute["values"]
+        shown = ", ".join(printable(v) for v in values[:4]) + (", ..." if len(values) > 4 else "")
+        print(f"{attribute['attribute']} ({shown}) right: {attribute['accuracy']:.4f} "
+              f"({attribute['correct']}/{attribute['total']})", file=out)
+
+
+def write_confusion(pairs: list[tuple[str, str]], labels: list[str], path: str) -> None:
+    """Writes the confusion matrix of ``pairs`` (rows: true label, columns: predicted) as a PNG at ``path``.
+
+    The figure grows with the number of labels (about a quarter inch per label, 4 to 40 inches); cells hold their
+    counts while there are at most 30 labels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt
+
+    from vlm.metrics import confusion_matrix
+
+    matrix = confusion_matrix(pairs, labels)
+    n = len(labels)
+    side = min(40.0, max(4.0, 0.25 * n + 2.0))
+    fig, ax = plt.subplots(figsize=(side, side), dpi=100)
+    try:
+        ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+        names = [printable(label) for label in labels]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        correct = sum(matrix[i][i] for i in range(n))
+        total = sum(map(sum, matrix))
+        ax.set_title(f"zero-shot confusion: {correct}/{total} right")
+        if n <= 30:
+            peak = max(max(row) for row in matrix) or 1
+            for i, row in enumerate(matrix):
+                for j, count in enumerate(row):
+                    if count:
+                        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                                color="white" if count > peak / 2 else "black")
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_csv_and_jsonl_sources_and_label_fallback(shapes_root, tokenizer, tmp_pa
 
 
 def test_missing_source_and_no_tokenizer_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such dataset file or directory"):
+    with pytest.raises(ValueError, match="no such dataset file or directory"):
         _module(train=str(tmp_path / "nope.csv")).setup("fit")
     with pytest.raises(ValueError, match="without metadata.jsonl"):
         _module(train=str(tmp_path)).setup("fit")

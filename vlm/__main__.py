@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return {"index": index_main, "search": search_main, "retrieval": retrieval_main}[argv[0]](argv[1:])
     from vlm.data.shapes import StaleDataError
+    from vlm.data.sources import DataLayoutError
     from vlm.inputs import printable
     from vlm.interop.weights import WeightsSourceError
     from vlm.reliability import NonFiniteError
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except WeightsSourceError as e:  # an earlier stage's checkpoint that is missing or does not fit the config
         print(f"vlm: error: {e}", file=sys.stderr)
+        return 2
+    except DataLayoutError as e:  # a data folder in no layout vlm reads, or a data path that does not exist
+        print(f"vlm: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except UsageError as e:  # a FIFO on the command line, a --ckpt_path that is not a checkpoint
         print(f"vlm: error: {printable(str(e))}", file=sys.stderr)

@@ -1,15 +1,15 @@
 """Validation metrics of the contrastive task: image-text retrieval recall (one caption per image, or several: the
-COCO / Flickr30k protocol) and zero-shot classification accuracy. Pure functions of embeddings and logits; the task
-gathers them across ranks and logs what these return.
+COCO / Flickr30k protocol), zero-shot classification accuracy, and what a classifier's mistakes are made of: accuracy
+per attribute of multi-word labels (colour right, shape right) and the confusion matrix. Pure functions of
+embeddings, logits or (predicted, true) label pairs; the task gathers them across ranks and logs what these return.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_accuracy
 
 
 def retrieval_recall(image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -83,6 +83,10 @@ def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], he
         classnames: the classes, in ``logits``' column order.
         heldout: classes never seen in training; their share and the others' are reported apart.
     """
+    # torchmetrics (and the scipy it imports) here, not at import: scripts/zero_shot.py uses this module's label
+    # functions and stays light
+    from torchmetrics.functional.classification import multiclass_accuracy
+
     valid = target >= 0
     logits, target = logits[valid], target[valid]
     if target.numel() == 0:
@@ -103,4 +107,86 @@ def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], he
     return out
 
 
-__all__ = ["multi_caption_recall", "retrieval_recall", "zero_shot_accuracy"]
+def label_attributes(labels: Sequence[str]) -> list[list[str]]:
+    """The attributes of a label set: the words found at each position of its labels of two or more words.
+
+    ``["red circle", "blue circle", "red square"]`` -> ``[["red", "blue"], ["circle", "square"]]``: position 1 is
+    the colour, position 2 the shape. Words are split on whitespace and listed in order of first appearance.
+
+    Args:
+        labels: the class names.
+
+    Returns:
+        One list of words per position; empty when no label has two or more words (nothing to break down).
+    """
+    attributes: list[dict[str, None]] = []  # dicts as ordered sets
+    for label in labels:
+        words = label.split()
+        if len(words) < 2:
+            continue
+        for position, word in enumerate(words):
+            if position == len(attributes):
+                attributes.append({})
+            attributes[position].setdefault(word, None)
+    return [list(words) for words in attributes]
+
+
+def attribute_accuracy(pairs: Iterable[tuple[str, str]], labels: Sequence[str]) -> list[dict[str, object]]:
+    """Accuracy per attribute: how often the predicted label has the true label's word at each word position.
+
+    With labels "colour shape", an image of a "red circle" predicted "red square" has its colour right and its
+    shape wrong. An image counts towards position ``i`` when its true label has two or more words and a word at
+    ``i``; a predicted label without a word there is wrong at ``i``.
+
+    Args:
+        pairs: ``(predicted label, true label)`` for each image.
+        labels: the label set, which gives the attributes (:func:`label_attributes`).
+
+    Returns:
+        Per word position, in order: ``{"attribute": "attribute 1", "values": [words],
+        "correct": int, "total": int, "accuracy": float}`` (accuracy 0.0 when no image counted). Empty when no
+        label has two or more words.
+    """
+    attributes = label_attributes(labels)
+    correct, total = [0] * len(attributes), [0] * len(attributes)
+    for predicted, true in pairs:
+        truth, guess = true.split(), predicted.split()
+        if len(truth) < 2:
+            continue
+        for position, word in enumerate(truth[: len(attributes)]):
+            total[position] += 1
+            correct[position] += position < len(guess) and guess[position] == word
+    return [
+        {"attribute": f"attribute {i + 1}", "values": values, "correct": correct[i], "total": total[i],
+         "accuracy": correct[i] / total[i] if total[i] else 0.0}
+        for i, values in enumerate(attributes)
+    ]  # fmt: skip
+
+
+def confusion_matrix(pairs: Iterable[tuple[str, str]], labels: Sequence[str]) -> list[list[int]]:
+    """Counts of (true, predicted) label pairs: row = true label, column = predicted label, in ``labels``' order.
+
+    Args:
+        pairs: ``(predicted label, true label)`` for each image; a pair naming a label outside ``labels`` is left
+            out (it has no row or column).
+        labels: the label set, in the order of the rows and columns.
+
+    Returns:
+        A ``len(labels)`` x ``len(labels)`` list of lists of counts; the diagonal holds the correct predictions.
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for predicted, true in pairs:
+        if predicted in index and true in index:
+            matrix[index[true]][index[predicted]] += 1
+    return matrix
+
+
+__all__ = [
+    "attribute_accuracy",
+    "confusion_matrix",
+    "label_attributes",
+    "multi_caption_recall",
+    "retrieval_recall",
+    "zero_shot_accuracy",
+]

@@ -34,7 +34,15 @@ from vlm.data.datasets import (
 )
 from vlm.data.resumable import EpochSampler, ResumableDataLoader
 from vlm.data.shards import EqualBatchesDataLoader
-from vlm.data.sources import IMAGE_FALLBACKS, LABEL_FALLBACKS, TEXT_FALLBACKS, Table, load_table, pick_column
+from vlm.data.sources import (
+    IMAGE_FALLBACKS,
+    LABEL_FALLBACKS,
+    TEXT_FALLBACKS,
+    DataLayoutError,
+    Table,
+    load_table,
+    pick_column,
+)
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_geometry, normalize, train_geometry
 
 log = logging.getLogger("vlm.data")
@@ -74,6 +82,8 @@ class ImageTextDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch, so every rank and step has ``batch_size`` samples
             (the distributed contrastive loss needs equal batches).
         augment: random resized crops for training (no flips: captions say left/right).
+        rotation: with ``augment``, also rotate training images by a random angle up to this many degrees (colours
+            and sides kept, corners filled with the image; see :func:`vlm.data.transforms.train_geometry`). 0: off.
         in_memory: decode every image once in ``setup`` and keep the pixels (and token ids) in memory; for
             datasets that fit in RAM this makes loading nearly free.
         cache_workers: processes that decode the in-memory cache (0: the main process).
@@ -87,6 +97,13 @@ class ImageTextDataModule(LightningDataModule):
         image_std: per-channel normalisation std (``vlm fit`` links the task's).
         seed: seeds the training order (epoch ``e`` is permutation ``seed + e``, so a resumed run continues the
             same order) and the choice of replacement samples.
+        caption_template: for a folder of class sub-folders (``train/red_circle/*.png``), each image's caption: the
+            template with ``{}`` replaced by the folder's label (``"a {}"`` -> ``a red circle``). None: the task's
+            first zero-shot template (``a {}`` when the task derives its templates from the captions), else, with
+            no task, the label itself.
+
+    A training set smaller than one batch (per rank) trains with a batch of its size, with a warning, rather than
+    with no batches at all.
     """
 
     def __init__(
@@ -107,6 +124,7 @@ class ImageTextDataModule(LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool = True,
         augment: bool = False,
+        rotation: float = 0.0,
         in_memory: bool = False,
         cache_workers: int = 0,
         bad_samples: BadSamplePolicy = "skip",
@@ -115,6 +133,7 @@ class ImageTextDataModule(LightningDataModule):
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
         seed: int = 0,
+        caption_template: str | None = None,
     ) -> None:
         super().__init__()
         if bad_samples not in ("skip", "raise"):
@@ -131,11 +150,19 @@ class ImageTextDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.augment, self.in_memory, self.cache_workers = augment, in_memory, cache_workers
+        if not 0 <= rotation <= 180:
+            raise ValueError(f"rotation is a largest angle in degrees, 0 to 180, got {rotation}")
+        self.rotation = float(rotation)
         self.bad_samples: BadSamplePolicy = bad_samples
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.seed = seed
+        if caption_template is not None and (not isinstance(caption_template, str) or "{}" not in caption_template
+                                             or set("{}") & set(caption_template.replace("{}", "", 1))):
+            # one plain {} and no other brace: a wrong one is refused when the config is read
+            raise ValueError(f"caption_template {caption_template!r} must hold exactly one {{}} and no other brace")
+        self.caption_template = caption_template
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.skipped: Counter[str] = Counter()  # split -> bad samples met so far (this process)
@@ -153,13 +180,31 @@ class ImageTextDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             raise ValueError(f"{type(self).__name__}: no tokenizer; pass tokenizer=... (vlm fit hands it the task's)")
-        if stage in ("fit", None) and self.train is not None and self.train_dataset is None:
-            self.train_dataset = self._build(self.train, self.train_split, training=True)
-        if self.val is not None and self.val_dataset is None:
-            self.val_dataset = self._build(self.val, self.val_split, training=False)
+        try:
+            if stage in ("fit", None) and self.train is not None and self.train_dataset is None:
+                self.train_dataset = self._build(self.train, self.train_split, training=True)
+            if self.val is not None and self.val_dataset is None:
+                self.val_dataset = self._build(self.val, self.val_split, training=False)
+        except FileNotFoundError as e:  # a data path that does not exist: the user's to fix, as a folder in no
+            raise DataLayoutError(str(e)) from None  # layout is (vlm fit prints it as one line, exit 2)
+
+    def _caption_template(self) -> str:
+        """The template that turns a class folder's label into captions (see ``caption_template``)."""
+        if self.caption_template is not None:
+            return self.caption_template
+        task = self.trainer.lightning_module if self.trainer is not None else None
+        templates = getattr(task, "templates", None)
+        # The task's first prompt when it names prompts; a template set's name or "auto" (derived from captions,
+        # which class folders do not have) gives the plain default.
+        prompts = [templates] if isinstance(templates, str) else list(templates or [])
+        first = next((p for p in prompts if isinstance(p, str) and "{}" in p), None)
+        if first is not None:
+            return first
+        return "a {}" if templates else "{}"
 
     def _build(self, source: str, split: str, training: bool) -> Any:
-        table = load_table(source, split, self.image_column, self.hub_config, self.streaming)
+        table = load_table(source, split, self.image_column, self.hub_config, self.streaming,
+                           caption_template=self._caption_template())
         columns = list(getattr(table.data, "column_names", None) or (table.data.features or {}).keys())
         image_col = pick_column(columns, self.image_column, IMAGE_FALLBACKS, "image", source)
         text_col = pick_column(columns, self.text_column, TEXT_FALLBACKS, "caption", source)
@@ -172,7 +217,7 @@ class ImageTextDataModule(LightningDataModule):
         augment = self.augment and training
         cache = self.in_memory and not table.streaming
         # In memory: decode to native-size uint8 once, then resize + crop once (or, augmenting, per sample).
-        geometry = pil_to_uint8 if cache else train_geometry(self.image_size, augment)
+        geometry = pil_to_uint8 if cache else train_geometry(self.image_size, augment, rotation=self.rotation)
         if table.streaming:
             return self._streaming(table, image_col, text_col, label_col, geometry)
         table.data = self._drop_empty_captions(table, image_col, text_col, "train" if training else "validation")
@@ -186,7 +231,7 @@ class ImageTextDataModule(LightningDataModule):
             # Not augmenting, resize + crop run once; pixels stay uint8 (4x less memory than floats) and each batch
             # is normalised in one vectorised call by the collate function.
             geometry=None if augment else eval_geometry(self.image_size),
-            augment=train_geometry(self.image_size, True) if augment else None,
+            augment=train_geometry(self.image_size, True, rotation=self.rotation) if augment else None,
         )
         self._record("train" if training else "validation", dataset.skipped)
         dataset.pretokenize(self.tokenizer)
@@ -240,9 +285,21 @@ class ImageTextDataModule(LightningDataModule):
     def _collate(self, split: str) -> ImageTextCollate:
         return ImageTextCollate(self.tokenizer, self._normalize(), split)
 
+    def _fitting_batch_size(self, size: int, batch_size: int) -> int:
+        """``batch_size``, or the samples one rank gets when that is fewer (warned once): dropping the last
+        incomplete batch of a set smaller than a batch would leave no training batch at all."""
+        _, world = self._rank()
+        per_rank = -(-size // world)  # the distributed sampler pads every rank to the same count
+        if per_rank >= batch_size or per_rank == 0:
+            return batch_size
+        log.warning("training set of %d sample(s)%s is smaller than batch_size %d: training with batches of %d",
+                    size, f" ({per_rank} per rank)" if world > 1 else "", batch_size, per_rank)
+        return per_rank
+
     def _loader(self, dataset: Any, batch_size: int, training: bool) -> DataLoader:
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         if training and not iterable:
+            batch_size = self._fitting_batch_size(len(dataset), batch_size)
             # Epoch order fixed by (seed, epoch) and a state Lightning checkpoints: resuming mid-epoch neither
             # repeats nor skips a sample.
             return ResumableDataLoader(

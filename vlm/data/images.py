@@ -20,8 +20,9 @@ Memory is bounded per image, from the header, before any pixel is decoded:
   a model takes) and every 12-16 Mpx photo, and keeps a full-size decode within 64 MiB (PIL holds RGB at 4 bytes a
   pixel), so reading any accepted image costs less than 100 MiB over a small one. A JPEG is decoded reduced by its
   own decoder (below), so a baseline JPEG photo of up to :data:`MAX_JPEG_PIXELS` (256 Mpx) is accepted when its
-  reduced decode is within the budget (a progressive JPEG holds its whole image's coefficients: the plain budget). PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept too, and
-  enforced strictly: PIL itself only warns between 1x and 2x its limit.
+  reduced decode is within the budget (a progressive JPEG holds its whole image's coefficients: the plain budget).
+  PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept too, and enforced strictly: PIL
+  itself only warns between 1x and 2x its limit.
 - An image whose long side is over :data:`MAX_SIDE` (4096 px, the largest ``image_size`` vlm builds) is reduced by
   the smallest whole factor that brings its long side to 4096 px or less (so more than 2048 px remain, several
   times a usual model input): a JPEG is decoded reduced by its decoder (``Image.draft``, 1/2, 1/4 or 1/8 scale);

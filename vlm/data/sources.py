@@ -5,10 +5,15 @@ image paths are relative to:
 
 - a directory with ``metadata.jsonl`` / ``metadata.csv`` (the ``imagefolder`` layout ``vlm data`` writes): its
   rows, ``file_name`` being the image path;
+- a directory of class sub-folders (``train/red_circle/*.png``, torchvision's ``ImageFolder`` layout): one row per
+  image, its label the folder's name with underscores and hyphens as spaces (``red circle``, see
+  :func:`folder_label`) and its caption that label through ``caption_template`` (``"a {}"`` -> ``a red circle``);
 - a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file of rows (image path, caption[, label]);
 - webdataset tar shards: a directory holding ``*.tar``, one ``.tar`` file, or a glob / brace pattern; read with
   ``datasets``' ``webdataset`` loader as a stream;
 - anything else is a Hugging Face hub dataset name (for users with internet), optionally streamed.
+
+A directory that is none of these raises :class:`DataLayoutError` naming it and the layouts accepted.
 
 Local tables are built in memory as Arrow tables: no Arrow cache is written to ``$HOME`` and a 20,000-row folder
 loads in well under a second (``load_dataset("imagefolder")`` copies every image into a cache first, which takes
@@ -23,6 +28,8 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,14 @@ from vlm.data.records import MAX_LINE, iter_lines, parse_json_line
 _CHUNK_ROWS, _CHUNK_BYTES = 1 << 14, 1 << 20  # rows, or bytes of the file, held as Python objects before Arrow
 _TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+LAYOUTS = ("an imagefolder with metadata.jsonl / metadata.csv / metadata.json (file_name, caption[, label])",
+           "class sub-folders of images (train/red_circle/*.png)", "webdataset *.tar shards")
+
+
+class DataLayoutError(ValueError):
+    """A local data folder in none of the layouts :func:`load_table` reads: the user's to fix, one line."""
 
 
 @dataclass
@@ -151,6 +166,45 @@ def _join(parts: list[Any], as_text: bool) -> Any:
     return pa.chunked_array([p.cast(kind) if pa.types.is_null(p.type) else p for p in parts], type=kind)
 
 
+def folder_label(name: str) -> str:
+    """A class sub-folder's name as a label: underscores and hyphens become spaces (``red_circle`` -> ``red circle``).
+
+    Args:
+        name: the folder's name.
+
+    Returns:
+        The label, runs of spaces collapsed; the name itself if that leaves nothing (a folder named ``_``).
+    """
+    return " ".join(re.sub(r"[_-]+", " ", name).split()) or name
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in _IMAGE_EXTENSIONS and "." in name
+
+
+def _class_folder_rows(path: Path, caption_template: str) -> list[tuple[dict[str, Any], int]]:
+    """The rows of a folder of class sub-folders, in sorted order: ``file_name`` (relative to ``path``), ``caption``
+    and ``label``; empty if no sub-folder holds an image.
+
+    Images may sit at any depth below their class folder (as torchvision's ``ImageFolder`` reads them); links to
+    folders are not followed, so a link cannot pull in a tree outside the dataset or loop. Hidden entries are skipped.
+    """
+    rows = []
+    classes = sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+    for name in classes:
+        label = folder_label(name)
+        try:
+            caption = caption_template.format(label)
+        except (IndexError, KeyError, ValueError):  # a named field or a stray brace: the template is wrong
+            raise ValueError(f"caption template {caption_template!r} needs exactly one plain {{}}") from None
+        for folder, dirs, files in os.walk(path / name, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: a reproducible row order
+            for file in sorted(f for f in files if _is_image(f)):
+                relative = os.path.relpath(os.path.join(folder, file), path)
+                rows.append(({"file_name": relative, "caption": caption, "label": label}, len(relative)))
+    return rows
+
+
 def _shard_files(source: str) -> list[str] | None:
     """The tar files a source names, or None if it does not name shards."""
     path = Path(source)
@@ -212,7 +266,12 @@ def _looks_local(source: str) -> bool:
 
 
 def load_table(
-    source: str, split: str, image_column: str = "image", hub_config: str | None = None, streaming: bool = False
+    source: str,
+    split: str,
+    image_column: str = "image",
+    hub_config: str | None = None,
+    streaming: bool = False,
+    caption_template: str = "{}",
 ) -> Table:
     """Loads one split from a local folder / file, webdataset shards, or the hub (see the module docstring).
 
@@ -222,8 +281,11 @@ def load_table(
         image_column: the column the table's image cells should be in (``file_name`` is renamed to it).
         hub_config: the hub dataset's configuration name.
         streaming: stream a hub dataset instead of downloading it (shards always stream).
+        caption_template: for a folder of class sub-folders, the caption of each image: ``{}`` is replaced by the
+            folder's label (the default, ``{}``, makes the label itself the caption).
 
     Raises:
+        DataLayoutError: a directory in none of the layouts (the message names it and the layouts accepted).
         ValueError / FileNotFoundError: with a message naming the source.
     """
     import datasets
@@ -245,7 +307,11 @@ def load_table(
         for name in ("metadata.jsonl", "metadata.csv", "metadata.json"):
             if (path / name).is_file():
                 return Table(_rows_to_dataset(_rows(path / name), path / name, image_column), path, False, source)
-        raise ValueError(f"{source}: a directory without metadata.jsonl / metadata.csv / *.tar shards")
+        rows = _class_folder_rows(path, caption_template)
+        if rows:
+            return Table(_rows_to_dataset(rows, path, image_column), path, False, source)
+        raise DataLayoutError(f"{source}: a directory without metadata.jsonl / metadata.csv / metadata.json, class "
+                              f"sub-folders of images or *.tar shards; vlm reads {'; or '.join(LAYOUTS)}")
     if path.is_file() and path.suffix in _TABLE_SUFFIXES:
         return Table(_rows_to_dataset(_rows(path), path, image_column), path.parent, False, source)
     if path.exists() or _looks_local(source):
@@ -280,4 +346,5 @@ IMAGE_FALLBACKS = ("image", "file_name", *_IMAGE_EXTENSIONS)
 TEXT_FALLBACKS = ("caption", "text", "txt")
 LABEL_FALLBACKS = ("label", "label.txt", "cls")
 
-__all__ = ["IMAGE_FALLBACKS", "LABEL_FALLBACKS", "TEXT_FALLBACKS", "Table", "load_table", "pick_column"]
+__all__ = ["IMAGE_FALLBACKS", "LABEL_FALLBACKS", "LAYOUTS", "TEXT_FALLBACKS", "DataLayoutError", "Table",
+           "folder_label", "load_table", "pick_column"]
