@@ -1,5 +1,6 @@
-"""Training losses: the contrastive losses of CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023), and the
-next-token cross-entropy of the language-model and Flamingo tasks. Pure functions of tensors; the tasks call them.
+"""Training losses: the contrastive losses of CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023), the
+compositional terms built from captions (attribute phrases as extra positives, captions tied to their phrases), and
+the next-token cross-entropy of the language-model and Flamingo tasks. Pure functions of tensors; the tasks call them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,39 @@ def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias
     return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
+def attribute_loss(image: Tensor, phrases: Tensor, positives: Tensor, logit_scale: Tensor, norm: float) -> Tensor:
+    """Multi-positive InfoNCE of this rank's images against the batch's attribute phrases ("a large teal",
+    "a large triangle"): each image's target is spread evenly over its own phrases, the rest of the phrases are
+    its negatives (see :func:`vlm.prompts.attribute_targets`).
+
+    Args:
+        image: this rank's image features (b, d), unit length.
+        phrases: the global batch's attribute-phrase features (p, d), unit length, the same on every rank.
+        positives: (b, p) bool, True where phrase j is one of image i's. Rows without any are left out.
+        logit_scale: ``log(1/T)``, shared with the main loss.
+        norm: what the sum over rows is divided by: the global batch's number of rows with a phrase, divided by the
+            number of ranks (so that the ranks' losses average to the one-process loss, like the main loss's).
+    """
+    logits = logit_scale.exp() * image @ phrases.T  # (b, p)
+    counts = positives.sum(dim=1, keepdim=True)
+    targets = positives.to(logits.dtype) / counts.clamp(min=1)
+    per_row = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)  # zero for rows without a phrase
+    return per_row.sum() / max(norm, 1e-12)
+
+
+def compose_loss(captions: Tensor, parts: Tensor, membership: Tensor) -> Tensor:
+    """Ties each caption's embedding to the normalised sum of its attribute phrases' embeddings: the mean of
+    ``1 - cos(caption, normalize(sum of its phrases))``.
+
+    Args:
+        captions: caption features (m, d), unit length.
+        parts: attribute-phrase features (p, d), unit length.
+        membership: (m, p) float, 1 where phrase j is a part of caption i.
+    """
+    target = F.normalize(membership @ parts, dim=-1)  # (m, d)
+    return (1 - (captions * target).sum(dim=-1)).mean()
+
+
 def next_token_loss(
     hidden: Tensor, labels: Tensor, unembed: Callable[..., Tensor], token_ids: Tensor | None = None
 ) -> Tensor:
@@ -73,4 +107,4 @@ def next_token_loss(
     return F.cross_entropy(unembed(h, token_ids).float(), index)
 
 
-__all__ = ["clip_loss", "next_token_loss", "siglip_loss"]
+__all__ = ["attribute_loss", "clip_loss", "compose_loss", "next_token_loss", "siglip_loss"]

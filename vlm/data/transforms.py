@@ -2,8 +2,9 @@
 
 The evaluation path is CLIP's: resize the shorter side to ``image_size`` (bicubic, antialiased), centre crop,
 scale to [0, 1], normalise. Training with ``augment=False`` is exactly that path. Augmentation is a mild random
-resized crop; horizontal flips are off by default because captions say "left of" / "right of" and a flip would
-make them false.
+resized crop, optionally with a random rotation (``rotation``: colours and left/right untouched, so captions that
+name colours and sides stay true; digits and letters only within small angles); horizontal flips are off by default
+because captions say "left of" / "right of" and a flip would make them false.
 
 Both are split into a *geometry* part (PIL / uint8 tensor -> uint8 tensor of the final size) and a *normalise*
 part (uint8 -> normalised float), so a data module can run the deterministic geometry once and cache its result.
@@ -11,6 +12,7 @@ part (uint8 -> normalised float), so a data module can run the deterministic geo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,7 +46,11 @@ def eval_transform(
 
 
 def train_geometry(
-    image_size: int, augment: bool = True, scale: tuple[float, float] = (0.8, 1.0), hflip: bool = False
+    image_size: int,
+    augment: bool = True,
+    scale: tuple[float, float] = (0.8, 1.0),
+    hflip: bool = False,
+    rotation: float = 0.0,
 ) -> v2.Compose:
     """Training geometry; with ``augment=False`` it is :func:`eval_geometry`.
 
@@ -53,6 +59,10 @@ def train_geometry(
         augment: random resized crop (area ``scale``, aspect 3/4..4/3) instead of resize + centre crop.
         scale: area range of the random crop; kept close to 1 so "small" and "large" objects stay so.
         hflip: random horizontal flips. Off by default: they falsify "left of" / "right of" captions.
+        rotation: rotate by a random angle in ``[-rotation, rotation]`` degrees after the crop (0: off). The image is
+            first padded by reflection and centre-cropped back after the rotation, so the corners hold image
+            content rather than black wedges a model could learn from. Colours are untouched; keep it small (about
+            15) where a half turn changes the meaning (6 and 9).
     """
     if not augment:
         return eval_geometry(image_size)
@@ -62,6 +72,15 @@ def train_geometry(
             image_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
         ),
     ]
+    if rotation:
+        # A square turned by up to 45 degrees needs its side times (cos + sin - 1) / 2 more on each side.
+        turn = math.radians(min(abs(rotation), 45.0))
+        pad = math.ceil(image_size * (math.cos(turn) + math.sin(turn) - 1) / 2) + 1
+        steps += [
+            v2.Pad(pad, padding_mode="reflect"),
+            v2.RandomRotation(abs(rotation), interpolation=v2.InterpolationMode.BILINEAR),
+            v2.CenterCrop(image_size),
+        ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
@@ -74,9 +93,10 @@ def train_transform(
     augment: bool = True,
     scale: tuple[float, float] = (0.8, 1.0),
     hflip: bool = False,
+    rotation: float = 0.0,
 ) -> v2.Compose:
     """PIL image -> normalised float tensor; ``augment=False`` gives exactly :func:`eval_transform`."""
-    return v2.Compose([train_geometry(image_size, augment, scale, hflip), normalize(mean, std)])
+    return v2.Compose([train_geometry(image_size, augment, scale, hflip, rotation), normalize(mean, std)])
 
 
 __all__ = [

@@ -8,6 +8,9 @@ process holding the whole batch, and so are the gradients.
 With ``accumulate_micro_batches=k`` a batch is encoded k micro-batches at a time and still contrasted as a whole
 (GradCache, Gao et al. 2021; open_clip's ``accum_freq``): every image still meets every caption of the global batch,
 the gradient is the full batch's, and the activation memory is about one micro-batch's.
+
+Compositional supervision from the captions (``attribute_positives``, ``compose_text``) is exact in the same way:
+see :mod:`vlm.tasks.compositional`.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ from vlm.losses import clip_loss, siglip_loss
 from vlm.metrics import retrieval_recall, zero_shot_accuracy
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
-from vlm.tasks.loading import CheckedLoading
+from vlm.tasks.compositional import CompositionalTerms, Plan
+from vlm.tasks.loading import CheckedLoading, load_init_weights
 from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
 from vlm.zero_shot import build_classifier
 
 log = logging.getLogger("vlm.tasks")
 
 
-class ContrastiveTask(CheckedLoading, L.LightningModule):
+class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
     """Trains a :class:`~vlm.models.clip.CLIP` with the CLIP (softmax) or SigLIP (sigmoid) loss.
 
     Args:
@@ -55,8 +59,10 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         lock_image: freeze the image tower (LiT, Zhai et al. 2022), except its last ``lock_image_unlocked_blocks``.
         lock_image_unlocked_blocks: number of final image blocks (and the final norm) left trainable.
         lock_text: freeze the text tower (e.g. a pretrained language model).
-        templates: zero-shot prompt templates used on validation (``{}`` is replaced by the class name), or the
-            name of a template set (see :func:`vlm.zero_shot.get_templates`).
+        templates: zero-shot prompt templates used on validation (``{}`` is replaced by the class name), the
+            name of a template set (see :func:`vlm.zero_shot.get_templates`), or ``auto``: the training captions'
+            own frames around their labels, ensembled, resolved when a Trainer sets the task up and saved resolved
+            (see :mod:`vlm.tasks.compositional`).
         image_mean: per-channel normalisation mean of the input images.
         image_std: per-channel normalisation std.
         accumulate_micro_batches: encode each training batch in this many equal micro-batches (the batch size must
@@ -82,6 +88,11 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
             when resuming from a checkpoint (``--ckpt_path``), which brings its own weights.
         init_weights_prefix: the prefix of the CLIP weights in ``init_weights`` (``model.`` in a ContrastiveTask
             checkpoint, ``""`` for a bare CLIP state dict).
+        attribute_positives: weight of a loss term in which each label word, alone in its caption's frame ("a large
+            teal", "a large triangle" for "a large teal triangle"), is a positive of the image against the batch's
+            other such phrases (see :mod:`vlm.tasks.compositional`). 0 (off) by default.
+        compose_text: weight of a text-only term tying the captions of recombined label words (unseen pairs too)
+            to the sum of their attribute phrases' embeddings (see :mod:`vlm.tasks.compositional`). 0 by default.
     """
 
     def __init__(
@@ -103,6 +114,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         cache_locked_text: bool = False,
         init_weights: str | None = None,
         init_weights_prefix: str = "model.",
+        attribute_positives: float = 0.0,
+        compose_text: float = 0.0,
     ) -> None:
         super().__init__()
         if loss not in ("clip", "siglip"):
@@ -111,6 +124,9 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         if loss == "siglip" and model.logit_bias is None:
             raise ValueError("the siglip loss needs a model built with init_logit_bias (e.g. -10)")
+        if attribute_positives < 0 or compose_text < 0:
+            raise ValueError(f"attribute_positives and compose_text are loss weights >= 0, got {attribute_positives}"
+                             f" and {compose_text}")
         if cache_locked_text and not lock_text:
             raise ValueError("cache_locked_text needs lock_text=True: a text tower that trains changes its features")
         self.save_hyperparameters()
@@ -132,34 +148,19 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         self._val_outputs: dict[str, list[Tensor]] = {}
         self._classifier: Tensor | None = None
         self.init_weights, self.init_weights_prefix = init_weights, init_weights_prefix
+        self.attribute_positives, self.compose_text = float(attribute_positives), float(compose_text)
 
     # ------------------------------------------------------------------------------------------ start weights
     def setup(self, stage: str) -> None:
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if stage == "fit" and self.init_weights and not resuming:
             self.load_init_weights()
+        if self.templates == "auto":
+            self.templates = self._derived_templates()
 
     def load_init_weights(self) -> None:
         """Copies the CLIP weights of ``init_weights`` into the model (keys and shapes checked)."""
-        from vlm.interop.weights import (
-            ConversionError,
-            WeightsSourceError,
-            load_checked,
-            read_state_dict,
-            sub_state_dict,
-        )
-
-        source, prefix = self.init_weights, self.init_weights_prefix
-        try:
-            state = read_state_dict(source)
-            part = sub_state_dict(state, prefix)
-            if not part:
-                raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
-            load_checked(self.model, part, "the CLIP model in the config")
-        except ConversionError as e:
-            raise WeightsSourceError(f"cannot start from init_weights={source!r}: {e}. Train the run it comes from "
-                                     f"first (see the config's header) or point init_weights elsewhere.") from None
-        log.info("the CLIP model starts from %s", source)
+        load_init_weights(self.model, self.init_weights, self.init_weights_prefix, "the CLIP model in the config")
         if self._text_cache is not None:
             self._text_cache.clear()
 
@@ -226,12 +227,16 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         statistics), for checkpoints and exports: with it ``scripts/zero_shot.py`` loads without Lightning."""
         settings = zero_shot_settings(self)
         if settings is not None:  # the tokenizer as it runs here: its context length fitted to the text tower
+            settings["templates"] = self.resolved_templates()
             tokenizer = settings["tokenizer"]
             init_args = {**(tokenizer.get("init_args") or {}), "context_length": self.tokenizer.context_length}
             settings["tokenizer"] = {**tokenizer, "init_args": init_args}
         return settings
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and hparams.get("templates") == "auto":  # saved as what it resolved to
+            checkpoint["hyper_parameters"] = {**hparams, "templates": self.resolved_templates()}
         settings = self.inference_settings()
         if settings is not None:
             checkpoint[INFERENCE_KEY] = settings
@@ -240,12 +245,23 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         if self._text_cache is not None:
             self._text_cache.clear()  # other weights may arrive (a different locked tower)
 
-    def compute_loss(self, images: Tensor, text: Tensor) -> Tensor:
-        return self.features_loss(*self.encode(images, text), text)
+    def compute_loss(self, images: Tensor, text: Tensor, captions: Sequence[str] | None = None,
+                     labels: Sequence[str] | None = None) -> Tensor:
+        """The batch's loss (``captions`` and ``labels``: its strings, needed by the compositional terms)."""
+        image_features, text_features = self.encode(images, text)
+        plan = self.compositional_plan(captions, labels, images.shape[0])
+        extra = self._encode_extra(plan)
+        return self.features_loss(image_features, text_features, text, plan, extra)
 
-    def features_loss(self, image_features: Tensor, text_features: Tensor, text: Tensor | None = None) -> Tensor:
+    def features_loss(self, image_features: Tensor, text_features: Tensor, text: Tensor | None = None,
+                      plan: Plan | None = None, extra: Tensor | None = None) -> Tensor:
         """The contrastive loss of this rank's features against every rank's (``text``: this rank's token ids, needed
-        with ``same_caption_positive``)."""
+        with ``same_caption_positive``), plus the compositional terms of ``plan`` (``extra``: its texts' features)."""
+        main = self._contrastive_loss(image_features, text_features, text)
+        extra_loss = self.compositional_loss(image_features, extra, plan)
+        return main if extra_loss is None else main + extra_loss
+
+    def _contrastive_loss(self, image_features: Tensor, text_features: Tensor, text: Tensor | None) -> Tensor:
         all_image, all_text = self._gather(image_features), self._gather(text_features)
         offset = (self.global_rank if self._trainer is not None else 0) * image_features.shape[0]
         same = None
@@ -259,7 +275,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
             return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset, same)
         return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset, same)
 
-    def accumulated_loss(self, images: Tensor, text: Tensor) -> Tensor:
+    def accumulated_loss(self, images: Tensor, text: Tensor, captions: Sequence[str] | None = None,
+                         labels: Sequence[str] | None = None) -> Tensor:
         """The batch's loss, with its gradient computed one micro-batch at a time (GradCache).
 
         1. Every micro-batch is encoded without a graph; the random state before each is kept.
@@ -267,6 +284,9 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
            temperature, the only inputs it has.
         3. Each micro-batch is encoded again, now with a graph, from its saved random state (the same dropout, patch
            dropout and drop path, hence the same features), and backpropagates its rows of that gradient.
+
+        The compositional terms' few texts are encoded once, with a graph, and their share of the gradient is returned
+        with the last micro-batch's.
 
         The gradients of all but the last micro-batch accumulate in ``.grad`` here; the last is left to Lightning:
         the returned tensor's value is the loss (logged, checked by :class:`~vlm.callbacks.NonFiniteGuard`), its
@@ -290,8 +310,13 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         image_features = torch.cat([f[0] for f in features]).requires_grad_()
         text_features = torch.cat([f[1] for f in features]).requires_grad_()
         temperature = [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None and p.requires_grad]
-        loss = self.features_loss(image_features, text_features, text)
-        grads = torch.autograd.grad(loss, [image_features, text_features, *temperature], allow_unused=True)
+        plan = self.compositional_plan(captions, labels, b)
+        extra = self._encode_extra(plan)  # no random layers in a text tower: the random state is not disturbed
+        extra_leaf = None if extra is None else extra.detach().requires_grad_(extra.requires_grad)
+        leaves = [image_features, text_features] + ([extra_leaf] if extra is not None and extra.requires_grad else [])
+        loss = self.features_loss(image_features, text_features, text, plan, extra_leaf)
+        grads = list(torch.autograd.grad(loss, [*leaves, *temperature], allow_unused=True))
+        extra_grad = grads.pop(2) if len(leaves) == 3 else None
         image_grads, text_grads = grads[0].chunk(k), grads[1].chunk(k)
         # Lightning multiplies the returned loss before backpropagating it; the shares backpropagated here alike.
         factor = self._loss_multiplier()
@@ -302,6 +327,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         image_last, text_last = self.encode(*chunks[-1])
         share = (image_last * image_grads[-1]).sum() + (text_last * text_grads[-1]).sum()
         share = share + sum((p * g).sum() for p, g in zip(temperature, grads[2:]) if g is not None)
+        if extra_grad is not None:
+            share = share + (extra * extra_grad).sum()
         return loss.detach() + (share - share.detach())  # value: the loss; gradient: the share's
 
     def _loss_multiplier(self) -> float:
@@ -314,12 +341,13 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, text = batch["image"], batch["text"]
+        strings = (batch.get("caption"), batch.get("label")) if self.compositional else (None, None)
         if self.accumulate_micro_batches > 1:
             if self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
                 self.optimizers().zero_grad()  # Lightning's own comes after training_step: see optimizer_zero_grad
-            loss = self.accumulated_loss(images, text)
+            loss = self.accumulated_loss(images, text, *strings)
         else:
-            loss = self.compute_loss(images, text)
+            loss = self.compute_loss(images, text, *strings)
         b = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/temperature", 1.0 / self.model.logit_scale.detach().exp(), batch_size=b)
@@ -348,7 +376,7 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
         self._heldout = set(getattr(dm, "heldout_classnames", []) or [])
         self._classifier = None
         if self._classnames:
-            self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.templates)
+            self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.resolved_templates())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image_features, text_features = self.encode(batch["image"], batch["text"])
@@ -384,6 +412,8 @@ class ContrastiveTask(CheckedLoading, L.LightningModule):
     # ------------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict:
         return configure(self, self.optimizer, self.lr_scheduler)
+
+
 
 
 __all__ = ["ContrastiveTask"]

@@ -8,10 +8,14 @@ other way of loading a vlm file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+log = logging.getLogger("vlm.tasks")
 
 
 class CheckedLoading:
@@ -38,4 +42,24 @@ class CheckedLoading:
         return task
 
 
-__all__ = ["CheckedLoading"]
+def load_init_weights(model: nn.Module, source: str, prefix: str, what: str) -> None:
+    """Copies the weights under ``prefix`` in the checkpoint or state dict ``source`` into ``model`` (every key
+    and shape checked; ``what`` names the model in errors).
+
+    Raises:
+        WeightsSourceError: the file is refused, has nothing under ``prefix``, or does not match the model.
+    """
+    from vlm.interop.weights import ConversionError, WeightsSourceError, load_checked, read_state_dict, sub_state_dict
+
+    try:
+        part = sub_state_dict(read_state_dict(source), prefix)
+        if not part:
+            raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
+        load_checked(model, part, what)
+    except ConversionError as e:
+        raise WeightsSourceError(f"cannot start from init_weights={source!r}: {e}. Train the run it comes from "
+                                 f"first (see the config's header) or point init_weights elsewhere.") from None
+    log.info("%s starts from %s", what, source)
+
+
+__all__ = ["CheckedLoading", "load_init_weights"]
