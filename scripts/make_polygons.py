@@ -18,12 +18,13 @@ Output, in the layout the ``imagefolder`` configs read:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from folder_writer import Row, already_written, write_class_lists, write_split
 from PIL import Image, ImageDraw, ImageFilter
 
 COLOURS = {
@@ -80,18 +81,12 @@ def render(rng: np.random.Generator, colour: str, shape: str, image_size: int) -
     return image, "large" if large else "small"
 
 
-def write_split(out: Path, pairs: list[tuple[str, str]], count: int, image_size: int, seed: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def rows(pairs: list[tuple[str, str]], count: int, image_size: int, seed: int) -> Iterator[Row]:
     rng = np.random.default_rng(seed)
-    rows = []
     for i in range(count):
         colour, shape = pairs[i % len(pairs)]
         image, size = render(rng, colour, shape, image_size)
-        name = f"{i:05d}.png"
-        image.save(out / name)
-        rows.append({"file_name": name, "caption": f"a {size} {colour} {shape}", "label": f"{colour} {shape}",
-                     "heldout": (colour, shape) in HELDOUT})  # fmt: skip
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        yield image, f"a {size} {colour} {shape}", f"{colour} {shape}", (colour, shape) in HELDOUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,14 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     out = Path(args.out)
-    if (out / "train" / "metadata.jsonl").exists():
-        print(f"{out} exists: delete it to write it again", file=sys.stderr)
+    if already_written(out):
         return 0
     every = [(c, s) for c in COLOURS for s in SHAPES]
-    write_split(out / "train", [pair for pair in every if pair not in HELDOUT], args.train, args.image_size, args.seed)
-    write_split(out / "validation", every, args.val, args.image_size, args.seed + 1)
-    (out / "classnames.txt").write_text("".join(f"{c} {s}\n" for c, s in every))
-    (out / "heldout.txt").write_text("".join(f"{c} {s}\n" for c, s in every if (c, s) in HELDOUT))
+    write_split(out / "train", rows([pr for pr in every if pr not in HELDOUT], args.train, args.image_size, args.seed))
+    write_split(out / "validation", rows(every, args.val, args.image_size, args.seed + 1))
+    write_class_lists(out, every, HELDOUT)
     print(f"wrote {args.train} training and {args.val} validation images to {out}")
     return 0
 
