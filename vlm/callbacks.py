@@ -1,4 +1,4 @@
-"""Training callbacks used by the shipped configs: resumable checkpoints, the non-finite guard, CPU kernels.
+"""Training callbacks used by the shipped configs: resumable checkpoints, the non-finite guard, CPU kernels, curves.
 
 - :class:`Checkpoint`: ``<default_root_dir>/checkpoints/last.ckpt``, written atomically every N steps, at the end of
   training and on SIGTERM, with what Lightning leaves out for an exact resume (the random generators; the data
@@ -6,13 +6,17 @@
 - :class:`NonFiniteGuard`: a NaN or infinite loss or gradient skips that optimizer step (counted and logged) or stops
   the run with the step named.
 - :class:`CPUKernels`: on a CPU trainer, the model runs on :func:`vlm.kernels.use_cpu_kernels`.
+- :class:`TrainingCurves`: ``curves.png`` beside the CSV logger's ``metrics.csv`` when fitting ends.
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -20,6 +24,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -35,6 +40,7 @@ from vlm.reliability import (
     snapshot_rng,
 )
 
+log = logging.getLogger("vlm.callbacks")
 RNG_KEY = "vlm_rng_states"  # checkpoint key: every rank's random generators, by global rank
 
 
@@ -270,4 +276,103 @@ class CPUKernels(Callback):
             rank_zero_info(f"CPU kernels: {resolve_backend(self.backend)} (asked for {self.backend!r})")
 
 
-__all__ = ["CPUKernels", "Checkpoint", "NonFiniteGuard"]
+class TrainingCurves(Callback):
+    """Draws the run's curves into ``curves.png`` beside the CSV logger's ``metrics.csv`` when fitting ends.
+
+    One panel per group, each against the global step: the losses (``train/loss`` and the validation losses), the
+    accuracies (``val/zero_shot_*``, ``val/attribute*``), the retrieval recalls (``val/*R@k``) and any other
+    ``val/*`` metric. Written on rank zero when ``fit`` ends, also when it stops early or on an exception (the
+    curves up to there). A run without a :class:`~lightning.pytorch.loggers.CSVLogger` (Lightning's default logger
+    when TensorBoard is not installed) gets one warning line and no picture; a failure to draw is a logged warning,
+    never an error: the curves never stop or fail a run.
+
+    Args:
+        filename: the picture's name in the logger's folder (a plain name ending in ``.png``).
+    """
+
+    def __init__(self, filename: str = "curves.png") -> None:
+        if not filename.endswith(".png") or Path(filename).name != filename or filename.startswith("."):
+            raise ValueError(f"filename must be a plain file name ending in .png, got {filename!r}")
+        self.filename = filename
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.write(trainer)
+
+    def write(self, trainer: L.Trainer) -> Path | None:
+        """Writes the picture (rank zero only) and returns its path; ``None`` when none was written."""
+        if not trainer.is_global_zero:
+            return None
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if logger is None:
+            log.warning("TrainingCurves: no curves.png, this run has no CSVLogger (trainer.logger) writing metrics.csv")
+            return None
+        path = Path(logger.log_dir) / self.filename
+        try:
+            logger.save()  # metrics.csv holds every row logged so far
+            metrics = Path(logger.experiment.metrics_file_path)
+            if not metrics.is_file():  # stopped before anything was logged
+                log.info("TrainingCurves: nothing logged yet, no %s", path)
+                return None
+            plot_curves(metrics, path)
+        except Exception as error:  # a picture is never worth a failed run
+            log.warning("TrainingCurves: could not write %s: %s: %s", path, type(error).__name__, error)
+            return None
+        return path
+
+
+def _panel(name: str) -> str | None:
+    """The panel of a ``metrics.csv`` column, or ``None`` for a column not drawn."""
+    if name == "train/loss" or (name.startswith("val/") and name.endswith("loss")):
+        return "loss"
+    if not name.startswith("val/"):
+        return None
+    if "R@" in name:
+        return "retrieval recall"
+    if "top" in name or "accuracy" in name:
+        return "accuracy"
+    return "other validation metrics"
+
+
+def plot_curves(metrics_csv: Path, out: Path) -> None:
+    """Draws ``train/loss`` and every ``val/*`` column of a Lightning ``metrics.csv`` against ``step`` into ``out``
+    (PNG, one panel per group: see :class:`TrainingCurves`).
+
+    Raises:
+        ValueError: the file has no ``step`` column or nothing to draw.
+    """
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}  # panel -> column -> (steps, values)
+    for row in rows:
+        if row.get("step") in (None, ""):
+            continue
+        for name, value in row.items():
+            panel = _panel(name or "")
+            if panel is None or value in (None, ""):
+                continue
+            steps, values = series.setdefault(panel, {}).setdefault(name, ([], []))
+            steps.append(float(row["step"]))
+            values.append(float(value))
+    if not series:
+        raise ValueError(f"{metrics_csv} has no train/loss or val/* values against a step column")
+    # matplotlib here, not at import: the callbacks module stays cheap to import. Agg draws to a file, no display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [p for p in ("loss", "accuracy", "retrieval recall", "other validation metrics") if p in series]
+    figure = Figure(figsize=(5 * len(panels), 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for name, (steps, values) in sorted(series[panel].items()):
+            axes.plot(steps, values, label=name, marker="o" if len(steps) < 30 else None, markersize=3)
+        axes.set_title(panel)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.savefig(out)
+
+
+__all__ = ["CPUKernels", "Checkpoint", "NonFiniteGuard", "TrainingCurves", "plot_curves"]

@@ -163,6 +163,28 @@ def attribute_accuracy(pairs: Iterable[tuple[str, str]], labels: Sequence[str]) 
     ]  # fmt: skip
 
 
+def attribute_top1(logits: Tensor, target: Tensor, classnames: Sequence[str]) -> dict[str, float]:
+    """Top-1 accuracy per attribute of multi-word class names, as the contrastive task logs it on validation.
+
+    ``attribute{k}_top1`` (k from 1) is the share of the labelled images whose top-1 class has the true class's word
+    at position k (with "colour shape" names: the colour right, the shape right), by :func:`attribute_accuracy`.
+
+    Args:
+        logits: (n, classes) image-class scores.
+        target: (n,) class index of each image, -1 for an image whose label is not one of ``classnames`` (left out).
+        classnames: the classes, in ``logits``' column order.
+
+    Returns:
+        One value per word position that some labelled image's class has; empty when no class name has two or more
+        words.
+    """
+    valid = target >= 0
+    predicted, true = logits[valid].argmax(dim=1).tolist(), target[valid].tolist()
+    pairs = [(classnames[p], classnames[t]) for p, t in zip(predicted, true)]
+    return {f"attribute{i + 1}_top1": a["accuracy"] for i, a in enumerate(attribute_accuracy(pairs, classnames))
+            if a["total"]}  # fmt: skip
+
+
 def confusion_matrix(pairs: Iterable[tuple[str, str]], labels: Sequence[str]) -> list[list[int]]:
     """Counts of (true, predicted) label pairs: row = true label, column = predicted label, in ``labels``' order.
 
@@ -184,6 +206,7 @@ def confusion_matrix(pairs: Iterable[tuple[str, str]], labels: Sequence[str]) ->
 
 __all__ = [
     "attribute_accuracy",
+    "attribute_top1",
     "confusion_matrix",
     "label_attributes",
     "multi_caption_recall",

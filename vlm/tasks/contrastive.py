@@ -31,7 +31,7 @@ from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlm.formats.checkpoint import INFERENCE_KEY
 from vlm.formats.settings import zero_shot_settings
 from vlm.losses import clip_loss, siglip_loss
-from vlm.metrics import retrieval_recall, zero_shot_accuracy
+from vlm.metrics import attribute_top1, retrieval_recall, zero_shot_accuracy
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
 from vlm.tasks.compositional import CompositionalTerms, Plan
@@ -399,7 +399,9 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         metrics = retrieval_recall(image, text, ks=(1, 5))
         if self._val_outputs["target"]:
             target = self._gather_eval(torch.cat(self._val_outputs["target"]))
-            metrics.update(zero_shot_accuracy(image @ self._classifier.T, target, self._classnames, self._heldout))
+            logits = image @ self._classifier.T  # the same on every rank: all images, all targets gathered
+            metrics.update(zero_shot_accuracy(logits, target, self._classnames, self._heldout))
+            metrics.update(attribute_top1(logits, target, self._classnames))  # val/attribute{k}_top1
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("zero_shot_top1", "zero_shot_top1_heldout"))
         self._val_outputs = {}
@@ -412,8 +414,6 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
     # ------------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict:
         return configure(self, self.optimizer, self.lr_scheduler)
-
-
 
 
 __all__ = ["ContrastiveTask"]
