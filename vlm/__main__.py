@@ -6,7 +6,8 @@
 - ``vlm explain --checkpoint CKPT IMAGE... [--labels A,B] --out DIR``: attention and similarity maps (PNG + JSON).
 - ``vlm serve --clip CKPT [--captioner CKPT] [--index INDEX]``: a web page over the models (127.0.0.1 by default).
 - ``vlm index --checkpoint CKPT --images DIR --out INDEX``, ``vlm search --index INDEX QUERY``, ``vlm retrieval
-  --checkpoint CKPT --images DIR``: image search over a folder and retrieval recall (see ``vlm.index``).
+  --checkpoint CKPT --images DIR [--compositional]``: image search over a folder (see ``vlm.index``), retrieval
+  recall and a compositional test (see ``vlm.retrieval``).
 
 User errors on the Lightning path are one ``vlm: error:`` line and exit status 2, not a traceback: a FIFO, device
 or socket named on the command line (jsonargparse would block reading it as a config), a ``--ckpt_path`` that is
@@ -276,7 +277,7 @@ COMMANDS = {
     "explain": "attention and similarity maps of images, as PNG overlays + JSON",
     "index": "embed a folder of images for search (incremental)",
     "search": "search an index with a text query",
-    "retrieval": "image-text retrieval recall of a checkpoint on a captioned folder",
+    "retrieval": "image-text retrieval recall of a checkpoint on a captioned folder (and a compositional test)",
     "serve": "a local web page over a CLIP (and a captioner, an index)",
 }
 

@@ -1,5 +1,6 @@
 """``vlm export``, ``vlm explain``, ``vlm index``, ``vlm search`` and ``vlm retrieval``: command-line entry points
-over :mod:`vlm.formats`, :mod:`vlm.explain` and :mod:`vlm.index` (LightningCLI runs the training commands)."""
+over :mod:`vlm.formats`, :mod:`vlm.explain`, :mod:`vlm.index` and :mod:`vlm.retrieval` (LightningCLI runs the training
+commands)."""
 
 from __future__ import annotations
 
@@ -242,26 +243,45 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def retrieval_main(argv: list[str] | None = None) -> int:
-    """``vlm retrieval --checkpoint CKPT --images DIR [--json] [--batch-size N]``; returns the exit code."""
-    from vlm.index import MAX_BATCH_SIZE, RECALL_KS, load_clip, retrieval_eval
+    """``vlm retrieval --checkpoint CKPT --images DIR [--compositional] [--json] [--batch-size N]``; returns the exit
+    code."""
+    from vlm.index import MAX_BATCH_SIZE, load_clip
+    from vlm.retrieval import RECALL_KS, retrieval_eval
     p = argparse.ArgumentParser(prog="vlm retrieval", description="Image-text recall@1/5/10 over a captioned folder.")
     p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (.ckpt) or vlm export folder")
     p.add_argument("--images", required=True, help="a folder whose metadata.jsonl rows have file_name and "
                    "captions (a list) or caption (rows naming one image add up)")
     p.add_argument("--batch-size", type=int, default=64, help=f"images per batch, 1 to {MAX_BATCH_SIZE:,}")
+    p.add_argument("--compositional", action="store_true", help="also how often each caption beats hard negatives "
+                   "made from it (SugarCrepe-style replace- and swap-attribute), from the rows' label")
     p.add_argument("--json", action="store_true", help="one JSON object with the counts and recalls")
     if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
         return args
     try:
-        report = retrieval_eval(load_clip(args.checkpoint, args.batch_size), args.images)
+        report = retrieval_eval(load_clip(args.checkpoint, args.batch_size), args.images,
+                                compositional=args.compositional)
     except ValueError as e:  # CheckpointError, UnsafeFileError included
         return _error(p.prog, str(e))
-    m = report.metrics
+    m, comp = report.metrics, report.compositional
+    no_labels = (f"compositional: not measured, no caption in {args.images}/metadata.jsonl has a 'label' (a phrase "
+                 "found word for word in the caption)")
     if args.json:
-        print(json.dumps({"images": report.images, "captions": report.captions, **m}))
+        extra = {"compositional": comp} if args.compositional else {}
+        print(json.dumps({"images": report.images, "captions": report.captions, **m, **extra}))
+        if args.compositional and comp is None:
+            print(printable(no_labels), file=sys.stderr)
     else:
         print(f"{report.images} images, {report.captions} captions")
         for name, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
             print(f"{label}  " + "  ".join(f"R@{k} {m[f'{name}_R@{k}']:.3f}" for k in RECALL_KS))
+        if args.compositional:
+            print(printable(no_labels) if comp is None else "\n".join(map(_compositional_line, comp.items())))
     return 1 if report.failed else 0
 
+
+def _compositional_line(item: tuple[str, dict | None]) -> str:
+    kind, score = item[0].replace("_", "-"), item[1]
+    if score is None:
+        return f"{kind}  not applicable (no caption gives such a negative)"
+    return (f"{kind}  accuracy {score['pair_accuracy']:.3f} of {score['pairs']:,} pairs  "
+            f"images {score['image_accuracy']:.3f} of {score['images']:,}")

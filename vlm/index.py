@@ -1,5 +1,6 @@
-"""Image search over a folder with a CLIP checkpoint (``vlm index``, ``vlm search``), and retrieval recall with
-several captions per image (``vlm retrieval``); the commands themselves are in :mod:`vlm.cli`.
+"""Image search over a folder with a CLIP checkpoint (``vlm index``, ``vlm search``), and the folder reading and
+image embedding that retrieval recall (``vlm retrieval``, :mod:`vlm.retrieval`) shares with it; the commands
+themselves are in :mod:`vlm.cli`.
 
 The index is one safetensors file: ``embeddings`` (float32, (n, embed_dim), unit length) and, in the header's
 metadata, a JSON record: the images folder, each image's relative path with its size and ``mtime_ns``, the
@@ -37,13 +38,11 @@ from vlm.data.records import MAX_CAPTIONS_PER_IMAGE, Captions, Skip, read_json_r
 from vlm.formats import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from vlm.inference import CLIPPredictor, load
 from vlm.inputs import IMAGE_SUFFIXES, METADATA_FILE, printable
-from vlm.metrics import multi_caption_recall
 
 FORMAT, VERSION, META_KEY = "vlm-image-index", 1, "vlm_index"
 MAX_TOP_K, MAX_BATCH_SIZE, MAX_EMBED_DIM = 1000, 4096, 1 << 16
 MAX_INDEX_FILES = 1 << 22  # images in one index (4,194,304)
 MAX_HEADER = 512 << 20  # bytes of an index's header: room for MAX_INDEX_FILES entries with long relative paths
-RECALL_KS = (1, 5, 10)
 
 
 class IndexFileError(ValueError):
@@ -76,16 +75,6 @@ class IndexReport:
     reused: int
     removed: int
     failed: dict[str, str]  # relative path -> why it was skipped
-
-
-@dataclass
-class RetrievalReport:
-    """:func:`retrieval_eval`'s recalls (``image_to_text_R@k``, ``text_to_image_R@k``), counts and skipped images."""
-
-    metrics: dict[str, float]
-    images: int
-    captions: int
-    failed: dict[str, str]
 
 
 def fingerprint(checkpoint: str | os.PathLike) -> str:
@@ -358,13 +347,16 @@ def _say(message: str) -> None:
     print(printable(message), file=sys.stderr, flush=True)
 
 
-def read_captions(images_dir: Path, warn: Callable[[str], None] = _say) -> Captions:
+def read_captions(images_dir: Path, warn: Callable[[str], None] = _say,
+                  labels: dict[str, list[str | None]] | None = None) -> Captions:
     """Captions by relative image path from ``images_dir/metadata.jsonl`` (rows with ``file_name`` and ``captions``,
     a list, or ``caption``; rows naming the same file add captions, up to :data:`MAX_CAPTIONS_PER_IMAGE`), in
     first-seen order. The file is read one line at a time (:func:`vlm.data.records.read_json_rows`) and only rows
     naming an existing file are kept, so memory follows the folder, not the file. A line that is not such a row costs
-    only itself: one ``warn`` call for the whole file names the first one. Raises
-    :class:`~vlm.data.files.UnsafeFileError` for a missing metadata file, or one that is a FIFO, device or too large.
+    only itself: one ``warn`` call for the whole file names the first one. A ``labels`` dict is filled with each
+    image's caption labels, in its captions' order: the row's ``label`` (a non-blank string) or None.
+    Raises :class:`~vlm.data.files.UnsafeFileError` for a missing metadata file, or one that is a FIFO, device or too
+    large.
     """
     meta = images_dir / METADATA_FILE
     captions = Captions()
@@ -380,38 +372,14 @@ def read_captions(images_dir: Path, warn: Callable[[str], None] = _say) -> Capti
         name = PurePath(name).as_posix()
         if name not in captions and not os.path.lexists(images_dir / name):
             return Skip(f"no image file {name!r}")
-        return captions.add(name, [t.replace("\x00", " ") for t in texts])
+        left = captions.add(name, [t.replace("\x00", " ") for t in texts])
+        if labels is not None:
+            label = row.get("label")
+            label = label.replace("\x00", " ") if isinstance(label, str) and label.strip() else None
+            labels.setdefault(name, []).extend([label] * (len(texts) - left))
+        return left
 
     dropped = sum(read_json_rows(meta, keep, lambda m: warn(f"warning: {m}"), limit=METADATA_LIMIT))
     if dropped:
         warn(f"warning: {meta}: left out {dropped:,} captions beyond {MAX_CAPTIONS_PER_IMAGE} per image")
     return captions
-
-
-def retrieval_eval(predictor: CLIPPredictor, images_dir: str | os.PathLike, ks: Sequence[int] = RECALL_KS,
-                   warn: Callable[[str], None] = _say) -> RetrievalReport:
-    """Image->text and text->image recall@k (:func:`vlm.metrics.multi_caption_recall`) over a folder whose
-    ``metadata.jsonl`` gives each image its captions (:func:`read_captions`). An image that cannot be read is
-    reported through ``warn`` and left out with its captions. Raises ``ValueError`` (``UnsafeFileError`` included)
-    for a missing or unusable metadata file, or no readable image in it."""
-    root = Path(images_dir)
-    captions = read_captions(root, warn)
-    if not captions:
-        raise ValueError(f"{root / METADATA_FILE} gives no image a caption")
-    failed: dict[str, str] = {}
-    ok, parts = [], []  # readable images, their embeddings batch by batch
-
-    def skip(name: str, reason: str) -> None:
-        failed[name] = reason
-        warn(f"vlm retrieval: skipped {root / name}: {reason}")
-
-    for _, embedded in embed_files(predictor, root, list(captions), skip, predictor.batch_size):
-        if embedded:
-            parts.append(torch.stack(list(embedded.values())).to(predictor.device))
-            ok += list(embedded)
-    if not ok:
-        raise ValueError(f"none of the {len(captions)} images named in {root / METADATA_FILE} could be read")
-    texts = [t for name in ok for t in captions[name]]
-    owner = torch.tensor([i for i, name in enumerate(ok) for _ in captions[name]], device=predictor.device)
-    metrics = multi_caption_recall(torch.cat(parts), predictor.embed_texts(texts), owner, ks)
-    return RetrievalReport(metrics, len(ok), len(texts), failed)
