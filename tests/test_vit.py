@@ -129,3 +129,21 @@ def test_conv_stem_errors_and_no_timm_export():
         VisionTransformer(32, 8, width=32, depth=1, num_heads=2, stem="hybrid")
     with pytest.raises(UnsupportedModelError, match="'conv' stem"):
         to_timm(VisionTransformer(32, 8, width=32, depth=1, num_heads=2, stem="conv"))
+
+
+def test_channel_norm_is_timms_layernorm2d():
+    """The conv stem's norm is written in vlm (importing timm costs seconds at start-up): same parameters, same
+    output as timm's LayerNorm2d, so conv-stem checkpoints and their outputs are what they were."""
+    from timm.layers import LayerNorm2d
+
+    from vlm.models.vit import ChannelNorm
+
+    torch.manual_seed(0)
+    ours, theirs = ChannelNorm(6), LayerNorm2d(6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys() and ours.eps == theirs.eps
+    x = torch.randn(2, 6, 5, 7)
+    assert torch.equal(ours(x), theirs(x))

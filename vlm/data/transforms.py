@@ -1,4 +1,4 @@
-"""Image transforms (torchvision ``transforms.v2``).
+"""Image transforms.
 
 The evaluation path is CLIP's: resize the shorter side to ``image_size`` (bicubic, antialiased), centre crop,
 scale to [0, 1], normalise. Training with ``augment=False`` is exactly that path. Augmentation is a mild random
@@ -8,41 +8,114 @@ because captions say "left of" / "right of" and a flip would make them false.
 
 Both are split into a *geometry* part (PIL / uint8 tensor -> uint8 tensor of the final size) and a *normalise*
 part (uint8 -> normalised float), so a data module can run the deterministic geometry once and cache its result.
+
+The evaluation path calls torch directly (the same ``interpolate`` call, size rule, crop offsets and arithmetic as
+torchvision ``transforms.v2``'s ``Resize``/``CenterCrop``/``ToDtype``/``Normalize``; tests/test_transforms.py checks
+them bit for bit against torchvision): importing torchvision imports its detection models and ``torch._dynamo``,
+seconds of start-up that classifying one image should not pay. Training transforms are torchvision's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def eval_geometry(image_size: int) -> v2.Compose:
+def to_uint8_tensor(image: Any) -> torch.Tensor:
+    """A PIL image (its bands as channels) or a uint8 tensor (C, H, W) -> uint8 tensor (C, H, W)."""
+    if isinstance(image, torch.Tensor):
+        return image
+    pixels = torch.from_numpy(np.array(image, copy=True))
+    return pixels.view(image.size[1], image.size[0], -1).permute(2, 0, 1)
+
+
+def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The shorter side of a uint8 (..., C, H, W) image to ``size``, the longer in proportion (rounded down), bicubic
+    and antialiased on the uint8 pixels; unchanged when the shorter side is ``size`` already."""
+    *lead, c, h, w = image.shape
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_h, new_w) == (h, w) or image.numel() == 0:
+        return image
+    out = F.interpolate(image.reshape(-1, c, h, w), size=[new_h, new_w], mode="bicubic", align_corners=False,
+                        antialias=True)  # fmt: skip
+    return out.reshape(*lead, c, new_h, new_w)
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` of a (..., H, W) image, zero-padded first where a side is shorter."""
+    h, w = image.shape[-2:]
+    if size > h or size > w:
+        left, top = max(size - w, 0) // 2, max(size - h, 0) // 2
+        image = F.pad(image, [left, max(size - w + 1, 0) // 2, top, max(size - h + 1, 0) // 2], value=0.0)
+        h, w = image.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image[..., top : top + size, left : left + size]
+
+
+class EvalGeometry:
+    """PIL image or uint8 tensor -> uint8 image tensor (C, image_size, image_size): resize shorter side, crop."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = int(image_size)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return center_crop(resize_shorter(to_uint8_tensor(image), self.image_size), self.image_size)
+
+
+class Normalize:
+    """uint8 image tensor (..., C, H, W) -> float32 in [0, 1] -> ``(x - mean) / std``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if not all(std):
+            raise ValueError(f"std {list(std)} holds a zero")
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = image if image.dtype == torch.float32 else image.to(torch.float32).mul_(1.0 / 255)
+        return x.sub(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
+class Compose:
+    """Applies each transform in turn."""
+
+    def __init__(self, *steps: Any) -> None:
+        self.steps = steps
+
+    def __call__(self, image: Any) -> Any:
+        for step in self.steps:
+            image = step(image)
+        return image
+
+
+def eval_geometry(image_size: int) -> EvalGeometry:
     """PIL image or uint8 tensor -> uint8 image tensor (3, image_size, image_size): resize shorter side, crop."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-        ]
-    )
+    return EvalGeometry(image_size)
 
 
-def normalize(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def normalize(mean: Sequence[float], std: Sequence[float]) -> Normalize:
     """uint8 image tensor -> float32 in [0, 1] -> ``(x - mean) / std``."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return Normalize(mean, std)
 
 
 def eval_transform(
     image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
-) -> v2.Compose:
+) -> Compose:
     """The deterministic evaluation transform: PIL image -> normalised float tensor (3, image_size, image_size)."""
-    return v2.Compose([eval_geometry(image_size), normalize(mean, std)])
+    return Compose(eval_geometry(image_size), normalize(mean, std))
 
 
 def train_geometry(
@@ -51,7 +124,7 @@ def train_geometry(
     scale: tuple[float, float] = (0.8, 1.0),
     hflip: bool = False,
     rotation: float = 0.0,
-) -> v2.Compose:
+) -> v2.Compose | EvalGeometry:
     """Training geometry; with ``augment=False`` it is :func:`eval_geometry`.
 
     Args:
@@ -66,6 +139,8 @@ def train_geometry(
     """
     if not augment:
         return eval_geometry(image_size)
+    from torchvision.transforms import v2
+
     steps = [
         v2.ToImage(),
         v2.RandomResizedCrop(
@@ -94,17 +169,23 @@ def train_transform(
     scale: tuple[float, float] = (0.8, 1.0),
     hflip: bool = False,
     rotation: float = 0.0,
-) -> v2.Compose:
+) -> Compose:
     """PIL image -> normalised float tensor; ``augment=False`` gives exactly :func:`eval_transform`."""
-    return v2.Compose([train_geometry(image_size, augment, scale, hflip, rotation), normalize(mean, std)])
+    return Compose(train_geometry(image_size, augment, scale, hflip, rotation), normalize(mean, std))
 
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "Compose",
+    "EvalGeometry",
+    "Normalize",
+    "center_crop",
     "eval_geometry",
     "eval_transform",
     "normalize",
+    "resize_shorter",
+    "to_uint8_tensor",
     "train_geometry",
     "train_transform",
 ]

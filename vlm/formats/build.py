@@ -273,11 +273,33 @@ def _bounded_meta_build(max_tensors: int, max_elements: int, where: str, key: st
     handles = [nn.modules.module.register_module_parameter_registration_hook(hook),
                nn.modules.module.register_module_buffer_registration_hook(hook)]  # fmt: skip
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _no_random_init():
             yield
     finally:
         for h in handles:
             h.remove()
+
+
+_RANDOM_INITS = ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """``torch.nn.init``'s random initialisers do nothing: a ``meta`` tensor has no values to fill, and filling one
+    goes through torch's Python reference ops, whose first call imports ``torch._dynamo`` (seconds at start-up)."""
+    originals = {name: getattr(nn.init, name) for name in _RANDOM_INITS}
+    for name in originals:
+        setattr(nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(nn.init, name, fn)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 _SLACK_TENSORS = 64  # buffers that follow from the config (masks, caches) and are not stored

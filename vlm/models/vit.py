@@ -36,6 +36,19 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (b, d, gh, gw) -> (b, gh*gw, d)
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of an NCHW tensor (eps 1e-6): timm's ``LayerNorm2d``, same
+    parameters and output (tests/test_vit.py compares them). Written here because importing timm imports
+    torchvision and ``torch._dynamo``, seconds of start-up for every script that loads a conv-stem model."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
 class ConvStem(nn.Module):
     """A convolutional stem in place of the patchify convolution (Xiao et al. 2021, "Early Convolutions Help
     Transformers See Better").
@@ -50,8 +63,6 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__()
-        from timm.layers import LayerNorm2d  # here: importing timm costs every script a second at start-up
-
         stages = patch_size.bit_length() - 1
         if patch_size < 2 or 2**stages != patch_size:
             raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {patch_size}")
@@ -60,7 +71,7 @@ class ConvStem(nn.Module):
         c_in = in_chans
         for i in range(stages):
             c_out = max(dim // 2 ** (stages - 1 - i), 8)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), LayerNorm2d(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), ChannelNorm(c_out), nn.ReLU()]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, dim, 1))
         self.proj = nn.Sequential(*layers)
