@@ -68,6 +68,37 @@ def export_default(config_path: Path, out_dir: Path) -> Path:
     return export_task(build_task(config), out_dir)
 
 
+def checkpoint_default(config_path: Path, path: Path) -> Path:
+    """Builds the task of a shipped config (untrained) and saves it as ``vlm fit`` does (a ``.ckpt``)."""
+    import yaml
+
+    from vlm.formats import build_task
+
+    torch.manual_seed(0)
+    task = build_task(yaml.safe_load(config_path.read_text())["model"])
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "inference": task.inference_settings()}, path)  # fmt: skip
+    return path
+
+
+def startup_rows(ckpt: Path, image: str, labels: list[str], settings: Settings) -> Iterator[Row]:
+    """Cold start on one image against the floor a script cannot go below: ``import torch`` plus a ``torch.load``
+    of the same file, run alternately (best of each)."""
+    floor = ["-c", f"import torch; torch.load({str(ckpt)!r}, map_location='cpu', weights_only=True)"]
+    runs = {
+        "zero_shot.py, 1 image, cold": ["scripts/zero_shot.py", "--checkpoint", str(ckpt), *labels, "--json", image],
+        "vlm.load + classify, 1 image, cold": ["-c", f"import vlm; vlm.load({str(ckpt)!r}).classify([{image!r}], "
+                                                     f"{labels[1].split(',')!r})"],
+    }  # fmt: skip
+    best = {name: float("inf") for name in (*runs, "floor")}
+    for _ in range(1 if settings.quick else settings.repeats):
+        best["floor"] = min(best["floor"], wall_time(floor, 1))
+        for name, args in runs.items():
+            best[name] = min(best[name], wall_time(args, 1))
+    for name in runs:
+        yield make_row(SUITE, f"{name} vs import torch + torch.load of the file", best[name], "s", best["floor"])
+
+
 def script_rows(
     label: str, script: str, ckpt: Path, extra: list[str], paths: list[str], settings: Settings
 ) -> Iterator[Row]:
@@ -130,6 +161,8 @@ def run(settings: Settings) -> Iterator[Row]:
             yield from script_rows(f"zero_shot.py x {len(labels[1].split(','))} labels", "scripts/zero_shot.py",
                                    ckpt, labels, paths, settings)  # fmt: skip
             yield from loader_rows("zero_shot.py", ckpt, tmp / "clip-through-task", labels, paths, settings)
+            file = checkpoint_default(clip_config, tmp / "clip.ckpt")
+            yield from startup_rows(file, paths[0], labels, settings)
         flamingo_config = ROOT / "configs" / "flamingo" / "shapes.yaml"
         if not (ROOT / "scripts" / "caption.py").exists():
             yield skip_row(SUITE, "scripts/caption.py does not exist")
