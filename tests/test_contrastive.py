@@ -193,6 +193,41 @@ def test_init_weights_start_training_from_a_checkpoint_but_not_a_resume(tmp_path
         assert torch.equal(task.model.state_dict()[name], value), name
 
 
+def test_init_weights_from_an_open_clip_checkpoint_file(tmp_path):
+    """A user with open_clip weights in a local file fine-tunes from them: the file is converted to vlm's names, and
+    the model starts from exactly those weights (an open_clip model built from the same vlm weights)."""
+    from safetensors.torch import save_file
+
+    from vlm.interop import to_open_clip
+
+    def open_clip_shaped(embed_dim: int = 16) -> dict:  # the tiny CLIP as open_clip builds it (no patch bias)
+        vision = {**TINY_CLIP_MODEL["init_args"]["vision"], "init_args": {
+            **TINY_CLIP_MODEL["init_args"]["vision"]["init_args"], "patch_bias": False}}  # fmt: skip
+        return tiny_clip_config(model={**TINY_CLIP_MODEL, "init_args": {
+            **TINY_CLIP_MODEL["init_args"], "vision": vision, "embed_dim": embed_dim}})  # fmt: skip
+
+    torch.manual_seed(3)
+    source = build_task(open_clip_shaped()).model
+    peer = to_open_clip(source)
+    paths = {"pt": tmp_path / "open_clip_model.pt", "safetensors": tmp_path / "open_clip_model.safetensors"}
+    torch.save(peer.state_dict(), paths["pt"])
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(paths["safetensors"]))
+    for path in paths.values():
+        torch.manual_seed(1)
+        config = open_clip_shaped()
+        config["init_args"]["init_weights"] = str(path)
+        task = build_trainable(config)
+        assert not torch.equal(task.model.visual.pos_embed, source.visual.pos_embed)
+        task.setup("fit")
+        for name, value in source.state_dict().items():
+            assert torch.equal(task.model.state_dict()[name], value), (path.suffix, name)
+    torch.save(to_open_clip(build_task(open_clip_shaped(8)).model).state_dict(), tmp_path / "narrow.pt")
+    config = open_clip_shaped()
+    config["init_args"]["init_weights"] = str(tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match=r"init_weights=.*narrow\.pt.*"):
+        build_trainable(config).setup("fit")
+
+
 def test_init_weights_that_do_not_match_name_the_problem(tmp_path):
     wider = build_task(tiny_clip_config(model={**TINY_CLIP_MODEL, "init_args": {
         **TINY_CLIP_MODEL["init_args"], "embed_dim": 8}}))

@@ -44,15 +44,24 @@ class CheckedLoading:
 
 def load_init_weights(model: nn.Module, source: str, prefix: str, what: str) -> None:
     """Copies the weights under ``prefix`` in the checkpoint or state dict ``source`` into ``model`` (every key
-    and shape checked; ``what`` names the model in errors).
+    and shape checked; ``what`` names the model in errors). An open_clip CLIP checkpoint (``.pt``, ``.bin`` or
+    ``.safetensors`` of an open_clip model, OpenAI's layout included) is converted to vlm's names first
+    (:func:`vlm.interop.load_weights`), whatever ``prefix``: the config must describe the same architecture.
 
     Raises:
         WeightsSourceError: the file is refused, has nothing under ``prefix``, or does not match the model.
     """
+    from vlm.interop import load_weights
+    from vlm.interop.open_clip_files import is_open_clip_state_dict
     from vlm.interop.weights import ConversionError, WeightsSourceError, load_checked, read_state_dict, sub_state_dict
 
     try:
-        part = sub_state_dict(read_state_dict(source), prefix)
+        state = read_state_dict(source)
+        if is_open_clip_state_dict(state):
+            load_weights(model, state)
+            log.info("%s starts from the open_clip weights in %s", what, source)
+            return
+        part = sub_state_dict(state, prefix)
         if not part:
             raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
         load_checked(model, part, what)
