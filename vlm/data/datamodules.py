@@ -44,6 +44,7 @@ from vlm.data.sources import (
     pick_column,
 )
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_geometry, normalize, train_geometry
+from vlm.data.vqa import ANSWER_COLUMN, is_question_table, question_table
 
 log = logging.getLogger("vlm.data")
 _LOGGED_PATHS = 5  # bad samples named in the log before only counting
@@ -61,7 +62,8 @@ class ImageTextDataModule(LightningDataModule):
     Args:
         train: training source: an imagefolder directory (``metadata.jsonl``), a CSV/JSONL file of (image path,
             caption[, label]), webdataset ``.tar`` shards (a directory, a file or a ``{000..009}`` pattern), or a
-            hub dataset name. None: no training data.
+            hub dataset name. None: no training data. Rows with a ``question`` are question records
+            (:mod:`vlm.data.vqa`): batches then also carry ``question`` and ``answers``.
         val: validation source (same kinds). Its labels and ``classnames.txt`` give the zero-shot classes.
         source: a folder that writes itself (:class:`~vlm.data.builtin.ShapesSource`,
             :class:`~vlm.data.builtin.DigitsSource`): written in ``prepare_data`` if missing, then read as ``train``
@@ -206,8 +208,12 @@ class ImageTextDataModule(LightningDataModule):
         table = load_table(source, split, self.image_column, self.hub_config, self.streaming,
                            caption_template=self._caption_template())
         columns = list(getattr(table.data, "column_names", None) or (table.data.features or {}).keys())
+        extra: tuple[str, ...] = ()
+        if is_question_table(columns):  # question records: the answer to train on is the text (vlm.data.vqa)
+            table.data, extra = question_table(table.data, columns, source)
+            columns = list(table.data.column_names)
         image_col = pick_column(columns, self.image_column, IMAGE_FALLBACKS, "image", source)
-        text_col = pick_column(columns, self.text_column, TEXT_FALLBACKS, "caption", source)
+        text_col = ANSWER_COLUMN if extra else pick_column(columns, self.text_column, TEXT_FALLBACKS, "caption", source)
         label_col = None
         if self.label_column is not None:
             try:
@@ -222,7 +228,7 @@ class ImageTextDataModule(LightningDataModule):
             return self._streaming(table, image_col, text_col, label_col, geometry)
         table.data = self._drop_empty_captions(table, image_col, text_col, "train" if training else "validation")
         dataset = ImageTextDataset(table.data, image_col, text_col, label_col, table.root, geometry,
-                                   self.bad_samples, self.seed)
+                                   self.bad_samples, self.seed, extra)
         if not cache:
             return dataset
         dataset = InMemoryImageTextDataset.from_dataset(

@@ -11,9 +11,10 @@ Three torch datasets feed :class:`vlm.data.datamodules.ImageTextDataModule`:
 - :class:`StreamingImageTextDataset` (iterable): wraps a streaming ``datasets.IterableDataset`` (webdataset tar
   shards, hub streaming); bad samples are dropped from the stream.
 
-Samples are dicts ``{"image": uint8 (3, H, W), "caption", "label", "path", "skipped"}``; :class:`ImageTextCollate`
-stacks them, normalises the pixels and tokenises the captions. ``skipped`` carries the messages of the bad rows
-met while producing a sample, so the data module (in the main process) can count and log them.
+Samples are dicts ``{"image": uint8 (3, H, W), "caption", "label", "path", "skipped"}`` plus any ``extra_columns``
+(question records carry ``question`` and ``answers``: :mod:`vlm.data.vqa`); :class:`ImageTextCollate` stacks them,
+normalises the pixels and tokenises the captions (or question-answer pairs). ``skipped`` carries the messages of the
+bad rows met while producing a sample, so the data module (in the main process) can count and log them.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from vlm.data.images import ImageLoadError, display_path, load_image, to_rgb
+from vlm.data.vqa import encode_texts
 
 BadSamplePolicy = Literal["skip", "raise"]
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _MAX_REPLACEMENTS = 100
+_NOT_CARRIED = {"image", "caption", "tokens", "skipped"}  # what the collate function turns into other batch entries
 
 
 class BadSampleError(ValueError):
@@ -81,8 +84,10 @@ def read_sample(
     label_column: str | None,
     root: Path | None,
     geometry: Callable[[Image.Image], torch.Tensor],
+    extra_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One table row -> a sample dict with a uint8 image; raises :class:`BadSampleError` for an unusable row."""
+    """One table row -> a sample dict with a uint8 image (and the ``extra_columns`` as they are); raises
+    :class:`BadSampleError` for an unusable row."""
     name, source = resolve_image(row.get(image_column), root)
     caption = row.get(text_column)
     if not isinstance(caption, str) or not caption.strip():
@@ -98,6 +103,7 @@ def read_sample(
         "label": "" if label is None else str(label),
         "path": display_path(name),
         "skipped": [],
+        **{c: row.get(c) for c in extra_columns},
     }
 
 
@@ -121,6 +127,7 @@ class ImageTextDataset(Dataset):
         bad_samples: ``"skip"`` draws a replacement row (recorded in the sample's ``skipped``), ``"raise"`` raises
             :class:`BadSampleError` naming the file.
         seed: seeds the choice of replacement rows (deterministic for a given index).
+        extra_columns: further columns copied into each sample (and batch) as they are.
     """
 
     def __init__(
@@ -133,8 +140,10 @@ class ImageTextDataset(Dataset):
         geometry: Callable[[Image.Image], torch.Tensor],
         bad_samples: BadSamplePolicy = "skip",
         seed: int = 0,
+        extra_columns: Sequence[str] = (),
     ) -> None:
         self.table = table
+        self.extra_columns = tuple(extra_columns)
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.root = root
         self.geometry = geometry
@@ -143,7 +152,8 @@ class ImageTextDataset(Dataset):
         self._known_bad: set[int] = set()  # per process: never retry a row that already failed
         # Plain-value columns as Python lists: reading a whole row from Arrow costs ~100 us, a list item nothing.
         features = getattr(table, "features", {}) or {}
-        wanted = [c for c in (image_column, text_column, label_column) if c is not None and c in features]
+        wanted = [c for c in (image_column, text_column, label_column, *self.extra_columns)
+                  if c is not None and c in features]
         self._lists = {c: table[c][:] for c in wanted if _is_plain(features[c])}
         rest = [c for c in wanted if c not in self._lists]
         self._rest = table.select_columns(rest) if rest else None
@@ -156,7 +166,8 @@ class ImageTextDataset(Dataset):
         row = {c: values[index] for c, values in self._lists.items()}
         if self._rest is not None:
             row.update(self._rest[index])
-        return read_sample(row, self.image_column, self.text_column, self.label_column, self.root, self.geometry)
+        return read_sample(row, self.image_column, self.text_column, self.label_column, self.root, self.geometry,
+                           self.extra_columns)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         skipped: list[str] = []
@@ -186,12 +197,14 @@ class InMemoryImageTextDataset(Dataset):
     """
 
     def __init__(self, images: list[torch.Tensor], captions: list[str], labels: list[str], paths: list[str],
-                 skipped: list[str], augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 skipped: list[str], augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 extras: dict[str, list[Any]] | None = None) -> None:
         same_shape = len({tuple(x.shape) for x in images}) <= 1
         self.images: torch.Tensor | list[torch.Tensor] = torch.stack(images) if images and same_shape else images
         self.captions, self.labels, self.paths = captions, labels, paths
         self.skipped = skipped
         self.augment = augment
+        self.extras = extras or {}  # extra column -> one value per sample
         self.tokens: dict[str, torch.Tensor] | None = None
 
     @classmethod
@@ -216,6 +229,7 @@ class InMemoryImageTextDataset(Dataset):
             persistent_workers=False,
         )
         images, captions, labels, paths, skipped = [], [], [], [], []
+        extras: dict[str, list[Any]] = {c: [] for c in dataset.extra_columns}
         for chunk in loader:
             for item in chunk:
                 if isinstance(item, BadSampleError):
@@ -227,16 +241,23 @@ class InMemoryImageTextDataset(Dataset):
                 captions.append(item["caption"])
                 labels.append(item["label"])
                 paths.append(item["path"])
+                for c, values in extras.items():
+                    values.append(item[c])
         if geometry is not None:
             images = _batched(geometry, images)
-        return cls(images, captions, labels, paths, skipped, augment)
+        return cls(images, captions, labels, paths, skipped, augment, extras)
 
     def pretokenize(self, tokenizer: Any) -> None:
-        """Tokenises every distinct caption once, so batches only index token tensors."""
-        unique, inverse = np.unique(np.array(self.captions, dtype=object), return_inverse=True)
-        encoded = tokenizer.encode_batch([str(c) for c in unique])
+        """Tokenises every distinct caption (or question-answer pair) once, so batches only index token tensors."""
+        questions = self.extras.get("question")
+        keys = list(zip(questions if questions is not None else [None] * len(self), self.captions))
+        first: dict[tuple, int] = {}
+        inverse = [first.setdefault(k, len(first)) for k in keys]
+        unique = list(first)
+        encoded = encode_texts(tokenizer, [str(c) for _, c in unique],
+                               None if questions is None else [str(q) for q, _ in unique])
         if all(isinstance(v, torch.Tensor) and v.shape[:1] == (len(unique),) for v in encoded.values()):
-            index = torch.from_numpy(inverse.astype(np.int64))
+            index = torch.tensor(inverse, dtype=torch.long)
             self.tokens = {k: v[index] for k, v in encoded.items()}
 
     def __len__(self) -> int:
@@ -247,7 +268,7 @@ class InMemoryImageTextDataset(Dataset):
         if self.augment is not None:
             image = self.augment(image)
         sample = {"image": image, "caption": self.captions[index], "label": self.labels[index],
-                  "path": self.paths[index], "skipped": []}
+                  "path": self.paths[index], "skipped": [], **{c: v[index] for c, v in self.extras.items()}}
         if self.tokens is not None:
             sample["tokens"] = {k: v[index] for k, v in self.tokens.items()}
         return sample
@@ -312,12 +333,13 @@ class StreamingImageTextDataset(IterableDataset):
 
     def __init__(self, table: Any, image_column: str, text_column: str, label_column: str | None,
                  root: Path | None, geometry: Callable[[Image.Image], torch.Tensor],
-                 bad_samples: BadSamplePolicy = "skip") -> None:
+                 bad_samples: BadSamplePolicy = "skip", extra_columns: Sequence[str] = ()) -> None:
         self.table = table
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.root = root
         self.geometry = geometry
         self.bad_samples = bad_samples
+        self.extra_columns = tuple(extra_columns)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         skipped: list[str] = []
@@ -328,7 +350,7 @@ class StreamingImageTextDataset(IterableDataset):
                     row = {**row, self.image_column: row[other]}
             try:
                 sample = read_sample(row, self.image_column, self.text_column, self.label_column, self.root,
-                                     self.geometry)
+                                     self.geometry, self.extra_columns)
             except BadSampleError as err:
                 if self.bad_samples == "raise":
                     raise
@@ -343,7 +365,8 @@ class StreamingImageTextDataset(IterableDataset):
 
 class ImageTextCollate:
     """Samples -> the batch contract: ``image`` (normalised float), the tokenizer's tensors, ``caption``,
-    ``label``, ``path`` (and ``skipped`` when bad rows were met; the data module removes it).
+    ``label``, ``path``, a list per extra column (``question``, ``answers``...), and ``skipped`` when bad rows were
+    met (the data module removes it). Question records are tokenised as question-answer pairs (:func:`encode_texts`).
 
     Args:
         tokenizer: anything with ``encode_batch(list[str]) -> dict[str, Tensor]``.
@@ -364,10 +387,11 @@ class ImageTextCollate:
         if "tokens" in samples[0]:
             batch.update({k: torch.stack([s["tokens"][k] for s in samples]) for k in samples[0]["tokens"]})
         else:
-            batch.update(self.tokenizer.encode_batch(captions))
+            questions = [s["question"] for s in samples] if "question" in samples[0] else None
+            batch.update(encode_texts(self.tokenizer, captions, questions))
         batch["caption"] = captions
-        batch["label"] = [s["label"] for s in samples]
-        batch["path"] = [s["path"] for s in samples]
+        for key in [k for k in samples[0] if k not in _NOT_CARRIED]:
+            batch[key] = [s[key] for s in samples]
         skipped = [m for s in samples for m in s.get("skipped", ())]
         if skipped:
             batch["skipped"] = {"split": self.split, "messages": skipped}

@@ -31,6 +31,8 @@ IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<pad>"
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (PyTorch's cross_entropy default)
+QUESTION_FIELD = "{question}"
+DEFAULT_QUESTION_PROMPT = "<image>Question: {question} Short answer:"  # OpenFlamingo's VQA prompt
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
@@ -54,6 +56,14 @@ def load_hf_tokenizer(name_or_path: str | None = None) -> Any:
     lines = merges_file.read_text(encoding="utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0 is "#version: 0.2"
     return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+def check_question_prompt(prompt: str) -> None:
+    """Refuses a question prompt without exactly one ``<image>`` and one ``{question}`` (and no other brace)."""
+    if (not isinstance(prompt, str) or prompt.count(IMAGE_TOKEN) != 1 or prompt.count(QUESTION_FIELD) != 1
+            or set("{}") & set(prompt.replace(QUESTION_FIELD, ""))):  # fmt: skip
+        raise ValueError(f"question_prompt {prompt!r} must hold one {IMAGE_TOKEN} and one {QUESTION_FIELD} "
+                         "(and no other brace)")
 
 
 class CausalLMTokenizer:
@@ -168,22 +178,27 @@ class FlamingoTokenizer(CausalLMTokenizer):
     A caption without ``<image>`` becomes ``bos <image> [prompt] caption <|endofchunk|> eos``; a text that already
     contains ``<image>`` markers (several images, in-context examples) is used as written between ``bos`` and
     ``eos``. Labels ignore bos, padding, ``<image>`` and the prompt, so the loss covers exactly what the model
-    should write.
+    should write. A question and its answer (visual question answering) become ``bos`` + ``question_prompt`` with the
+    question in it + the answer + ``<|endofchunk|> eos``, labelled on the answer only (:meth:`encode_questions`).
 
     Args:
         name_or_path: a Hugging Face tokenizer; ``None`` for GPT-2's BPE.
         context_length: most tokens per sequence (``None``: no limit; a task sets its decoder's).
         vocab_offset: id of the first new token (the decoder's vocabulary size); default: the base vocabulary size.
         prompt: text between ``<image>`` and the caption (e.g. ``"A photo of"``), never learned.
+        question_prompt: how a question is asked (:meth:`encode_questions`): one ``<image>`` and one ``{question}``
+            (OpenFlamingo's VQA format by default); the answer follows it after one space.
     """
 
     def __init__(
         self, name_or_path: str | None = None, context_length: int | None = None, vocab_offset: int | None = None,
-        prompt: str = "",
+        prompt: str = "", question_prompt: str = DEFAULT_QUESTION_PROMPT,
     ) -> None:
         super().__init__(name_or_path, context_length)
+        check_question_prompt(question_prompt)
         self._vocab_offset = vocab_offset
         self.prompt = prompt
+        self.question_prompt = question_prompt
 
     @cached_property
     def hf(self) -> Any:
@@ -277,6 +292,36 @@ class FlamingoTokenizer(CausalLMTokenizer):
             labels.append([IGNORE_INDEX] * len(bos) + lab + [self.eos_token_id])
         return self.pad_batch(rows, labels)
 
+    def question_text(self, question: str) -> str:
+        """The prompt that asks ``question`` (``question_prompt`` filled in; ``<image>`` / ``<|endofchunk|>``
+        written inside the question are dropped: only the prompt places the image)."""
+        clean = " ".join(question.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
+        return self.question_prompt.replace(QUESTION_FIELD, clean).rstrip()
+
+    def encode_questions(self, questions: list[str], answers: list[str]) -> dict[str, Tensor]:
+        """Question-answer pairs -> ``input_ids``, ``attention_mask``, ``labels``, right-padded, as
+        ``bos question_text(q) answer <|endofchunk|> eos``; the labels cover only the answer, ``<|endofchunk|>`` and
+        ``eos``: the prompt is given, never learned.
+
+        Raises:
+            ValueError: a pair that does not fit the context length (cutting it would cut the answer).
+        """
+        if len(questions) != len(answers):
+            raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+        rows, labels = [], []
+        bos, room = self._bos(), self._room()
+        for question, answer in zip(questions, answers):
+            prompt = self.encode(self.question_text(question))
+            clean = " ".join(answer.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
+            target = self.encode(" " + clean) + [self.end_of_chunk_token_id]
+            if room is not None and len(prompt) + len(target) > room:
+                total = len(bos) + len(prompt) + len(target) + 1
+                raise ValueError(f"question {question[:60]!r} with its answer takes {total} tokens; the context length "
+                                 f"is {self.context_length}")
+            rows.append(bos + prompt + target + [self.eos_token_id])
+            labels.append([IGNORE_INDEX] * (len(bos) + len(prompt)) + target + [self.eos_token_id])
+        return self.pad_batch(rows, labels)
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """Generation prompts -> left-padded ``input_ids`` and ``attention_mask`` (``bos prompt``).
 
@@ -292,12 +337,15 @@ class FlamingoTokenizer(CausalLMTokenizer):
 
 
 __all__ = [
+    "DEFAULT_QUESTION_PROMPT",
     "END_OF_CHUNK_TOKEN",
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "PAD_TOKEN",
+    "QUESTION_FIELD",
     "CausalLMTokenizer",
     "FlamingoTokenizer",
+    "check_question_prompt",
     "gpt2_bpe_files",
     "load_hf_tokenizer",
 ]

@@ -34,7 +34,8 @@ def caption_settings(captioner: Captioner) -> dict[str, Any]:
     tok = captioner.tokenizer
     tokenizer = {"class_path": f"{type(tok).__module__}.{type(tok).__qualname__}",
                  "init_args": {"name_or_path": tok.name_or_path, "context_length": tok.context_length,
-                               "vocab_offset": tok.vocab_offset, "prompt": tok.prompt}}  # fmt: skip
+                               "vocab_offset": tok.vocab_offset, "prompt": tok.prompt,
+                               "question_prompt": tok.question_prompt}}  # fmt: skip
     return {"tokenizer": tokenizer, "image_size": captioner.image_size, "image_mean": list(captioner.image_mean),
             "image_std": list(captioner.image_std), "max_new_tokens": captioner.max_new_tokens,
             "num_beams": captioner.num_beams, "vocab_ids": captioner.vocab_ids,

@@ -6,6 +6,12 @@ BLEU-4 and CIDEr (pycocoevalcap's scorers, on lower-cased, punctuation-stripped 
 Java) and the exact attribute accuracy of the synthetic data: the share of images whose caption names every
 colour, shape and size word of the reference, in the same order.
 
+Visual question answering is the same task on question records (data rows with a ``question`` and an ``answer`` or
+``answers``: :mod:`vlm.data.vqa`): each sequence is ``question_prompt`` with the question in it, then the answer, and
+the loss covers only the answer, ``<|endofchunk|>`` and end-of-text. Validation then answers greedily and logs
+``val/vqa_accuracy`` (VQAv2's accuracy, :mod:`vlm.vqa`), and ``val/vqa_accuracy_heldout`` / ``_seen`` where the rows
+carry a ``heldout`` flag, instead of the caption metrics.
+
 Where the frozen parts come from
 --------------------------------
 The config gives their *architecture* (``model.init_args.vision`` / ``.decoder``, exactly as in the CLIP and LM
@@ -35,7 +41,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from vlm.captions import attribute_correct, caption_scores, shapes_attribute_words
-from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, CausalLMTokenizer, FlamingoTokenizer
+from vlm.data.gpt2_tokenizer import (
+    DEFAULT_QUESTION_PROMPT,
+    END_OF_CHUNK_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    CausalLMTokenizer,
+    FlamingoTokenizer,
+)
 from vlm.data.tokenizer import fit_context_length
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlm.formats.build import CheckpointError, check_weights
@@ -47,6 +60,7 @@ from vlm.models.flamingo import Flamingo
 from vlm.tasks.language import vocabulary_token_ids
 from vlm.tasks.loading import CheckedLoading
 from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
+from vlm.vqa import first_answer, vqa_metrics
 
 log = logging.getLogger("vlm.tasks")
 
@@ -78,7 +92,7 @@ def swap_input_words(
 
 
 class FlamingoTask(CheckedLoading, L.LightningModule):
-    """Trains the bridge of a :class:`~vlm.models.flamingo.Flamingo` on image-caption pairs.
+    """Trains the bridge of a :class:`~vlm.models.flamingo.Flamingo` on image-caption pairs (or question records).
 
     Args:
         model: the Flamingo model (vision tower and decoder given as configs; see the module docstring).
@@ -91,6 +105,9 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
             it with Flamingo's tokens (:class:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer`). Its context length, the
             most tokens per sequence, is capped at the decoder's and is the decoder's where it sets none.
         prompt: text between ``<image>`` and the caption (not learned, also used when generating).
+        question_prompt: how question records are asked: one ``<image>`` and one ``{question}``; the answer follows
+            after a space (not learned, also used when answering). Default: OpenFlamingo's
+            ``<image>Question: {question} Short answer:``.
         vocabulary: a closed vocabulary (as for :class:`~vlm.tasks.language.LanguageModelTask`, whose decoder was
             trained with the same): the softmax covers only these words' tokens, ``<|endofchunk|>`` and
             end-of-text, in training and generation. ``None``: the whole vocabulary.
@@ -129,6 +146,7 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         decoder_weights_prefix: str = "model.",
         tokenizer: CausalLMTokenizer | None = None,
         prompt: str = "",
+        question_prompt: str = DEFAULT_QUESTION_PROMPT,
         vocabulary: Sequence[str] | None = None,
         images_per_sequence: int = 1,
         input_noise: float = 0.0,
@@ -159,7 +177,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         self.register_buffer("pretrained_loaded", torch.tensor(False))
         base = fit_context_length(tokenizer if tokenizer is not None else CausalLMTokenizer(), model.context_length)
         self.tokenizer = FlamingoTokenizer(base.name_or_path, base.context_length,
-                                           vocab_offset=model.decoder.vocab_size, prompt=prompt)
+                                           vocab_offset=model.decoder.vocab_size, prompt=prompt,
+                                           question_prompt=question_prompt)
         if self.tokenizer.vocab_size > model.decoder.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the decoder only "
                              f"{model.decoder.vocab_size} embeddings: is it the decoder's tokenizer?")
@@ -254,6 +273,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         images = batch["image"]
         if k == 1:
             return images, batch["input_ids"], batch["labels"]
+        if "question" in batch:
+            raise ValueError("images_per_sequence > 1 interleaves captions; question records train one per sequence")
         n = images.shape[0] // k * k
         prompt = f"{self.tokenizer.prompt} " if self.tokenizer.prompt else ""
         texts = ["".join(f"{IMAGE_TOKEN}{prompt}{c}{END_OF_CHUNK_TOKEN}" for c in batch["caption"][i: i + k])
@@ -280,15 +301,28 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"pred": [], "ref": [], "label": []}
+        self._val = {"pred": [], "ref": [], "label": [], "answers": [], "heldout": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         b = batch["image"].shape[0]
         loss = self.compute_loss(batch["image"], batch["input_ids"], batch["labels"])
         self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
-        self._val["pred"] += self.generate_captions(batch["image"])
+        if "question" in batch:  # question records: greedy answers, scored against the reference answers
+            self._val["pred"] += self.generate_answers(batch["image"], batch["question"])
+            self._val["answers"] += [list(a) for a in batch["answers"]]
+            self._val["heldout"] += list(batch.get("heldout", [None] * b))
+        else:
+            self._val["pred"] += self.generate_captions(batch["image"])
         self._val["ref"] += list(batch["caption"])
         self._val["label"] += list(batch.get("label", [""] * b))
+
+    def generate_answers(self, images: Tensor, questions: Sequence[str], max_new_tokens: int | None = None,
+                         **kwargs) -> list[str]:
+        """Answers to one question per image (``question_prompt`` with each question; greedy unless ``kwargs`` say
+        otherwise), each cut where a model would start another turn (:func:`vlm.vqa.first_answer`)."""
+        prompts = [self.tokenizer.question_text(q) for q in questions]
+        kwargs.setdefault("num_beams", 1)
+        return [first_answer(a) for a in self.captioner().generate_captions(images, prompts, max_new_tokens, **kwargs)]
 
     def generate_captions(
         self,
@@ -330,8 +364,11 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
             gathered: list = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, val)
             val = {k: [x for g in gathered for x in g[k]] for k in val}
-        metrics = caption_scores(val["pred"], val["ref"])
-        if self.attribute_words and val["pred"]:
+        if val["answers"]:
+            metrics = vqa_metrics(val["pred"], val["answers"], val["heldout"])
+        else:
+            metrics = caption_scores(val["pred"], val["ref"])
+        if self.attribute_words and val["pred"] and not val["answers"]:
             hits = [attribute_correct(p, r, self.attribute_words) for p, r in zip(val["pred"], val["ref"])]
             metrics["attribute_accuracy"] = sum(hits) / len(hits)
             dm = self.trainer.datamodule if self._trainer is not None else None
