@@ -27,6 +27,7 @@ SUITES: dict[str, str] = {
     "generate": "vlm.benchmark.generate",
     "data": "vlm.benchmark.data",
     "scripts": "vlm.benchmark.scripts",
+    "serve": "vlm.benchmark.serving",
     "compile": "vlm.benchmark.compile",
     "ddp": "vlm.benchmark.ddp",
 }
