@@ -194,7 +194,7 @@ class ImageTextDataModule(LightningDataModule):
         """The template that turns a class folder's label into captions (see ``caption_template``)."""
         if self.caption_template is not None:
             return self.caption_template
-        task = self.trainer.lightning_module if self.trainer is not None else None
+        task = getattr(self.trainer, "lightning_module", None)  # None without a trainer (or a stand-in of one)
         templates = getattr(task, "templates", None)
         # The task's first prompt when it names prompts; a template set's name or "auto" (derived from captions,
         # which class folders do not have) gives the plain default.
