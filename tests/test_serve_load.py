@@ -181,9 +181,9 @@ def test_a_slow_caption_does_not_hold_up_classify(files):
         with ThreadPoolExecutor(2) as pool:
             caption = pool.submit(demo.describe, path)
             assert started.wait(30)
-            start = time.monotonic()
             answer = demo.classify(path)  # answered while the caption is still running
-            assert not caption.done() and time.monotonic() - start < 30
+            # had classify waited behind the caption, it would return only after the caption's 60 s wait ran out
+            assert not caption.done()
             release.set()
             assert caption.result(30) == "slow"
     finally:
