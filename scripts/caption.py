@@ -24,7 +24,9 @@ Bounds (larger values are usage errors): ``--max-new-tokens`` 1 to 1,024, ``--nu
 ``--length-penalty`` finite with absolute value at most 10, ``--batch-size`` 1 to 4,096, ``--prompt`` and each
 ``--example`` caption at most 10,000 characters, at most 32 ``--example`` pairs. An image of more than 64 Mpx gets its
 error line (:func:`vlm.data.images.load_image`'s pixel budget); images are decoded one at a time, and each is cut to
-the model's input size before the next is read.
+the model's input size before the next is read. ``--workers N`` decodes in N processes ahead of the model (a few
+batches in flight at most, the same output; default: none for a few images, else min(2, CPUs - 1)); ``--workers 0``
+decodes in this process.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MAX_NEW_TOKENS = 1024
 MAX_BEAMS = 64
 MAX_LENGTH_PENALTY = 10.0
 MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 64  # vlm.data.prefetch.MAX_WORKERS (not imported: it imports torch)
 MAX_PROMPT_CHARS = 10_000  # a prompt or an example caption; the decoder's context is far shorter anyway
 MAX_EXAMPLES = 32  # each example is an image per input: the batch holds (examples + 1) x batch-size images
 
@@ -59,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-beams", type=int, default=1, help="beam search width, at most 64 (1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty, -10 to 10")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch, at most 4,096")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding images ahead of the model, 0 to 64 (0: in this process; default: "
+                   "none for a few images, else min(2, CPUs - 1))")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--score-only", action="store_true",
                    help="print only BLEU-4, CIDEr and attribute accuracy against the folders' metadata.jsonl captions")
@@ -66,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, most in (("num_beams", MAX_BEAMS), ("batch_size", MAX_BATCH_SIZE)):
         if not 1 <= getattr(args, name) <= most:
             raise SystemExit(error(f"--{name.replace('_', '-')} must be between 1 and {most:,}"))
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        raise SystemExit(error(f"--workers must be between 0 and {MAX_WORKERS}"))
     if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         raise SystemExit(error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS:,}"))
     if not (math.isfinite(args.length_penalty) and abs(args.length_penalty) <= MAX_LENGTH_PENALTY):
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing, so --help and usage errors are instant; vlm.load does not import
     # Lightning for a checkpoint that records its inference settings.
     from vlm.data.images import ImageLoadError, load_image
+    from vlm.data.prefetch import default_workers
     from vlm.data.transforms import eval_geometry
     from vlm.formats import CheckpointError
     from vlm.inference import CaptionPredictor, load
@@ -129,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     scored: list[tuple[str, str, bool]] = []  # (prediction, reference, held out) for images with a reference
     quiet = args.score_only
-    # each image is cut to the model's input as soon as it is decoded: a batch never holds decoded images
-    for batch in load_batches(paths, args.batch_size, unlistable, model.image_size):
+    # each image is cut to the model's input as soon as it is decoded (in worker processes, ahead of the model, with
+    # workers): a batch never holds decoded images
+    workers = default_workers(len(paths)) if args.workers is None else args.workers
+    for batch in load_batches(paths, args.batch_size, unlistable, model.image_size, workers):
         captions: dict[Path, str] = {}
         if batch.images:
             try:

@@ -25,7 +25,9 @@ paths, labels and messages are escaped (``\\n``, ``\\x1b``...) so every input pr
 Bounds: ``--top-k`` 1 to 1,000 (clipped to the number of labels), ``--batch-size`` 1 to 4,096; a template has one
 plain ``{}`` and at most 1,000 characters; a labels file is a regular UTF-8 file of at most 16 MiB. An image of more
 than 64 Mpx gets its error line (:func:`vlm.data.images.load_image`'s pixel budget); images are decoded one at a
-time, and each is cut to the model's input size before the next is read.
+time, and each is cut to the model's input size before the next is read. ``--workers N`` decodes in N processes ahead
+of the model (a few batches in flight at most, the same output; default: none for a few images, else min(2, CPUs -
+1)); ``--workers 0`` decodes in this process.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from vlm.inputs import printable, read_labels
 
 MAX_TOP_K = 1000
 MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 64  # vlm.data.prefetch.MAX_WORKERS (not imported: it imports torch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--top-k", type=int, default=5, help="predictions per image, at most 1,000 (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch, at most 4,096")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding images ahead of the model, 0 to 64 (0: in this process; default: "
+                   "none for a few images, else min(2, CPUs - 1))")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--accuracy-only", action="store_true", help="print only the accuracy over labelled images")
     p.add_argument("--heldout-labels-file", help="class names whose accuracy is also reported on its own")
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise SystemExit(error(f"--top-k must be between 1 and {MAX_TOP_K:,}"))
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         raise SystemExit(error(f"--batch-size must be between 1 and {MAX_BATCH_SIZE:,}"))
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        raise SystemExit(error(f"--workers must be between 0 and {MAX_WORKERS}"))
     try:
         if args.templates:  # checked before the checkpoint is loaded: a bad one is a usage error, not a crash later
             from vlm.zero_shot import get_templates
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return error(str(e))
     # Heavy imports after argument parsing, so --help and usage errors are instant; vlm.load does not import
     # Lightning for a checkpoint that records its inference settings.
+    from vlm.data.prefetch import default_workers
     from vlm.formats import CheckpointError
     from vlm.inference import CLIPPredictor, load
     from vlm.inputs import expand_paths, folder_metadata, load_batches
@@ -130,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     truth = {**folder_truth(paths, args.labels), **truth}  # the metadata's label wins over the folder's name
     failed = 0
     pairs: list[tuple[str, str]] = []  # (predicted label, true label) for labelled images
-    # each image is cut to the model's input as soon as it is decoded: a batch never holds decoded images
-    for batch in load_batches(paths, args.batch_size, unlistable, model.image_size):
+    # each image is cut to the model's input as soon as it is decoded (in worker processes, ahead of the model, with
+    # workers): a batch never holds decoded images
+    workers = default_workers(len(paths)) if args.workers is None else args.workers
+    for batch in load_batches(paths, args.batch_size, unlistable, model.image_size, workers):
         predictions = model.classify(batch.images, args.labels, args.templates, args.top_k) if batch.images else []
         results = dict(zip(batch.ok_paths, predictions))
         for path in batch.paths:

@@ -188,7 +188,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, bounds: dict
 
 
 def index_main(argv: list[str] | None = None) -> int:
-    """``vlm index --checkpoint CKPT --images DIR --out INDEX [--batch-size N] [--rebuild]``; returns the exit code."""
+    """``vlm index --checkpoint CKPT --images DIR --out INDEX [--batch-size N] [--rebuild] [--workers N]``; returns the
+    exit code."""
+    from vlm.data.prefetch import MAX_WORKERS
     from vlm.index import MAX_BATCH_SIZE, build_index
     p = argparse.ArgumentParser(prog="vlm index", description="Embed a folder of images into a search index.")
     p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (.ckpt) or vlm export folder")
@@ -196,10 +198,15 @@ def index_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the index file (safetensors), created or updated")
     p.add_argument("--batch-size", type=int, default=64, help=f"images per batch, 1 to {MAX_BATCH_SIZE:,}")
     p.add_argument("--rebuild", action="store_true", help="re-embed every image, replacing any existing index")
+    p.add_argument("--workers", type=int, default=None, help=f"processes decoding images ahead of the model, 0 to "
+                   f"{MAX_WORKERS} (0: in this process; default: none for a few images, else min(2, CPUs - 1))")
     if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
         return args
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        return _error(p.prog, f"--workers must be between 0 and {MAX_WORKERS}")
     try:
-        r = build_index(args.checkpoint, args.images, args.out, args.batch_size, rebuild=args.rebuild)
+        r = build_index(args.checkpoint, args.images, args.out, args.batch_size, rebuild=args.rebuild,
+                        workers=args.workers)
     except ValueError as e:  # CheckpointError, IndexFileError, UnsafeFileError included
         return _error(p.prog, str(e))
     except OSError as e:

@@ -8,7 +8,8 @@ checkpoint's path and SHA-256 fingerprint, the embedding width. Nothing is pickl
 A re-run embeds only new or changed images and drops removed ones; an index of another checkpoint is refused.
 
 An index is read within bounds (:func:`load_index`): header size, entry count, and the tensor's shape checked
-against the record and the file's size before it is read. Images are decoded one at a time (:func:`embed_files`).
+against the record and the file's size before it is read. Images are decoded one at a time (:func:`embed_files`),
+in worker processes ahead of the model with ``--workers``.
 
 Exit codes: 0 done, 1 some image could not be read (one stderr line each; the rest are used), 2 usage error (bad
 arguments, a missing, refused or mismatched checkpoint or index; one ``vlm <command>: error:`` line).
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from vlm.data.files import METADATA_LIMIT, UnsafeFileError, check_regular
 from vlm.data.jsonpieces import JsonPieces, read_safetensors_header
+from vlm.data.prefetch import default_workers, model_inputs
 from vlm.data.records import MAX_CAPTIONS_PER_IMAGE, Captions, Skip, read_json_rows
 from vlm.formats import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from vlm.inference import CLIPPredictor, load
@@ -247,11 +249,14 @@ def load_clip(checkpoint: str | os.PathLike, batch_size: int = 64) -> CLIPPredic
 
 
 def build_index(checkpoint: str | os.PathLike, images_dir: str | os.PathLike, out: str | os.PathLike,
-                batch_size: int = 64, progress: bool = True, rebuild: bool = False) -> IndexReport:
+                batch_size: int = 64, progress: bool = True, rebuild: bool = False,
+                workers: int | None = None) -> IndexReport:
     """Embeds the images under ``images_dir`` (recursively, :data:`vlm.inputs.IMAGE_SUFFIXES`) with the CLIP model of
     ``checkpoint`` into the index ``out``. An existing index is updated: only new images and those whose size or
     ``mtime_ns`` changed are embedded, removed ones dropped; with ``rebuild`` it is replaced whatever built it. Images
     that cannot be read get one stderr line each and are left out. ``progress``: a bar when stderr is a terminal.
+    ``workers``: processes decoding ahead of the model (0: in this process; None:
+    :func:`vlm.data.prefetch.default_workers` for the images to embed); the index is the same either way.
 
     Raises:
         IndexFileError: ``out`` is not a vlm index, or was built with another checkpoint (and ``rebuild`` is off).
@@ -294,7 +299,8 @@ def build_index(checkpoint: str | os.PathLike, images_dir: str | os.PathLike, ou
     new: dict[str, Tensor] = {}
     show = progress and len(todo) > batch_size and sys.stderr.isatty()
     with tqdm(total=len(todo), disable=not show, unit="img", desc="vlm index", file=sys.stderr) as bar:
-        for done, embedded in embed_files(predictor, root, todo, skip, batch_size):
+        workers = default_workers(len(todo)) if workers is None else workers
+        for done, embedded in embed_files(predictor, root, todo, skip, batch_size, workers):
             new.update(embedded)
             bar.update(done)
     kept = [n for n in stats if n in new or reusable.get(n, (None,))[0] == stats[n]]  # embedded now, or unchanged
@@ -310,24 +316,23 @@ def build_index(checkpoint: str | os.PathLike, images_dir: str | os.PathLike, ou
 
 
 def embed_files(predictor: CLIPPredictor, root: Path, names: Sequence[str], skip: Callable[[str, str], None],
-                batch_size: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+                batch_size: int, workers: int = 0) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """Embeds the images ``root / name``, ``batch_size`` at a time: yields the number of names handled and the
     embeddings (float32, CPU) of those that loaded; one that cannot be read goes to ``skip`` with the reason. Each
     image is decoded alone and cut to the model's size at once (the same resize and crop ``embed_images`` applies,
-    which then leaves it as it is), so a batch holds small uint8 tensors, never decoded full-size pictures."""
-    from vlm.data.images import ImageLoadError, load_image
-    from vlm.data.transforms import eval_geometry
-
-    geometry = eval_geometry(predictor.image_size)
+    which then leaves it as it is), so a batch holds small uint8 tensors, never decoded full-size pictures. With
+    ``workers``, worker processes decode ahead of the model (:func:`vlm.data.prefetch.model_inputs`: bounded, in
+    order, the same bytes, so the same embeddings)."""
+    inputs = model_inputs([root / name for name in names], predictor.image_size, workers)
     for start in range(0, len(names), batch_size):
         chunk = names[start : start + batch_size]
         pixels, ok = [], []
-        for name in chunk:
-            try:
-                pixels.append(geometry(load_image(root / name)).as_subclass(Tensor))
+        for name, (_, image, reason) in zip(chunk, inputs):
+            if reason is None:
+                pixels.append(image)
                 ok.append(name)
-            except ImageLoadError as e:
-                skip(name, e.reason)
+            else:
+                skip(name, reason)
         yield len(chunk), dict(zip(ok, predictor.embed_images(pixels).float().cpu())) if pixels else {}
 
 

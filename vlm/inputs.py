@@ -213,6 +213,7 @@ def load_batches(
     batch_size: int = 32,
     known_errors: Mapping[Path, str] | None = None,
     image_size: int | None = None,
+    workers: int = 0,
 ) -> Iterator[LoadedBatch]:
     """Loads images ``batch_size`` at a time with :func:`vlm.data.images.load_image`; a file that fails gets the
     reason in ``errors`` instead, as does a path in ``known_errors`` (e.g. a folder that :func:`expand_paths` could
@@ -222,46 +223,33 @@ def load_batches(
     ``image_size``, each is cut to the model's input geometry (:func:`vlm.data.transforms.eval_geometry`: shorter
     side resized, centre crop) as soon as it is decoded, so a batch holds ``batch_size`` small tensors and never
     the decoded images. Either way a batch ends early once the images it holds reach :data:`MAX_BATCH_PIXELS`.
+    With ``workers`` (and ``image_size``), worker processes decode ahead of the caller
+    (:func:`vlm.data.prefetch.model_inputs`: a bounded number of inputs in flight, the same bytes); the batches are
+    the same as without them.
 
     Args:
         paths: the inputs, in order (a batch keeps that order).
         batch_size: the most inputs (loaded or not) in one batch.
         known_errors: inputs that are not loaded, with the reason each gets.
         image_size: the model's input side; ``None`` keeps the decoded RGB images.
+        workers: decoding processes (:func:`vlm.data.prefetch.default_workers` picks a number); 0 decodes each
+            image here when its turn comes.
     """
-    from vlm.data.images import ImageLoadError, load_image
+    from vlm.data.prefetch import model_inputs
 
-    prepare = None
-    if image_size is not None:
-        import torch
-
-        from vlm.data.transforms import eval_geometry
-
-        geometry = eval_geometry(image_size)
-
-        def prepare(image):  # a plain tensor, not torchvision's Image subclass
-            return geometry(image).as_subclass(torch.Tensor)
-    known_errors = known_errors or {}
     chunk: list[Path] = []
     images: list[Any] = []
     ok: list[Path] = []
     errors: dict[Path, str] = {}
     held = 0  # pixels of the images in this batch
-    for path in paths:
+    for path, image, reason in model_inputs(paths, image_size, workers, known_errors):
         chunk.append(path)
-        if path in known_errors:
-            errors[path] = known_errors[path]
-        else:
-            try:
-                image = load_image(path)
-            except ImageLoadError as e:
-                errors[path] = e.reason
-            else:
-                if prepare is not None:  # the decoded image is dropped here, before the next one is read
-                    image = prepare(image)
-                held += image.shape[-1] * image.shape[-2] if prepare is not None else image.width * image.height
-                images.append(image)
-                ok.append(path)
+        if reason is not None:
+            errors[path] = reason
+        else:  # a cut input (the decoded image was dropped before the next was read), or a decoded PIL image
+            held += image.shape[-1] * image.shape[-2] if image_size is not None else image.width * image.height
+            images.append(image)
+            ok.append(path)
         if len(chunk) >= batch_size or held >= MAX_BATCH_PIXELS:
             yield LoadedBatch(chunk, images, ok, errors)
             chunk, images, ok, errors, held = [], [], [], {}, 0

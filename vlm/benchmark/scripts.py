@@ -5,7 +5,8 @@ weights do not change the cost) and on synthetic images. Running it on one input
 splits the time into start-up (interpreter, imports, checkpoint loading, one forward) and per-input work; the
 bare ``import torch`` time is the floor no script can go below. Each script is also run on a copy of its export
 without the inference settings, which it then loads through the task (importing Lightning): the ratio is what
-loading the model alone (:func:`vlm.formats.load_zero_shot`, :func:`vlm.formats.load_captioner`) saves.
+loading the model alone (:func:`vlm.formats.load_zero_shot`, :func:`vlm.formats.load_captioner`) saves. Folder
+throughput, decoding in worker processes against open_clip's DataLoader, is :mod:`vlm.benchmark.folder`.
 """
 
 from __future__ import annotations
@@ -141,7 +142,10 @@ def loader_rows(
 
 
 def run(settings: Settings) -> Iterator[Row]:
+    from vlm.benchmark.folder import folder_rows
+
     repeats = settings.repeats
+    yield from folder_rows(settings)
     if not settings.quick:
         yield make_row(SUITE, "python -c 'import torch' (floor)", wall_time(["-c", "import torch"], repeats), "s")
         imports = wall_time(["-c", "import vlm.formats"], repeats)
