@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a template set (simple, openai, openai_simple, shapes, paraphrased) or a prompt with {} (repeatable); "
         "default: the templates the model was validated with",
     )
+    p.add_argument("--template-pooling", choices=("mean", "marginal"), default=None,
+                   help="how a label's prompts combine: mean (CLIP's ensemble) or marginal (summed over which prompt "
+                   "fits the image); default: the model's")
     p.add_argument("--top-k", type=int, default=5, help="predictions per image, at most 1,000 (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch, at most 4,096")
     p.add_argument("--workers", type=int, default=None,
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load(args.checkpoint, batch_size=args.batch_size)
         if not isinstance(model, CLIPPredictor):
             raise CheckpointError(f"{args.checkpoint} is a {model.kind}: zero_shot.py needs a CLIP checkpoint")
-        model.zero_shot_classifier(args.labels, args.templates)  # a label or template the model refuses: usage
+        model.zero_shot_classifier(args.labels, args.templates, args.template_pooling)  # refused label/template: usage
     except (CheckpointError, ValueError) as e:
         return error(str(e))
     unlistable: dict = {}  # folders that could not be listed: one error line each
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     # workers): a batch never holds decoded images
     workers = default_workers(len(paths)) if args.workers is None else args.workers
     for batch in load_batches(paths, args.batch_size, unlistable, model.image_size, workers):
-        predictions = model.classify(batch.images, args.labels, args.templates, args.top_k) if batch.images else []
+        predictions = (model.classify(batch.images, args.labels, args.templates, args.top_k, args.template_pooling)
+                       if batch.images else [])  # fmt: skip
         results = dict(zip(batch.ok_paths, predictions))
         for path in batch.paths:
             # JSON gets the exact name (str(path) carries non-UTF-8 bytes as surrogates, which json.dumps writes

@@ -192,7 +192,7 @@ def test_checkpoint_records_the_inference_settings_and_loads_them_without_the_ta
     settings = torch.load(checkpoint, weights_only=True)["inference"]
     tokenizer = {"class_path": "vlm.data.tokenizer.CLIPTokenizer", "init_args": {"context_length": 16}}
     assert settings == {"tokenizer": tokenizer, "templates": ["a {}"], "image_mean": list(OPENAI_CLIP_MEAN),
-                        "image_std": list(OPENAI_CLIP_STD)}  # fmt: skip
+                        "image_std": list(OPENAI_CLIP_STD), "template_pooling": "mean"}  # fmt: skip
     fast, task = load_zero_shot(checkpoint), load_task(checkpoint)
     assert not fast.model.training and fast.image_size == task.image_size == 16
     assert fast.tokenizer.context_length == 16 and fast.templates == task.templates

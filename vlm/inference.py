@@ -30,7 +30,7 @@ from vlm.explain import Explanation, caption_maps, clip_maps
 from vlm.formats import CheckpointError, load_captioner, load_zero_shot
 from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
 from vlm.generation import Captioner, few_shot_prompt
-from vlm.zero_shot import ZeroShotModel, build_classifier, get_templates
+from vlm.zero_shot import ZeroShotModel, build_classifier, class_logits, get_templates, pooled_classifier
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 Images = ImageInput | Sequence[ImageInput]
@@ -157,6 +157,7 @@ class CLIPPredictor(Predictor):
         self.model = loaded.model.to(self.device).eval()
         self.tokenizer = loaded.tokenizer
         self.templates = loaded.templates
+        self.template_pooling = loaded.template_pooling
         self._classifiers: dict[tuple, Tensor] = {}
 
     @torch.no_grad()
@@ -174,22 +175,24 @@ class CLIPPredictor(Predictor):
         """Cosine similarity of every image with every text (n_images, n_texts)."""
         return self.embed_images(images) @ self.embed_texts(texts).T
 
-    def zero_shot_classifier(self, labels: Sequence[str], templates: Any = None) -> Tensor:
+    def zero_shot_classifier(self, labels: Sequence[str], templates: Any = None, pooling: str | None = None) -> Tensor:
         """The class vectors (num_labels, embed_dim) for ``labels`` under ``templates`` (default: the model's),
-        built once per label set and kept.
+        built once per label set and kept; (num_templates, num_labels, embed_dim) when marginalising over the
+        templates (``pooling``, default the model's ``template_pooling``: see :func:`vlm.zero_shot.build_classifier`).
 
         Raises:
             ValueError: a blank label or a template without exactly one plain ``{}``.
         """
         templates = self.templates if templates is None else templates
-        key = (tuple(labels), tuple(get_templates(templates)))
+        pooling = self.template_pooling if pooling is None else pooling
+        key = (tuple(labels), tuple(get_templates(templates)), pooling)
         if key not in self._classifiers:
-            self._classifiers[key] = build_classifier(self.model, self.tokenizer, list(labels), templates)
+            self._classifiers[key] = build_classifier(self.model, self.tokenizer, list(labels), templates, pooling)
         return self._classifiers[key]
 
     @torch.no_grad()
     def classify(self, images: Images, labels: Sequence[str], templates: Any = None,
-                 top_k: int = 5) -> list[list[tuple[str, float]]]:
+                 top_k: int = 5, pooling: str | None = None) -> list[list[tuple[str, float]]]:
         """Zero-shot classification: for each image, the ``top_k`` most probable labels, best first.
 
         Args:
@@ -198,14 +201,15 @@ class CLIPPredictor(Predictor):
             templates: prompt templates (a set name such as ``"openai"``, or prompts with one ``{}``); default: the
                 ones the model was validated with.
             top_k: labels per image (at most ``len(labels)``).
+            pooling: how a label's prompts combine, ``mean`` or ``marginal``; default: the model's.
         """
         labels = [labels] if isinstance(labels, str) else list(labels)
-        classifier = self.zero_shot_classifier(labels, templates)
+        classifier = self.zero_shot_classifier(labels, templates, pooling)
         k = max(1, min(top_k, len(labels)))
         out = []
         for batch in self._batches(images):
             features = self.model.encode_image(batch, normalize=True)
-            probs = (self.model.logit_scale.exp() * features @ classifier.T).softmax(dim=-1)
+            probs = class_logits(features, classifier, self.model.logit_scale).softmax(dim=-1)
             top = probs.topk(k, dim=1)
             out.extend([(labels[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
                        for vals, idx in zip(top.values, top.indices))  # fmt: skip
@@ -220,7 +224,7 @@ class CLIPPredictor(Predictor):
         if not labels:
             raise ValueError("explain needs at least one label for a CLIP model")
         labels = [labels] if isinstance(labels, str) else list(labels)
-        classifier = self.zero_shot_classifier(labels, templates)
+        classifier = pooled_classifier(self.zero_shot_classifier(labels, templates))
         return [exp for batch in self._batches(images)
                 for exp in clip_maps(self.model, batch, classifier, labels, method)]
 

@@ -4,10 +4,18 @@ Each class name is written into several prompt templates ("a photo of a {}."); t
 averaged in embedding space and renormalised (prompt ensembling), giving one unit vector per class. The resulting
 classifier is built once and reused for every image; an image's class probabilities are the softmax of its scaled
 cosine similarities to the class vectors.
+
+With ``pooling="marginal"`` the templates are not averaged: each is its own classifier, and a class's logit is the
+log of the mean, over templates, of the exponentiated scaled cosine (:func:`class_logits`): the class's probability
+summed over which template describes the image. That is the right reading when the templates are the training
+captions' own frames ("a large {}", "a small {}"): a frame then says something about the image (its size), and
+averaging "a large red triangle" with "a small red triangle" blurs the very differences between classes (measured in
+docs/results.md, "Your own data").
 """
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Template = str | Callable[[str], str]
+POOLINGS = ("mean", "marginal")  # how a class's prompts combine: averaged embeddings, or a marginal over prompts
 
 # Named template sets. "openai" is the 80-prompt ImageNet ensemble from the CLIP paper, taken from the
 # open_clip package rather than copied here.
@@ -97,15 +106,21 @@ def _fill(template: Template, classname: str) -> str:
 
 
 @torch.no_grad()
-def build_classifier(model, tokenizer, classnames: Sequence[str], templates: str | Sequence[Template]) -> Tensor:
-    """Returns the zero-shot classifier (num_classes, embed_dim): one unit vector per class.
+def build_classifier(model, tokenizer, classnames: Sequence[str], templates: str | Sequence[Template],
+                     pooling: str = "mean") -> Tensor:
+    """Returns the zero-shot classifier: (num_classes, embed_dim), one unit vector per class, or with
+    ``pooling="marginal"`` (num_templates, num_classes, embed_dim), one per template and class (see
+    :func:`class_logits`).
 
     Args:
         model: a CLIP-like model with ``encode_text(tokens, normalize=True)``.
         tokenizer: callable turning a list of strings into token ids.
         classnames: the class names, in output order.
         templates: a template set name or a list of templates (see :func:`get_templates`).
+        pooling: ``mean`` (CLIP's prompt ensemble) or ``marginal``.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     classnames = [c.strip() for c in classnames]
     if not classnames or any(not c for c in classnames):
         raise ValueError("class names must be a non-empty list of non-blank names")
@@ -113,8 +128,26 @@ def build_classifier(model, tokenizer, classnames: Sequence[str], templates: str
     prompts = [_fill(t, c) for c in classnames for t in templates]  # class-major order
     device = next(model.parameters()).device
     emb = model.encode_text(tokenizer(prompts).to(device), normalize=True)  # (c*t, d)
-    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)  # average the prompt ensemble per class
-    return F.normalize(emb, dim=-1)  # (c, d)
+    emb = emb.view(len(classnames), len(templates), -1)
+    if pooling == "marginal":
+        return emb.transpose(0, 1).contiguous()  # (t, c, d)
+    return F.normalize(emb.mean(dim=1), dim=-1)  # average the prompt ensemble per class: (c, d)
+
+
+def class_logits(features: Tensor, classifier: Tensor, logit_scale: Tensor) -> Tensor:
+    """Class logits (b, num_classes) of unit image features (b, d) under a classifier of :func:`build_classifier`:
+    the scaled cosines, or for a per-template classifier (t, c, d), ``log(mean_t exp(scaled cosine))``."""
+    scale = logit_scale.exp()
+    if classifier.dim() == 2:
+        return scale * features @ classifier.T
+    per_template = scale * torch.einsum("bd,tcd->btc", features, classifier.to(features.dtype))
+    return torch.logsumexp(per_template, dim=1) - math.log(classifier.shape[0])
+
+
+def pooled_classifier(classifier: Tensor) -> Tensor:
+    """One unit vector per class (c, d) of any classifier: a per-template one averaged (for attention maps, which
+    need one direction per class)."""
+    return classifier if classifier.dim() == 2 else F.normalize(classifier.mean(dim=0), dim=-1)
 
 
 @torch.no_grad()
@@ -122,8 +155,7 @@ def classify(model, images: Tensor, classifier: Tensor) -> Tensor:
     """Class probabilities (b, num_classes) of ``images`` (b, c, h, w) under a classifier from
     :func:`build_classifier`."""
     features = model.encode_image(images, normalize=True)  # (b, d)
-    logits = model.logit_scale.exp() * features @ classifier.T
-    return logits.softmax(dim=-1)
+    return class_logits(features, classifier, model.logit_scale).softmax(dim=-1)
 
 
 @dataclass
@@ -135,6 +167,7 @@ class ZeroShotModel:
     templates: str | list[str]
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    template_pooling: str = "mean"  # see build_classifier
 
     @property
     def image_size(self) -> int:

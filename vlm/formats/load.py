@@ -31,7 +31,7 @@ from vlm.formats.build import (
 from vlm.formats.checkpoint import INFERENCE_KEY, read_checkpoint, task_config, task_hparams_quiet, with_config
 from vlm.formats.export import is_export, read_export, read_export_config, read_export_weights, weight_shapes
 from vlm.generation import Captioner
-from vlm.zero_shot import ZeroShotModel
+from vlm.zero_shot import POOLINGS, ZeroShotModel
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -138,12 +138,16 @@ def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotMo
     loaded = _load_model(path, CONTRASTIVE_TASK, file or read_task_file(path))
     if loaded is None:
         task = load_task(path, expected=CONTRASTIVE_TASK)
-        return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std)
+        return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std,
+                             getattr(task, "template_pooling", "mean"))
     model, settings = loaded
     where = str(path)
     _require(settings, ("tokenizer", "templates", "image_mean", "image_std"), where)
     for name in ("templates", "image_mean", "image_std"):
         check_setting(name, settings[name], where, f"{INFERENCE_KEY}.{name}")
+    pooling = settings.get("template_pooling", "mean")  # files from before it existed: CLIP's mean
+    if pooling not in POOLINGS:
+        raise CheckpointError(f"{where}: refused {INFERENCE_KEY}.template_pooling: not one of {POOLINGS}")
     tokenizer = build(settings["tokenizer"], where, ("tokenizer",), f"{INFERENCE_KEY}.tokenizer")
     text_length = getattr(getattr(model, "text", None), "context_length", None)
     length = getattr(tokenizer, "context_length", text_length)
@@ -152,7 +156,8 @@ def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotMo
                               f"{tokenizer.context_length} is longer than the text tower's {text_length}")
     return ZeroShotModel(model=model, tokenizer=tokenizer, templates=settings["templates"],
                          image_mean=tuple(float(x) for x in settings["image_mean"]),
-                         image_std=tuple(float(x) for x in settings["image_std"]))  # fmt: skip
+                         image_std=tuple(float(x) for x in settings["image_std"]),
+                         template_pooling=pooling)  # fmt: skip
 
 
 @_hf_refusals

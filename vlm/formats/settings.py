@@ -25,7 +25,8 @@ def zero_shot_settings(task: Any) -> dict[str, Any] | None:
     if not all(isinstance(t, str) for t in ([templates] if isinstance(templates, str) else templates)):
         return None  # callables: only the task itself holds them
     return {"tokenizer": config, "templates": templates, "image_mean": list(task.image_mean),
-            "image_std": list(task.image_std)}  # fmt: skip
+            "image_std": list(task.image_std),
+            "template_pooling": getattr(task, "template_pooling", "mean")}  # fmt: skip
 
 
 def caption_settings(captioner: Captioner) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from vlm.reliability import restore_rng, snapshot_rng
 from vlm.tasks.compositional import CompositionalTerms, Plan
 from vlm.tasks.loading import CheckedLoading, load_init_weights
 from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
-from vlm.zero_shot import build_classifier
+from vlm.zero_shot import POOLINGS, build_classifier, class_logits
 
 log = logging.getLogger("vlm.tasks")
 
@@ -61,27 +61,22 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         lock_text: freeze the text tower (e.g. a pretrained language model).
         templates: zero-shot prompt templates used on validation (``{}`` is replaced by the class name), the
             name of a template set (see :func:`vlm.zero_shot.get_templates`), or ``auto``: the training captions'
-            own frames around their labels, ensembled, resolved when a Trainer sets the task up and saved resolved
-            (see :mod:`vlm.tasks.compositional`).
+            own frames around their labels, resolved when a Trainer sets the task up and saved resolved (see
+            :mod:`vlm.tasks.compositional`). ``template_pooling``: ``mean`` (CLIP's prompt ensemble) or ``marginal``
+            (a class's probability summed over which template fits; see :func:`vlm.zero_shot.build_classifier`).
         image_mean: per-channel normalisation mean of the input images.
         image_std: per-channel normalisation std.
         accumulate_micro_batches: encode each training batch in this many equal micro-batches (the batch size must
             be divisible by it) for about ``1/k`` of the activation memory, while the loss, its negatives and the
             gradient stay exactly those of the whole batch (unlike ``Trainer(accumulate_grad_batches)``, which
             contrasts each small batch only with itself). Costs one extra forward pass per micro-batch.
-        compile: ``torch.compile`` the image and text towers, in place, when a Trainer sets the task up: ``True``,
-            or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). The parameter names do not
-            change, so checkpoints are the same with and without. Off by default: on the CPU it is slower than eager
-            (``scripts/benchmark.py --suite compile`` compares them).
-        same_caption_positive: treat pairs whose captions are identical token for token (anywhere in the global
-            batch) as positives too, instead of asking the model to tell identical captions apart. Matters when
-            captions recur within a batch (synthetic data, class-name captions: the shapes' "a red circle" comes
-            up about twice per 128), where the plain loss pushes same-class images apart; on web data it changes
-            nothing. Off by default, as in CLIP.
-        cache_locked_text: with ``lock_text``, remember the frozen text tower's output per distinct caption, so a
-            caption seen before costs nothing (LiT's point: a locked tower's features never change). Pays on data
-            with recurring captions (the synthetic shapes, class-name captions); on web data, where captions rarely
-            repeat, it only grows. The cache lives in memory and is not saved.
+        compile: ``torch.compile`` the towers in place when a Trainer sets the task up: ``True`` or its keyword
+            arguments (``{"mode": "max-autotune"}``); checkpoints are the same. Off by default (slower on the CPU).
+        same_caption_positive: pairs whose captions are identical token for token (anywhere in the global batch)
+            are positives too, rather than asking the model to tell identical captions apart: matters where captions
+            recur in a batch (class-name captions), changes nothing on web data. Off by default, as in CLIP.
+        cache_locked_text: with ``lock_text``, keep the frozen text tower's output per distinct caption (in memory,
+            not saved): pays where captions recur; on web data it only grows.
         init_weights: a checkpoint or state dict (``.ckpt``, ``.pt``, ``.safetensors``) whose CLIP weights the
             model starts from when training begins, with a fresh optimizer and schedule (fine-tuning, or a second
             stage on other data). Its keys under ``init_weights_prefix`` must match the model exactly. Not read
@@ -116,6 +111,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         init_weights_prefix: str = "model.",
         attribute_positives: float = 0.0,
         compose_text: float = 0.0,
+        template_pooling: str = "mean",
     ) -> None:
         super().__init__()
         if loss not in ("clip", "siglip"):
@@ -127,6 +123,8 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         if attribute_positives < 0 or compose_text < 0:
             raise ValueError(f"attribute_positives and compose_text are loss weights >= 0, got {attribute_positives}"
                              f" and {compose_text}")
+        if template_pooling not in POOLINGS:
+            raise ValueError(f"template_pooling must be one of {POOLINGS}, got {template_pooling!r}")
         if cache_locked_text and not lock_text:
             raise ValueError("cache_locked_text needs lock_text=True: a text tower that trains changes its features")
         self.save_hyperparameters()
@@ -138,6 +136,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         self.tokenizer = fit_context_length(tokenizer if tokenizer is not None else CLIPTokenizer(),
                                             getattr(model.text, "context_length", None))
         self.templates = templates if isinstance(templates, str) else list(templates)
+        self.template_pooling = template_pooling
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.accumulate_micro_batches = accumulate_micro_batches
         self.compile_options = compile
@@ -376,7 +375,8 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         self._heldout = set(getattr(dm, "heldout_classnames", []) or [])
         self._classifier = None
         if self._classnames:
-            self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.resolved_templates())
+            self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.resolved_templates(),
+                                                self.template_pooling)  # fmt: skip
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image_features, text_features = self.encode(batch["image"], batch["text"])
@@ -399,7 +399,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         metrics = retrieval_recall(image, text, ks=(1, 5))
         if self._val_outputs["target"]:
             target = self._gather_eval(torch.cat(self._val_outputs["target"]))
-            logits = image @ self._classifier.T  # the same on every rank: all images, all targets gathered
+            logits = class_logits(image, self._classifier, self.model.logit_scale)  # all images and targets gathered
             metrics.update(zero_shot_accuracy(logits, target, self._classnames, self._heldout))
             metrics.update(attribute_top1(logits, target, self._classnames))  # val/attribute{k}_top1
         for name, value in metrics.items():
