@@ -28,6 +28,7 @@ SUITES: dict[str, str] = {
     "data": "vlm.benchmark.data",
     "scripts": "vlm.benchmark.scripts",
     "serve": "vlm.benchmark.serving",
+    "user": "vlm.benchmark.user",
     "compile": "vlm.benchmark.compile",
     "ddp": "vlm.benchmark.ddp",
 }
