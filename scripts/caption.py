@@ -25,7 +25,7 @@ Bounds (larger values are usage errors): ``--max-new-tokens`` 1 to 1,024, ``--nu
 ``--example`` caption at most 10,000 characters, at most 32 ``--example`` pairs. An image of more than 64 Mpx gets its
 error line (:func:`vlm.data.images.load_image`'s pixel budget); images are decoded one at a time, and each is cut to
 the model's input size before the next is read. ``--workers N`` decodes in N processes ahead of the model (a few
-batches in flight at most, the same output; default: none for a few images, else min(2, CPUs - 1)); ``--workers 0``
+batches in flight at most, the same output; default: none for a few images, else min(2, CPUs - 2)); ``--workers 0``
 decodes in this process.
 """
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch, at most 4,096")
     p.add_argument("--workers", type=int, default=None,
                    help="processes decoding images ahead of the model, 0 to 64 (0: in this process; default: "
-                   "none for a few images, else min(2, CPUs - 1))")
+                   "none for a few images, else min(2, CPUs - 2))")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--score-only", action="store_true",
                    help="print only BLEU-4, CIDEr and attribute accuracy against the folders' metadata.jsonl captions")

@@ -27,7 +27,7 @@ plain ``{}`` and at most 1,000 characters; a labels file is a regular UTF-8 file
 than 64 Mpx gets its error line (:func:`vlm.data.images.load_image`'s pixel budget); images are decoded one at a
 time, and each is cut to the model's input size before the next is read. ``--workers N`` decodes in N processes ahead
 of the model (a few batches in flight at most, the same output; default: none for a few images, else min(2, CPUs -
-1)); ``--workers 0`` decodes in this process.
+2)); ``--workers 0`` decodes in this process.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch, at most 4,096")
     p.add_argument("--workers", type=int, default=None,
                    help="processes decoding images ahead of the model, 0 to 64 (0: in this process; default: "
-                   "none for a few images, else min(2, CPUs - 1))")
+                   "none for a few images, else min(2, CPUs - 2))")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--accuracy-only", action="store_true", help="print only the accuracy over labelled images")
     p.add_argument("--heldout-labels-file", help="class names whose accuracy is also reported on its own")

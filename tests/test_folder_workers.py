@@ -227,7 +227,7 @@ def test_workers_need_the_models_input_size(many):
 
 def test_default_workers(monkeypatch):
     assert default_workers(5) == 0  # a handful: starting a worker costs more than it saves
-    for cpus, expected in ((1, 0), (2, 1), (3, 2), (16, 2)):
+    for cpus, expected in ((1, 0), (2, 0), (3, 1), (4, 2), (16, 2)):
         monkeypatch.setattr(prefetch.os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
         assert default_workers(1000) == expected
 

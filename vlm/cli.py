@@ -199,7 +199,7 @@ def index_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help=f"images per batch, 1 to {MAX_BATCH_SIZE:,}")
     p.add_argument("--rebuild", action="store_true", help="re-embed every image, replacing any existing index")
     p.add_argument("--workers", type=int, default=None, help=f"processes decoding images ahead of the model, 0 to "
-                   f"{MAX_WORKERS} (0: in this process; default: none for a few images, else min(2, CPUs - 1))")
+                   f"{MAX_WORKERS} (0: in this process; default: none for a few images, else min(2, CPUs - 2))")
     if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
         return args
     if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:

@@ -46,12 +46,14 @@ MIN_FILES_FOR_WORKERS = 32
 
 def default_workers(count: int) -> int:
     """Worker processes for ``count`` files: none for a handful (starting them costs more than they save), else one
-    per CPU this process may use beyond the one running the model, at most 2 (decoding a small image costs far less
-    than a forward, so more would only take cores from the model)."""
+    per CPU this process may use beyond two for the model, at most 2 (decoding a small image costs far less than a
+    forward, so more would only take cores from the model). On 2 cores that is none: there one worker beside the
+    model's threads made a folder slower (0.89x of decoding in process for ViT-B/32 on 96 photos, idle Intel Xeon:
+    ``scripts/benchmark.py --suite user``)."""
     if count < MIN_FILES_FOR_WORKERS:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(2, cpus - 1))
+    return max(0, min(2, cpus - 2))
 
 
 def start_method() -> str:
