@@ -59,6 +59,9 @@ def test_normalize_equals_torchvision_on_images_and_batches():
         assert torch.equal(ours, _torchvision_normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(x))
     floats = torch.rand(3, 4, 4, generator=gen)  # already float32: only the normalisation
     assert torch.equal(normalize((0.5,) * 3, (0.25,) * 3)(floats), v2.Normalize([0.5] * 3, [0.25] * 3)(floats))
+    doubles = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)  # other floats: cast, not rescaled
+    reference = _torchvision_normalize((0.5,) * 3, (0.25,) * 3)(doubles)
+    assert torch.equal(normalize((0.5,) * 3, (0.25,) * 3)(doubles), reference)
     with pytest.raises(ValueError, match="zero"):
         normalize((0.5,) * 3, (0.2, 0.0, 0.2))
 

@@ -85,7 +85,7 @@ class Normalize:
         self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        x = image if image.dtype == torch.float32 else image.to(torch.float32).mul_(1.0 / 255)
+        x = image.to(torch.float32) if image.is_floating_point() else image.to(torch.float32).mul_(1.0 / 255)
         return x.sub(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 

@@ -289,8 +289,8 @@ def _no_random_init() -> Iterator[None]:
     """``torch.nn.init``'s random initialisers do nothing: a ``meta`` tensor has no values to fill, and filling one
     goes through torch's Python reference ops, whose first call imports ``torch._dynamo`` (seconds at start-up)."""
     originals = {name: getattr(nn.init, name) for name in _RANDOM_INITS}
-    for name in originals:
-        setattr(nn.init, name, _keep)
+    for name, fn in originals.items():
+        setattr(nn.init, name, _skip_on_meta(fn))
     try:
         yield
     finally:
@@ -298,8 +298,13 @@ def _no_random_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
-def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return tensor
+def _skip_on_meta(init: Any) -> Any:
+    """``init`` for real tensors (another thread may build a model meanwhile), nothing for ``meta`` ones."""
+
+    def maybe(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+    return maybe
 
 
 _SLACK_TENSORS = 64  # buffers that follow from the config (masks, caches) and are not stored
