@@ -142,10 +142,8 @@ def loader_rows(
 
 
 def run(settings: Settings) -> Iterator[Row]:
-    from vlm.benchmark.folder import folder_rows
-
+    """The scripts' own rows; the cold start against the floor and the folder rows are the ``user`` suite's."""
     repeats = settings.repeats
-    yield from folder_rows(settings)
     if not settings.quick:
         yield make_row(SUITE, "python -c 'import torch' (floor)", wall_time(["-c", "import torch"], repeats), "s")
         imports = wall_time(["-c", "import vlm.formats"], repeats)
@@ -165,8 +163,6 @@ def run(settings: Settings) -> Iterator[Row]:
             yield from script_rows(f"zero_shot.py x {len(labels[1].split(','))} labels", "scripts/zero_shot.py",
                                    ckpt, labels, paths, settings)  # fmt: skip
             yield from loader_rows("zero_shot.py", ckpt, tmp / "clip-through-task", labels, paths, settings)
-            file = checkpoint_default(clip_config, tmp / "clip.ckpt")
-            yield from startup_rows(file, paths[0], labels, settings)
         flamingo_config = ROOT / "configs" / "flamingo" / "shapes.yaml"
         if not (ROOT / "scripts" / "caption.py").exists():
             yield skip_row(SUITE, "scripts/caption.py does not exist")

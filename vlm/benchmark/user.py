@@ -69,7 +69,8 @@ def run(settings: Settings) -> Iterator[Row]:
         yield from _as_user(startup_rows(ckpt, image, ["--labels", ",".join(labels)], settings))
         yield from warm_rows(ckpt, image, settings)
         yield from _as_user(folder_rows(settings))
-        yield from _as_user(serve_rows(ckpt, image, labels, settings))
+        if not settings.quick:  # the quick check of the serve rows is the serve suite's (a server takes seconds)
+            yield from _as_user(serve_rows(ckpt, image, labels, settings))
 
 
 __all__ = ["run", "warm_rows"]
