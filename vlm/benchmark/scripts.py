@@ -11,6 +11,7 @@ throughput, decoding in worker processes against open_clip's DataLoader, is :mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -80,6 +81,20 @@ def checkpoint_default(config_path: Path, path: Path) -> Path:
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
                 "inference": task.inference_settings()}, path)  # fmt: skip
     return path
+
+
+@contextlib.contextmanager
+def shapes_clip(settings: Settings) -> Iterator[tuple[Path, str, list[str]] | None]:
+    """An untrained ``.ckpt`` of ``configs/clip/shapes.yaml``, one 64 px image and a few labels, in a temporary
+    folder; None where the config does not exist."""
+    config = ROOT / "configs" / "clip" / "shapes.yaml"
+    if not config.exists():
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint_default(config, Path(tmp) / "clip.ckpt")
+        (image,) = write_images(Path(tmp) / "images", 1, 64)
+        yield ckpt, image, list(LABELS[: settings.pick(10, 3)])
 
 
 def startup_rows(ckpt: Path, image: str, labels: list[str], settings: Settings) -> Iterator[Row]:

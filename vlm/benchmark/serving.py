@@ -153,16 +153,13 @@ def latencies(url: str, image: str, lone: int, concurrent: int, rounds: int) -> 
 
 
 def run(settings: Settings) -> Iterator[Row]:
-    from vlm.benchmark.scripts import LABELS, ROOT, checkpoint_default, write_images
+    from vlm.benchmark.scripts import shapes_clip
 
-    config = ROOT / "configs" / "clip" / "shapes.yaml"
-    if not config.exists():
-        yield skip_row(SUITE, "configs/clip/shapes.yaml does not exist")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint_default(config, Path(tmp) / "clip.ckpt")
-        (image,) = write_images(Path(tmp) / "images", 1, 64)
-        yield from serve_rows(ckpt, image, list(LABELS[: settings.pick(10, 3)]), settings)
+    with shapes_clip(settings) as made:
+        if made is None:
+            yield skip_row(SUITE, "configs/clip/shapes.yaml does not exist")
+            return
+        yield from serve_rows(*made, settings)
 
 
 def serve_rows(ckpt: Path, image: str, labels: list[str], settings: Settings) -> Iterator[Row]:

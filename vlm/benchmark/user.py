@@ -15,7 +15,6 @@ The rows are those of the ``scripts``, ``serve`` and folder measurements, relabe
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,17 +54,14 @@ def warm_rows(ckpt: Path, image: str, settings: Settings) -> Iterator[Row]:
 
 def run(settings: Settings) -> Iterator[Row]:
     from vlm.benchmark.folder import folder_rows
-    from vlm.benchmark.scripts import LABELS, ROOT, checkpoint_default, startup_rows, write_images
+    from vlm.benchmark.scripts import shapes_clip, startup_rows
     from vlm.benchmark.serving import serve_rows
 
-    config = ROOT / "configs" / "clip" / "shapes.yaml"
-    if not config.exists():
-        yield skip_row(SUITE, "configs/clip/shapes.yaml does not exist")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint_default(config, Path(tmp) / "clip.ckpt")
-        (image,) = write_images(Path(tmp) / "images", 1, 64)
-        labels = list(LABELS[: settings.pick(10, 3)])
+    with shapes_clip(settings) as made:
+        if made is None:
+            yield skip_row(SUITE, "configs/clip/shapes.yaml does not exist")
+            return
+        ckpt, image, labels = made
         yield from _as_user(startup_rows(ckpt, image, ["--labels", ",".join(labels)], settings))
         yield from warm_rows(ckpt, image, settings)
         yield from _as_user(folder_rows(settings))
