@@ -392,3 +392,89 @@ def test_validation_answers_each_question_with_its_own_prompt():
     with pytest.raises(ValueError, match="question records"):
         task.images_per_sequence = 2
         task._interleave(batch)
+
+
+# ------------------------------------------------------------------------------------------ answering from Python
+def test_few_shot_question_text_asks_each_example_in_the_training_layout():
+    tok = _tokenizer()
+    text = tok.few_shot_question_text("what shape?", [("what colour?", "red"), ("how many?", " 2 <|endofchunk|>")])
+    assert text == ("<image>Question: what colour? Short answer: red<|endofchunk|>"
+                    "<image>Question: how many? Short answer: 2<|endofchunk|>"
+                    "<image>Question: what shape? Short answer:")
+    assert tok.few_shot_question_text("what shape?") == tok.question_text("what shape?")
+
+
+@pytest.fixture(scope="module")
+def answering(tmp_path_factory):
+    """A tiny Flamingo checkpoint (gates open, so the image changes the answer) with room for a few-shot prompt."""
+    from vlm.formats import build_task
+
+    config = copy.deepcopy(TINY_FLAMINGO)
+    config["init_args"]["model"]["init_args"]["decoder"]["init_args"]["context_length"] = 64
+    torch.manual_seed(0)
+    task = build_task(config)
+    with torch.no_grad():
+        for blk in task.model.cross_attn:
+            blk.attn_gate.fill_(1.0)
+            blk.mlp_gate.fill_(1.0)
+    path = tmp_path_factory.mktemp("answering") / "flamingo.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "inference": task.inference_settings()}, path)
+    images = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        image = tmp_path_factory.mktemp("img") / f"{i}.png"
+        Image.new("RGB", (20, 20), colour).save(image)
+        images.append(image)
+    return path, images
+
+
+def test_answer_asks_each_image_its_question_as_the_model_trained(answering):
+    import vlm
+
+    path, images = answering
+    model = vlm.load(path)
+    questions = ["what colour is it?", "how many shapes are there?", "what shape is it?"]
+    got = model.answer(images, questions)
+    captioner, tok = model.captioner, model.captioner.tokenizer
+    alone = [first_answer(captioner.generate_captions(model.preprocess(image), tok.question_text(q), num_beams=1)[0])
+             for image, q in zip(images, questions)]
+    assert got == alone and all(isinstance(a, str) for a in got)
+    # one question for every image; batches of one give the same answers
+    assert model.answer(images, "what colour is it?") == [
+        model.answer(image, "what colour is it?")[0] for image in images]
+    model.batch_size = 1
+    assert model.answer(images, questions) == got
+
+
+def test_answer_with_examples_puts_the_solved_examples_first(answering):
+    import vlm
+
+    path, images = answering
+    model = vlm.load(path)
+    examples = [(images[1], "what colour is it?", "blue")]
+    got = model.answer([images[0], images[2]], "what colour is it?", examples=examples)
+    captioner, tok = model.captioner, model.captioner.tokenizer
+    prompt = "<image>Question: what colour is it? Short answer: blue<|endofchunk|><image>Question: what colour is it? " \
+             "Short answer:"
+    shots = model.preprocess([images[1]])
+    expected = [first_answer(captioner.generate_captions(torch.stack([shots[0], model.preprocess(q)[0]])[None], prompt,
+                                                         num_beams=1)[0]) for q in (images[0], images[2])]
+    assert got == expected
+
+
+def test_answer_refuses_what_does_not_fit_with_one_clear_error(answering, tiny_clip_task, tmp_path):
+    import vlm
+
+    path, images = answering
+    model = vlm.load(path)
+    with pytest.raises(ValueError, match="2 questions for 3 images"):
+        model.answer(images, ["a?", "b?"])
+    with pytest.raises(ValueError, match="triple"):
+        model.answer(images[0], "a?", examples=[(images[1], "blue")])
+    with pytest.raises(ValueError, match="context is 64 tokens"):
+        model.answer(images[0], "what colour? " * 40)
+    clip = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": tiny_clip_task.state_dict(), "hyper_parameters": dict(tiny_clip_task.hparams),
+                "inference": tiny_clip_task.inference_settings()}, clip)
+    with pytest.raises(TypeError, match="answering questions needs a Flamingo checkpoint"):
+        vlm.load(clip).answer(images[0], "what colour?")

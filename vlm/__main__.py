@@ -350,7 +350,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vlm: error: {printable(message)}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroys the distributed process group a DDP/FSDP run joined, before the interpreter exits: Lightning leaves
+    it up, and Gloo's worker threads torn down during interpreter finalisation abort the process now and then
+    (``terminate called without an active exception``, exit -6) after a run that finished."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

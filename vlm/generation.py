@@ -368,5 +368,31 @@ class Captioner:
         return caption_tokens(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
                               num_beams or self.num_beams, **kwargs)  # fmt: skip
 
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        images: Tensor,
+        questions: Sequence[str],
+        shots: Sequence[Sequence[tuple[str, str]]] | None = None,
+        max_new_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Short answers to one question per input (visual question answering; greedy unless ``kwargs`` say
+        otherwise), each cut where a model would start another turn (:func:`vlm.vqa.first_answer`).
+
+        ``images`` is (b, 3, H, W), or (b, k + 1, 3, H, W) with ``shots``: for each input, its k solved examples as
+        ``(question, answer)`` pairs whose images come first, in order (few-shot; the inputs may have different
+        examples, as retrieved examples do). The prompt is the task's ``question_prompt`` layout
+        (:meth:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer.few_shot_question_text`).
+        """
+        from vlm.vqa import first_answer
+
+        shots = [()] * len(questions) if shots is None else shots
+        if len(shots) != len(questions):
+            raise ValueError(f"{len(shots)} example lists for {len(questions)} questions")
+        prompts = [self.tokenizer.few_shot_question_text(q, s) for q, s in zip(questions, shots)]
+        kwargs.setdefault("num_beams", 1)
+        return [first_answer(a) for a in self.generate_captions(images, prompts, max_new_tokens, **kwargs)]
+
 
 __all__ = ["Captioner", "caption_images", "caption_tokens", "few_shot_prompt", "generate", "sample_next"]

@@ -35,6 +35,7 @@ from vlm.zero_shot import ZeroShotModel, build_classifier, class_logits, get_tem
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 Images = ImageInput | Sequence[ImageInput]
 Examples = Sequence[tuple[ImageInput, str]] | None
+QuestionExamples = Sequence[tuple[ImageInput, str, str]] | None  # (image, question, answer)
 
 
 class Predictor:
@@ -69,6 +70,10 @@ class Predictor:
 
     def caption(self, images: Images, prompt: str | None = None, examples: Any = None, **kwargs: Any) -> list[str]:
         raise self._cannot("captioning needs a Flamingo checkpoint")
+
+    def answer(self, images: Images, questions: str | Sequence[str], examples: Any = None,
+               **kwargs: Any) -> list[str]:
+        raise self._cannot("answering questions needs a Flamingo checkpoint")
 
     def explain(self, images: Images, labels: Sequence[str] | None = None, **kwargs: Any) -> list[Explanation]:
         raise self._cannot("attention maps need a CLIP or a Flamingo checkpoint")
@@ -233,7 +238,7 @@ class CaptionPredictor(Predictor):
     """A Flamingo model with its tokenizer, decoding defaults and image preprocessing."""
 
     kind = "Flamingo model"
-    can = "captions images"
+    can = "captions images and answers questions about them"
 
     def __init__(self, loaded: Captioner, source: str, **kwargs: Any) -> None:
         super().__init__(source, loaded.image_size, loaded.image_mean, loaded.image_std, **kwargs)
@@ -269,6 +274,46 @@ class CaptionPredictor(Predictor):
             out.extend(self.captioner.generate_captions(batch, full, max_new_tokens, num_beams, **sampling))
         return out
 
+    def answer(self, images: Images, questions: str | Sequence[str], examples: QuestionExamples = None,
+               max_new_tokens: int | None = None, **decoding: Any) -> list[str]:
+        """A short answer to a question about each image (visual question answering).
+
+        Args:
+            images: one image or many.
+            questions: one question asked of every image, or one per image.
+            examples: ``(image, question, answer)`` triples shown, solved, before each input (few-shot).
+            max_new_tokens: answer length limit (default: the model's caption limit).
+            decoding: passed to :func:`vlm.generation.generate` (greedy by default; ``num_beams``, ``do_sample``...).
+
+        The prompt is the model's ``question_prompt`` (default ``<image>Question: {question} Short answer:``), the
+        layout it trained on.
+
+        Raises:
+            ValueError: a number of questions that is neither one nor the number of images, an example that is not
+                an (image, question, answer) triple, or a prompt longer than the decoder's context.
+        """
+        items = image_items(images)
+        asked = [questions] * len(items) if isinstance(questions, str) else list(questions)
+        if len(asked) != len(items) or not all(isinstance(q, str) for q in asked):
+            raise ValueError(f"{len(asked)} questions for {len(items)} images: give one question, or one per image")
+        examples = list(examples or [])
+        if not all(isinstance(e, (tuple, list)) and len(e) == 3 for e in examples):
+            raise ValueError("each example is an (image, question, answer) triple")
+        pairs = [(str(q), str(a)) for _, q, a in examples]
+        shots = self.preprocess([image for image, _, _ in examples]) if examples else None
+        tokenizer, context = self.captioner.tokenizer, self.model.context_length
+        for question in dict.fromkeys(asked):
+            length = tokenizer.encode_prompts([tokenizer.few_shot_question_text(question, pairs)])["input_ids"].shape[1]
+            if length >= context:
+                raise ValueError(f"the question prompt is {length} tokens long, the decoder's context is {context} "
+                                 "tokens")
+        out: list[str] = []
+        for start, batch in zip(range(0, len(items), self.batch_size), self._batches(items)):
+            if shots is not None:  # (b, k + 1, 3, H, W): the examples, then the input
+                batch = torch.cat([shots.unsqueeze(0).expand(batch.shape[0], *shots.shape), batch.unsqueeze(1)], 1)
+            rows = asked[start:start + batch.shape[0]]
+            out.extend(self.captioner.generate_answers(batch, rows, [pairs] * len(rows), max_new_tokens, **decoding))
+        return out
 
     def explain(self, images: Images, labels: Sequence[str] | None = None, prompt: str | None = None,
                 **decoding: Any) -> list[Explanation]:

@@ -18,6 +18,7 @@ construction if its config files name code, and a panic of the Rust tokenizer is
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,16 @@ class FlamingoTokenizer(CausalLMTokenizer):
         written inside the question are dropped: only the prompt places the image)."""
         clean = " ".join(question.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
         return self.question_prompt.replace(QUESTION_FIELD, clean).rstrip()
+
+    def few_shot_question_text(self, question: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+        """The prompt that asks ``question`` after solved examples: each ``(question, answer)`` of ``shots`` asked
+        and answered in the training layout (``question_text(q) + " " + answer + <|endofchunk|>``), then
+        ``question_text(question)``; one ``<image>`` per shot and one for the query, in that order."""
+        def solved(q: str, a: str) -> str:
+            answer = " ".join(a.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
+            return f"{self.question_text(q)} {answer}{END_OF_CHUNK_TOKEN}"
+
+        return "".join(solved(q, a) for q, a in shots) + self.question_text(question)
 
     def encode_questions(self, questions: list[str], answers: list[str]) -> dict[str, Tensor]:
         """Question-answer pairs -> ``input_ids``, ``attention_mask``, ``labels``, right-padded, as

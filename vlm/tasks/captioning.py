@@ -60,7 +60,7 @@ from vlm.models.flamingo import Flamingo
 from vlm.tasks.language import vocabulary_token_ids
 from vlm.tasks.loading import CheckedLoading
 from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
-from vlm.vqa import first_answer, vqa_metrics
+from vlm.vqa import vqa_metrics
 
 log = logging.getLogger("vlm.tasks")
 
@@ -320,9 +320,7 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
                          **kwargs) -> list[str]:
         """Answers to one question per image (``question_prompt`` with each question; greedy unless ``kwargs`` say
         otherwise), each cut where a model would start another turn (:func:`vlm.vqa.first_answer`)."""
-        prompts = [self.tokenizer.question_text(q) for q in questions]
-        kwargs.setdefault("num_beams", 1)
-        return [first_answer(a) for a in self.captioner().generate_captions(images, prompts, max_new_tokens, **kwargs)]
+        return self.captioner().generate_answers(images, questions, max_new_tokens=max_new_tokens, **kwargs)
 
     def generate_captions(
         self,
