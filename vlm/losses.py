@@ -1,6 +1,12 @@
 """Training losses: the contrastive losses of CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023), the
 compositional terms built from captions (attribute phrases as extra positives, captions tied to their phrases), and
-the next-token cross-entropy of the language-model and Flamingo tasks. Pure functions of tensors; the tasks call them.
+the next-token cross-entropy of the language-model and Flamingo tasks. Pure functions of tensors, and the contrastive
+task's loss as an object a config names (:class:`ContrastiveLoss`: ``loss: {class_path: vlm.losses.SigLipLoss}``).
+
+A new contrastive loss is a subclass of :class:`ContrastiveLoss` in this module, named by a config: nothing else
+changes. It may hold learnable scalars of its own (``nn.Parameter``): they are saved with the task, get their share
+of the gradient under ``accumulate_micro_batches`` like the model's temperature, and train without weight decay.
+Checkpoints may name any :class:`ContrastiveLoss` of this module (and nothing outside it).
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlm.data.gpt2_tokenizer import IGNORE_INDEX
 
@@ -52,6 +58,51 @@ def siglip_loss(image: Tensor, all_text: Tensor, logit_scale: Tensor, logit_bias
         labels = -torch.ones_like(logits)
         labels[torch.arange(image.shape[0]), torch.arange(image.shape[0]) + offset] = 1.0  # +1 on the pairs
     return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+class ContrastiveLoss(nn.Module):
+    """The contrastive task's loss over this rank's rows of the global (every rank's) similarity matrix.
+
+    ``forward(image, text, all_image, all_text, logit_scale, logit_bias, offset, same)``: this rank's unit-length
+    features (b, d), every rank's (B, d) with this rank's at ``offset``, the model's ``log(1/T)`` and bias (None when
+    the model has none), and optionally ``same`` (b, B), True where two captions are identical (each such pair a
+    positive). It returns a scalar whose average over ranks is the loss of the whole batch on one process.
+    """
+
+    needs_logit_bias = False  # the model must be built with init_logit_bias
+
+    def forward(self, image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, logit_scale: Tensor,
+                logit_bias: Tensor | None, offset: int, same: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class ClipLoss(ContrastiveLoss):
+    """CLIP's symmetric InfoNCE (:func:`clip_loss`)."""
+
+    def forward(self, image, text, all_image, all_text, logit_scale, logit_bias, offset, same=None):
+        return clip_loss(image, text, all_image, all_text, logit_scale, offset, same)
+
+
+class SigLipLoss(ContrastiveLoss):
+    """SigLIP's pairwise sigmoid loss (:func:`siglip_loss`); needs the model's ``logit_bias``."""
+
+    needs_logit_bias = True
+
+    def forward(self, image, text, all_image, all_text, logit_scale, logit_bias, offset, same=None):
+        return siglip_loss(image, all_text, logit_scale, logit_bias, offset, same)
+
+
+# The names the contrastive task's ``loss`` argument also takes, as in earlier configs and checkpoints.
+LOSS_NAMES: dict[str, type[ContrastiveLoss]] = {"clip": ClipLoss, "siglip": SigLipLoss}
+
+
+def contrastive_loss(loss: ContrastiveLoss | str) -> ContrastiveLoss:
+    """``loss`` as a :class:`ContrastiveLoss` object: one already built, or a name of :data:`LOSS_NAMES`."""
+    if isinstance(loss, ContrastiveLoss):
+        return loss
+    if isinstance(loss, str) and loss in LOSS_NAMES:
+        return LOSS_NAMES[loss]()
+    raise ValueError(f"loss must be one of {sorted(LOSS_NAMES)} or a vlm.losses.ContrastiveLoss, got {loss!r}")
 
 
 def attribute_loss(image: Tensor, phrases: Tensor, positives: Tensor, logit_scale: Tensor, norm: float) -> Tensor:
@@ -107,4 +158,5 @@ def next_token_loss(
     return F.cross_entropy(unembed(h, token_ids).float(), index)
 
 
-__all__ = ["attribute_loss", "clip_loss", "compose_loss", "next_token_loss", "siglip_loss"]
+__all__ = ["LOSS_NAMES", "ClipLoss", "ContrastiveLoss", "SigLipLoss", "attribute_loss", "clip_loss", "compose_loss",
+           "contrastive_loss", "next_token_loss", "siglip_loss"]

@@ -56,6 +56,10 @@ BUILDABLE: dict[str, str] = {
     "vlm.tasks.language.LanguageModelTask": "task",
     "vlm.tasks.captioning.FlamingoTask": "task",
 }
+# Modules whose classes of one base a file may build, by role: the contrastive losses (a new loss is a class in
+# vlm/losses.py and nothing else). Checked by name first, then, once vlm's own module is imported, by base class.
+BUILDABLE_MODULES: dict[str, tuple[str, str]] = {"vlm.losses": ("loss", "ContrastiveLoss")}
+NESTED_ROLES = ("model", "tokenizer", "loss")  # what a task's (or a model's) arguments may build
 # Arguments that name a Hugging Face model or tokenizer: from a file, None or an existing local directory.
 LOCAL_DIRECTORY_ARGS = {"name_or_path"}
 # Settings whose size costs memory per input, with bounds far above any real model's.
@@ -159,6 +163,9 @@ def check_class_path(class_path: Any, where: str, key: str, roles: tuple[str, ..
     if not isinstance(class_path, str):
         raise _refuse(where, f"{key}.class_path", f"{class_path!r} is not a class path")
     role = BUILDABLE.get(class_path)
+    module_name, _, name = class_path.rpartition(".")
+    if role is None and module_name in BUILDABLE_MODULES and name.isidentifier() and not name.startswith("_"):
+        role = BUILDABLE_MODULES[module_name][0]
     if role is None or role not in roles:
         kinds = " or ".join(roles)
         raise _refuse(where, f"{key}.class_path", f"{class_path!r} is not one of vlm's buildable {kinds} classes")
@@ -169,7 +176,13 @@ def resolve_class(class_path: Any, where: str, key: str, roles: tuple[str, ...])
     """The class ``class_path`` names, imported only if :data:`BUILDABLE` lists it under one of ``roles``."""
     check_class_path(class_path, where, key, roles)
     module_name, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
+    module = importlib.import_module(module_name)
+    cls = getattr(module, name, None)
+    if module_name in BUILDABLE_MODULES and class_path not in BUILDABLE:
+        base = getattr(module, BUILDABLE_MODULES[module_name][1])
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise _refuse(where, f"{key}.class_path", f"{class_path!r} is not a {base.__name__} of {module_name}")
+    return cls
 
 
 def _check_local_directory(value: Any, where: str, key: str) -> None:
@@ -212,7 +225,7 @@ def _is_config(value: Any) -> bool:
 def _instantiate(config: Any, where: str, key: str, roles: tuple[str, ...], weights_in_file: bool) -> Any:
     """Builds ``{"class_path", "init_args"}`` (nested ones too: models and tokenizers) after every check."""
     cls, init_args = _checked(config, where, key, roles)
-    kwargs = {name: _instantiate(value, where, f"{key}.init_args.{name}", ("model", "tokenizer"), weights_in_file)
+    kwargs = {name: _instantiate(value, where, f"{key}.init_args.{name}", NESTED_ROLES, weights_in_file)
               if _is_config(value) else value for name, value in init_args.items()}  # fmt: skip
     if weights_in_file:
         kwargs.update(WEIGHTS_FROM_FILE.get(config["class_path"], {}))
@@ -225,7 +238,7 @@ def check_config(config: Any, where: str, roles: tuple[str, ...], key: str = "co
     _, init_args = _checked(config, where, key, roles)
     for name, value in init_args.items():
         if _is_config(value):
-            check_config(value, where, ("model", "tokenizer"), f"{key}.init_args.{name}")
+            check_config(value, where, NESTED_ROLES, f"{key}.init_args.{name}")
 
 
 def build(config: Any, where: str, roles: tuple[str, ...], key: str = "config", weights_in_file: bool = False) -> Any:
@@ -235,7 +248,7 @@ def build(config: Any, where: str, roles: tuple[str, ...], key: str = "config", 
         config: ``{"class_path": ..., "init_args": {...}}`` as read from the file.
         where: the file, for messages.
         roles: what the top-level object may be (``"model"``, ``"tokenizer"``, ``"task"``); nested objects may be
-            models and tokenizers.
+            models, tokenizers and (contrastive) losses (:data:`NESTED_ROLES`).
         key: the config's key inside the file, for messages.
         weights_in_file: the weights will be copied in from the file (see :data:`WEIGHTS_FROM_FILE`).
 

@@ -30,7 +30,7 @@ from vlm.data.tokenizer import CLIPTokenizer, fit_context_length
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlm.formats.checkpoint import INFERENCE_KEY
 from vlm.formats.settings import zero_shot_settings
-from vlm.losses import clip_loss, siglip_loss
+from vlm.losses import ContrastiveLoss, contrastive_loss
 from vlm.metrics import attribute_top1, retrieval_recall, zero_shot_accuracy
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
@@ -43,14 +43,17 @@ log = logging.getLogger("vlm.tasks")
 
 
 class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
-    """Trains a :class:`~vlm.models.clip.CLIP` with the CLIP (softmax) or SigLIP (sigmoid) loss.
+    """Trains a :class:`~vlm.models.clip.CLIP` with a contrastive loss (CLIP's softmax, SigLIP's sigmoid...).
 
     Args:
         model: the CLIP model.
         tokenizer: turns captions and zero-shot prompts into token ids (default: CLIP's BPE). Its context length is
             capped at the text tower's (:func:`~vlm.data.tokenizer.fit_context_length`), so a config states it once,
             on the tower; only a tower without a fixed length (a Hugging Face encoder) leaves it to the tokenizer.
-        loss: ``clip`` (symmetric cross-entropy) or ``siglip`` (needs ``model.logit_bias``).
+        loss: the loss (:class:`vlm.losses.ContrastiveLoss`): ``{class_path: vlm.losses.ClipLoss}`` (symmetric
+            cross-entropy, the default) or ``vlm.losses.SigLipLoss`` (needs ``model.logit_bias``), or any subclass
+            in :mod:`vlm.losses`; the names ``clip`` and ``siglip`` also work. ``val/loss`` is this loss too, over
+            each validation batch alone.
         optimizer: builds the optimizer from the parameter groups (:func:`vlm.tasks.optim.param_groups`: no weight
             decay for biases, norms, embeddings and the temperature). Default: :class:`vlm.tasks.optim.AdamW` with
             ``lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6``.
@@ -94,7 +97,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         self,
         model: CLIP,
         tokenizer: CLIPTokenizer | HFTokenizer | None = None,
-        loss: str = "clip",
+        loss: ContrastiveLoss | str = "clip",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lock_image: bool = False,
@@ -114,12 +117,11 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         template_pooling: str = "mean",
     ) -> None:
         super().__init__()
-        if loss not in ("clip", "siglip"):
-            raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
         if accumulate_micro_batches < 1:
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
-        if loss == "siglip" and model.logit_bias is None:
-            raise ValueError("the siglip loss needs a model built with init_logit_bias (e.g. -10)")
+        loss_fn = contrastive_loss(loss)  # a new name: save_hyperparameters reads the arguments from the locals
+        if loss_fn.needs_logit_bias and model.logit_bias is None:
+            raise ValueError(f"the {type(loss_fn).__name__} needs a model built with init_logit_bias (e.g. -10)")
         if attribute_positives < 0 or compose_text < 0:
             raise ValueError(f"attribute_positives and compose_text are loss weights >= 0, got {attribute_positives}"
                              f" and {compose_text}")
@@ -129,7 +131,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
             raise ValueError("cache_locked_text needs lock_text=True: a text tower that trains changes its features")
         self.save_hyperparameters()
         # Kept as attributes: under LightningCLI ``hparams`` holds only the keys the config spelled out.
-        self.loss_name = loss
+        self.loss = loss_fn  # a module: learnable scalars it holds are saved and trained with the task
         self.optimizer = optimizer or adamw(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
         self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.0)
         self.model = model
@@ -270,9 +272,8 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
             distributed = self._trainer is not None and self.trainer.world_size > 1
             all_ids = self.all_gather(text).flatten(0, 1) if distributed else text
             same = (text[:, None, :] == all_ids[None, :, :]).all(dim=-1)  # (b, B), True on the diagonal at offset
-        if self.loss_name == "siglip":
-            return siglip_loss(image_features, all_text, self.model.logit_scale, self.model.logit_bias, offset, same)
-        return clip_loss(image_features, text_features, all_image, all_text, self.model.logit_scale, offset, same)
+        return self.loss(image_features, text_features, all_image, all_text, self.model.logit_scale,
+                         self.model.logit_bias, offset, same)
 
     def accumulated_loss(self, images: Tensor, text: Tensor, captions: Sequence[str] | None = None,
                          labels: Sequence[str] | None = None) -> Tensor:
@@ -308,7 +309,9 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
                 features.append(self.encode(*micro))
         image_features = torch.cat([f[0] for f in features]).requires_grad_()
         text_features = torch.cat([f[1] for f in features]).requires_grad_()
-        temperature = [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None and p.requires_grad]
+        # The loss's scalar inputs besides the features: the model's temperature and bias, and any the loss holds.
+        scalars = (self.model.logit_scale, self.model.logit_bias, *self.loss.parameters())
+        temperature = [p for p in scalars if p is not None and p.requires_grad]
         plan = self.compositional_plan(captions, labels, b)
         extra = self._encode_extra(plan)  # no random layers in a text tower: the random state is not disturbed
         extra_leaf = None if extra is None else extra.detach().requires_grad_(extra.requires_grad)
@@ -381,10 +384,8 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image_features, text_features = self.encode(batch["image"], batch["text"])
         b = image_features.shape[0]
-        scale = self.model.logit_scale.exp()
-        logits = scale * image_features @ text_features.T
-        labels = torch.arange(b, device=self.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = self.loss(image_features, text_features, image_features, text_features, self.model.logit_scale,
+                         self.model.logit_bias, 0)  # the training loss, over this batch alone
         self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
         self._val_outputs["image"].append(image_features)
         self._val_outputs["text"].append(text_features)
