@@ -96,6 +96,18 @@ def test_lock_image_with_unlocked_last_block():
     assert all(p.requires_grad == (id(p) in in_optim) for p in task.parameters())
 
 
+def test_the_vision_tower_locks_itself_as_open_clip_towers_do():
+    task = build_task(tiny_clip_config())
+    visual = task.model.visual
+    frozen = visual.lock(1)
+    trainable = {n for n, p in visual.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.1.", "norm.", "fc_norm.")) for n in trainable)
+    assert visual.blocks[0] in frozen and visual.patch_embed in frozen and visual.blocks[1] not in frozen
+    assert visual.lock(0) == [visual] and not any(p.requires_grad for p in visual.parameters())
+    with pytest.raises(ValueError, match="unlocked_blocks must be >= 0"):
+        visual.lock(-1)
+
+
 def test_retrieval_recall_perfect_and_duplicate_captions():
     x = F.normalize(torch.randn(5, 8), dim=-1)
     r = retrieval_recall(x, x)

@@ -232,3 +232,22 @@ class VisionTransformer(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Images (b, c, h, w) -> pooled embedding (b, width)."""
         return self.pool_tokens(self.forward_tokens(images))
+
+    def lock(self, unlocked_blocks: int = 0) -> list[nn.Module]:
+        """Freezes the tower (LiT, Zhai et al. 2022) except its last ``unlocked_blocks`` blocks and the final norms,
+        as open_clip's ``lock(unlocked_groups)`` does; returns the frozen modules (a task keeps them in eval mode)."""
+        if unlocked_blocks < 0:
+            raise ValueError(f"unlocked_blocks must be >= 0, got {unlocked_blocks}")
+        if unlocked_blocks == 0:
+            frozen: list[nn.Module] = [self]
+        else:
+            kept = len(self.blocks) - min(unlocked_blocks, len(self.blocks))
+            keep = list(self.blocks[kept:]) + [self.norm, self.fc_norm]
+            frozen = [m for m in self.children() if all(m is not k for k in keep) and m is not self.blocks]
+            frozen += list(self.blocks[:kept])
+            for p in (self.pos_embed, self.cls_token):
+                if p is not None:
+                    p.requires_grad_(False)
+        for m in frozen:
+            m.requires_grad_(False)
+        return frozen

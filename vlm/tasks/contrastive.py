@@ -170,18 +170,13 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         """Freezes the requested towers once, here; frozen modules are kept in eval mode (see ``train``)."""
         frozen: list[nn.Module] = []
         if lock_image:
-            visual = self.model.visual
-            frozen.append(visual)
-            if unlocked_blocks > 0:
-                blocks = getattr(visual, "blocks", None)
-                if blocks is None:
-                    raise ValueError("lock_image_unlocked_blocks needs an image tower with .blocks")
-                keep = list(blocks[-unlocked_blocks:]) + [visual.norm, visual.fc_norm]
-                frozen = [m for m in visual.children() if all(m is not k for k in keep) and m is not blocks]
-                frozen += list(blocks[: len(blocks) - unlocked_blocks])
-                visual.pos_embed.requires_grad_(False)
-                if visual.cls_token is not None:
-                    visual.cls_token.requires_grad_(False)
+            lock = getattr(self.model.visual, "lock", None)  # a tower that knows its blocks locks itself
+            if lock is not None:
+                frozen += lock(unlocked_blocks)
+            elif unlocked_blocks > 0:
+                raise ValueError("lock_image_unlocked_blocks needs an image tower with lock(unlocked_blocks)")
+            else:
+                frozen.append(self.model.visual)
         if lock_text:
             frozen.append(self.model.text)
         for m in frozen:
