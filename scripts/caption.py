@@ -38,15 +38,10 @@ import sys
 from pathlib import Path
 
 from vlm.data.files import UnsafeFileError, check_regular
-from vlm.inputs import printable
+from vlm.inputs import MAX_PROMPT_CHARS, check_generation_args, emit, printable
+from vlm.inputs import usage_error as error
 
-MAX_NEW_TOKENS = 1024
-MAX_BEAMS = 64
 MAX_LENGTH_PENALTY = 10.0
-MAX_BATCH_SIZE = 4096
-MAX_WORKERS = 64  # vlm.data.prefetch.MAX_WORKERS (not imported: it imports torch)
-MAX_PROMPT_CHARS = 10_000  # a prompt or an example caption; the decoder's context is far shorter anyway
-MAX_EXAMPLES = 32  # each example is an image per input: the batch holds (examples + 1) x batch-size images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,32 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--score-only", action="store_true",
                    help="print only BLEU-4, CIDEr and attribute accuracy against the folders' metadata.jsonl captions")
     args = p.parse_args(argv)
-    for name, most in (("num_beams", MAX_BEAMS), ("batch_size", MAX_BATCH_SIZE)):
-        if not 1 <= getattr(args, name) <= most:
-            raise SystemExit(error(f"--{name.replace('_', '-')} must be between 1 and {most:,}"))
-    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
-        raise SystemExit(error(f"--workers must be between 0 and {MAX_WORKERS}"))
-    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        raise SystemExit(error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS:,}"))
+    check_generation_args(args, "pair", ["caption"])
     if not (math.isfinite(args.length_penalty) and abs(args.length_penalty) <= MAX_LENGTH_PENALTY):
         raise SystemExit(error(f"--length-penalty must be a finite number between -{MAX_LENGTH_PENALTY:g} and "
                                f"{MAX_LENGTH_PENALTY:g}"))
     if args.prompt is not None and len(args.prompt) > MAX_PROMPT_CHARS:
         raise SystemExit(error(f"--prompt is {len(args.prompt):,} characters long: at most {MAX_PROMPT_CHARS:,}"))
-    if len(args.example) > MAX_EXAMPLES:
-        raise SystemExit(error(f"{len(args.example)} --example pairs: at most {MAX_EXAMPLES}"))
-    for _, caption in args.example:
-        if len(caption) > MAX_PROMPT_CHARS:
-            raise SystemExit(error(f"an --example caption is {len(caption):,} characters long: at most "
-                                   f"{MAX_PROMPT_CHARS:,}"))
     return args
-
-
-def error(message: str) -> int:
-    """Prints one ``error:`` line on stderr, escaped (it may quote a path, a template or a prompt); returns 2, the
-    usage-error exit status."""
-    print(f"error: {printable(message)}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,11 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{failed} of {len(paths)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
-
-
-def emit(as_json: bool, record: dict, text: str) -> None:
-    """Prints one output line: ``record`` as JSON, or ``text`` (already escaped with :func:`printable`)."""
-    print(json.dumps(record) if as_json else text, flush=True)
 
 
 def report_scores(task, scored: list[tuple[str, str, bool]], as_json: bool, to_stderr: bool) -> None:

@@ -1,5 +1,6 @@
 """Input handling shared by the command-line scripts: expanding paths, loading images in batches, error records,
-printing untrusted text.
+printing untrusted text, the argument bounds and output lines of the Flamingo scripts (``caption.py``,
+``answer.py``).
 
 A bad input never stops the others: each yields either a tensor or an error message, and the script prints one
 line for it. Nothing here opens a path while listing: a FIFO or device among the inputs is only ever ``stat``-ed,
@@ -11,6 +12,8 @@ print usage errors) without paying for the import.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,6 +27,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 METADATA_FILE = "metadata.jsonl"
 
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+# Bounds of the Flamingo scripts' arguments (larger values are usage errors)
+MAX_NEW_TOKENS = 1024
+MAX_BEAMS = 64
+MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 64  # vlm.data.prefetch.MAX_WORKERS (not imported: it imports torch)
+MAX_PROMPT_CHARS = 10_000  # a prompt, question or example text; the decoder's context is far shorter anyway
+MAX_EXAMPLES = 32  # each example is an image per input: a batch holds (examples + 1) x batch-size images
 
 
 def printable(text: str | os.PathLike | bytes) -> str:
@@ -58,6 +69,46 @@ def printable(text: str | os.PathLike | bytes) -> str:
         else:
             out.append(f"\\U{code:08x}")
     return "".join(out)
+
+
+def usage_error(message: str) -> int:
+    """Prints one ``error:`` line on stderr, escaped (it may quote a path, a template or a prompt); returns 2, the
+    usage-error exit status."""
+    print(f"error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+def emit(as_json: bool, record: dict, text: str) -> None:
+    """Prints one output line: ``record`` as JSON, or ``text`` (already escaped with :func:`printable`)."""
+    print(json.dumps(record) if as_json else text, flush=True)
+
+
+def check_generation_args(args: argparse.Namespace, example: str, example_texts: Sequence[str]) -> None:
+    """The bounds the Flamingo scripts share: ``--num-beams``, ``--batch-size``, ``--workers``, ``--max-new-tokens``
+    and ``--example`` (at most :data:`MAX_EXAMPLES`, each text after the image at most :data:`MAX_PROMPT_CHARS`).
+
+    Args:
+        args: the parsed arguments.
+        example: what one ``--example`` is called in messages (``"pair"``).
+        example_texts: what each of its texts after the image is called (``["caption"]``).
+
+    Raises:
+        SystemExit: status 2 after one ``error:`` line, for the first value out of bounds.
+    """
+    for name, most in (("num_beams", MAX_BEAMS), ("batch_size", MAX_BATCH_SIZE)):
+        if not 1 <= getattr(args, name) <= most:
+            raise SystemExit(usage_error(f"--{name.replace('_', '-')} must be between 1 and {most:,}"))
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        raise SystemExit(usage_error(f"--workers must be between 0 and {MAX_WORKERS}"))
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise SystemExit(usage_error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS:,}"))
+    if len(args.example) > MAX_EXAMPLES:
+        raise SystemExit(usage_error(f"{len(args.example)} --example {example}s: at most {MAX_EXAMPLES}"))
+    for given in args.example:
+        for what, text in zip(example_texts, given[1:]):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise SystemExit(usage_error(f"an --example {what} is {len(text):,} characters long: at most "
+                                             f"{MAX_PROMPT_CHARS:,}"))
 
 
 def expand_paths(paths: Sequence[str], errors: dict[Path, str] | None = None) -> list[Path]:
@@ -116,6 +167,30 @@ def _row_path(folder: Path, file_name: object) -> tuple[Path | None, str]:
 METADATA_FIELDS = ("label", "caption", "captions", "heldout")  # what the scripts read of a row
 
 
+def _metadata_rows(meta: Path, warn: Callable[[str], None], wanted: set[Path] | None,
+                   shape: Callable[[dict], dict | Any | None], lost: str) -> list[tuple[Path, dict]]:
+    """(image path, ``shape(row)``) for the usable rows of one ``metadata.jsonl`` (of ``wanted`` paths, when given);
+    ``shape`` returns what is kept of a row, a :class:`vlm.data.records.Skip` for a malformed one, or None to pass
+    over it silently. A file that cannot be read (or grows past its limit while being read) gives no rows and one
+    ``warn`` call saying its ``lost`` are not used."""
+    from vlm.data.records import Skip, read_json_rows
+
+    def keep(row: dict) -> tuple[Path, dict] | Skip | None:
+        path, reason = _row_path(meta.parent, row.get("file_name"))
+        if path is None:
+            return Skip(reason)
+        if wanted is not None and path not in wanted:
+            return None
+        kept = shape(row)
+        return kept if kept is None or isinstance(kept, Skip) else (path, kept)
+
+    try:
+        return [item for item in read_json_rows(meta, keep, warn, limit=METADATA_LIMIT) if item is not None]
+    except UnsafeFileError as e:
+        warn(f"{e}; its {lost} are not used")
+        return []
+
+
 def read_metadata(meta: Path, warn: Callable[[str], None] = _warn_stderr,
                   wanted: set[Path] | None = None) -> dict[Path, dict]:
     """The usable rows of one ``metadata.jsonl``, by the path of the image each names, holding only
@@ -126,24 +201,40 @@ def read_metadata(meta: Path, warn: Callable[[str], None] = _warn_stderr,
     file. A line that is not a JSON object with a string ``file_name`` naming a file inside the folder is skipped;
     the skipped lines (or an unreadable file) get one ``warn`` call for the whole file, never one per line.
     """
-    from vlm.data.records import Skip, read_json_rows
+    def shape(row: dict) -> dict:
+        return {k: row[k] for k in METADATA_FIELDS if k in row}
 
-    def keep(row: dict) -> tuple[Path, dict] | Skip | None:
-        path, reason = _row_path(meta.parent, row.get("file_name"))
-        if path is None:
-            return Skip(reason)
-        if wanted is not None and path not in wanted:
+    return dict(_metadata_rows(meta, warn, wanted, shape, "labels and captions"))
+
+
+def read_questions(meta: Path, warn: Callable[[str], None] = _warn_stderr,
+                   wanted: set[Path] | None = None) -> dict[Path, list[dict]]:
+    """The question records of one ``metadata.jsonl`` (docs/vqa.md; several rows may name one image), by image path,
+    in file order: each ``{"question", "answers", "heldout"}``.
+
+    ``question`` has its runs of white space made one space, as training reads it; ``answers`` are what it is scored
+    against, read as :func:`vlm.data.vqa.question_table` reads them (``answers`` where the row has a list, else
+    ``[answer]``; ``[]`` for a question without an answer); ``heldout`` is the row's flag or None. Rows without a
+    ``question`` field (captions) are passed over; one whose question is not a non-blank string is malformed. The
+    file is read as :func:`read_metadata` reads it.
+    """
+    from vlm.data.records import Skip
+    from vlm.data.vqa import ANSWER_COLUMN, ANSWERS_COLUMN, HELDOUT_COLUMN, QUESTION_COLUMN, parse_answers
+
+    def shape(row: dict) -> dict | Skip | None:
+        if QUESTION_COLUMN not in row:
             return None
-        return path, {k: row[k] for k in METADATA_FIELDS if k in row}
+        question = row[QUESTION_COLUMN]
+        if not isinstance(question, str) or not question.strip():
+            return Skip("question is not a non-blank string")
+        one = row.get(ANSWER_COLUMN)
+        one = str(one).strip() if one is not None else ""
+        answers = parse_answers(row.get(ANSWERS_COLUMN)) or ([one] if one else [])
+        return {"question": " ".join(question.split()), "answers": answers, "heldout": row.get(HELDOUT_COLUMN)}
 
-    rows: dict[Path, dict] = {}
-    try:
-        for item in read_json_rows(meta, keep, warn, limit=METADATA_LIMIT):
-            if item is not None:
-                rows[item[0]] = item[1]
-    except UnsafeFileError as e:
-        warn(f"{e}; its labels and captions are not used")
-        return {}
+    rows: dict[Path, list[dict]] = {}
+    for path, row in _metadata_rows(meta, warn, wanted, shape, "questions"):
+        rows.setdefault(path, []).append(row)
     return rows
 
 
@@ -158,12 +249,26 @@ def folder_metadata(paths: Sequence[Path], warn: Callable[[str], None] = _warn_s
             a ``warning:`` line on stderr).
     """
     rows: dict[Path, dict] = {}
+    for meta, wanted in _metadata_files(paths):
+        rows.update(read_metadata(meta, warn, wanted))
+    return rows
+
+
+def folder_questions(paths: Sequence[Path], warn: Callable[[str], None] = _warn_stderr) -> dict[Path, list[dict]]:
+    """The question records (:func:`read_questions`) of the ``metadata.jsonl`` files next to the given images, by
+    path; a bad metadata file or line costs only its rows, as in :func:`folder_metadata`."""
+    rows: dict[Path, list[dict]] = {}
+    for meta, wanted in _metadata_files(paths):
+        rows.update(read_questions(meta, warn, wanted))
+    return rows
+
+
+def _metadata_files(paths: Sequence[Path]) -> Iterator[tuple[Path, set[Path]]]:
+    """Each ``metadata.jsonl`` beside the given images, with the images of its folder."""
     for folder in sorted({p.parent for p in paths}):
         meta = folder / METADATA_FILE
-        if not os.path.lexists(meta):  # lexists: a dangling link or a FIFO is reported, not silently ignored
-            continue
-        rows.update(read_metadata(meta, warn, wanted={p for p in paths if p.parent == folder}))
-    return rows
+        if os.path.lexists(meta):  # lexists: a dangling link or a FIFO is reported, not silently ignored
+            yield meta, {p for p in paths if p.parent == folder}
 
 
 def read_labels(inline: str | None, path: str | None) -> list[str]:
