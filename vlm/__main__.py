@@ -8,6 +8,8 @@
 - ``vlm index --checkpoint CKPT --images DIR --out INDEX``, ``vlm search --index INDEX QUERY``, ``vlm retrieval
   --checkpoint CKPT --images DIR [--compositional]``: image search over a folder (see ``vlm.index``), retrieval
   recall and a compositional test (see ``vlm.retrieval``).
+- ``vlm eval --checkpoint CKPT --task caption|vqa|classify --data DIR --shots 0,4,8 --select random|rices``: few-shot
+  evaluation of a Flamingo, as OpenFlamingo's eval suite (see ``vlm.fewshot``).
 
 User errors on the Lightning path are one ``vlm: error:`` line and exit status 2, not a traceback: a FIFO, device
 or socket named on the command line (jsonargparse would block reading it as a config), a ``--ckpt_path`` that is
@@ -279,6 +281,7 @@ COMMANDS = {
     "search": "search an index with a text query",
     "retrieval": "image-text retrieval recall of a checkpoint on a captioned folder (and a compositional test)",
     "serve": "a local web page over a CLIP (and a captioner, an index)",
+    "eval": "few-shot caption, VQA or classification scores of a Flamingo (random or RICES examples)",
 }
 
 
@@ -317,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.cli import explain_main
 
         return explain_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from vlm.cli import eval_main
+
+        return eval_main(argv[1:])
     if argv and argv[0] in ("index", "search", "retrieval"):
         from vlm.cli import index_main, retrieval_main, search_main
 

@@ -1,6 +1,6 @@
-"""``vlm export``, ``vlm explain``, ``vlm index``, ``vlm search`` and ``vlm retrieval``: command-line entry points
-over :mod:`vlm.formats`, :mod:`vlm.explain`, :mod:`vlm.index` and :mod:`vlm.retrieval` (LightningCLI runs the training
-commands)."""
+"""``vlm export``, ``vlm explain``, ``vlm index``, ``vlm search``, ``vlm retrieval`` and ``vlm eval``: command-line
+entry points over :mod:`vlm.formats`, :mod:`vlm.explain`, :mod:`vlm.index`, :mod:`vlm.retrieval` and
+:mod:`vlm.fewshot` (LightningCLI runs the training commands)."""
 
 from __future__ import annotations
 
@@ -292,3 +292,102 @@ def _compositional_line(item: tuple[str, dict | None]) -> str:
         return f"{kind}  not applicable (no caption gives such a negative)"
     return (f"{kind}  accuracy {score['pair_accuracy']:.3f} of {score['pairs']:,} pairs  "
             f"images {score['image_accuracy']:.3f} of {score['images']:,}")
+
+
+# ----------------------------------------------------------------------------------------------------- vlm eval
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``vlm eval: error:`` line (a ValueError for :func:`eval_main`)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _support_folder(data: str, support: str | None) -> str:
+    """``--support``, or by default the ``train`` folder beside a ``validation`` / ``val`` split."""
+    from pathlib import Path
+
+    if support is not None:
+        return support
+    path = Path(data).absolute()
+    if path.name in ("validation", "val") and (path.parent / "train").is_dir():
+        return str(path.parent / "train")
+    raise ValueError(f"give --support DIR, the pool the examples come from ({data} is not a validation or val folder "
+                     "with a train folder beside it)")
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``vlm eval --checkpoint FLAMINGO --task caption|vqa|classify --data DIR [--support DIR] [--shots 0,4,8]
+    [--select random,rices] [--clip CKPT] [--index INDEX] [--trials N] [--seed S] [--limit N] [--batch-size B]
+    [--out FILE] [--json]``: few-shot evaluation (:mod:`vlm.fewshot`); returns the exit code (0 done, 1 some image
+    could not be read or --out not written, 2 usage error)."""
+    from vlm.fewshot import METRICS, SELECTS, TASKS, FewShotEval, class_names, format_table, read_items
+    from vlm.index import MAX_BATCH_SIZE
+    from vlm.inference import CaptionPredictor, load
+
+    p = _OneLineParser(prog="vlm eval", description="Few-shot evaluation of a Flamingo checkpoint, as OpenFlamingo's "
+                       "eval suite: k solved examples (random or retrieved by CLIP similarity, RICES) before each "
+                       "query; one row per (select, shots) with the metric's mean and std over trials.")
+    p.add_argument("--checkpoint", required=True, help="a Flamingo checkpoint (.ckpt) or vlm export folder")
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--data", required=True, help="the evaluation split: VQA records, a captioned or labelled folder")
+    p.add_argument("--support", help="the pool of examples (default: the train folder beside a validation/val --data)")
+    p.add_argument("--shots", default="0,4,8", help="comma-separated shot counts (default 0,4,8)")
+    p.add_argument("--select", default="random", help="random, rices, or both comma-separated (default random)")
+    p.add_argument("--clip", help="the CLIP checkpoint that embeds the images for rices")
+    p.add_argument("--index", help="a vlm index of the support folder built with --clip (its embeddings are reused)")
+    p.add_argument("--trials", type=int, default=3, help="random draws per shot count, 1 to 100 (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
+    p.add_argument("--limit", type=int, help="evaluate the first N queries only")
+    p.add_argument("--batch-size", type=int, default=8, help=f"queries per batch, 1 to {MAX_BATCH_SIZE:,} (default 8)")
+    p.add_argument("--out", help="write the full results (every trial's predictions) as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of the table")
+    try:
+        args = p.parse_args(argv)
+        if not all(k.strip().isdigit() for k in args.shots.split(",")):
+            raise ValueError(f"--shots takes comma-separated counts such as 0,4,8, not {args.shots!r}")
+        shots = list(dict.fromkeys(int(k) for k in args.shots.split(",")))
+        selects = list(dict.fromkeys(s.strip() for s in args.select.split(",")))
+        if args.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {args.task!r}")
+        if not all(0 <= k <= 64 for k in shots) or not all(s in SELECTS for s in selects):
+            raise ValueError(f"--shots takes counts from 0 to 64 and --select {' or '.join(SELECTS)}")
+        if not (1 <= args.trials <= 100 and args.seed >= 0 and 1 <= args.batch_size <= MAX_BATCH_SIZE
+                and (args.limit is None or args.limit >= 1)):  # fmt: skip
+            raise ValueError(f"--trials must be 1 to 100, --seed >= 0, --batch-size 1 to {MAX_BATCH_SIZE:,}, "
+                             "--limit >= 1")
+        rices = "rices" in selects and any(shots)
+        if rices and not args.clip:
+            raise ValueError("--select rices needs --clip CKPT, the CLIP that embeds the images")
+        if args.index and not rices:
+            raise ValueError("--index serves --select rices (with shots above 0)")
+        queries = read_items(args.task, args.data)[: args.limit]
+        support = _support_folder(args.data, args.support) if any(shots) else None
+        pool = read_items(args.task, support) if support else []
+        predictor = load(args.checkpoint, batch_size=args.batch_size)
+        if not isinstance(predictor, CaptionPredictor):
+            raise ValueError(f"{args.checkpoint} is a {predictor.kind}: --checkpoint takes a Flamingo checkpoint (a "
+                             "CLIP goes in --clip, for rices)")
+        names = class_names(args.data, queries, pool) if args.task == "classify" else []
+        harness = FewShotEval(predictor, args.task, queries, pool, names, args.seed, args.trials)
+        progress = sys.stderr.isatty()
+        harness.check_images(progress)
+        if rices:
+            harness.embed(args.clip, args.index)
+        rows = harness.run(shots, selects, args.batch_size, progress)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except ValueError as e:  # FewShotError, CheckpointError, IndexFileError, DataLayoutError, a bad number included
+        return _error(p.prog, str(e))
+    result = {"task": args.task, "metric": METRICS[args.task], "checkpoint": args.checkpoint, "data": args.data,
+              "support": support, "clip": args.clip, "index": args.index, "seed": args.seed, "trials": args.trials,
+              "queries": len(harness.queries), "support_size": len(harness.support), "classes": names,
+              "failed": harness.failed, "results": rows}  # fmt: skip
+    print(json.dumps(result) if args.json else "\n".join(map(printable, format_table(result).splitlines())), flush=True)
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=1)
+        except OSError as e:
+            print(f"{p.prog}: error: cannot write {printable(args.out)}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    return 1 if harness.failed else 0
