@@ -88,6 +88,8 @@ def test_rices_picks_the_nearest_examples_most_similar_last_and_never_the_query(
     assert rices_select(queries, support, 4, [set(), set()])[0] == [2, 3, 1, 0]  # nothing excluded: itself last
     with pytest.raises(ValueError, match="fewer than 5"):
         rices_select(queries, support, 5, [{0}, {2}])
+    with pytest.raises(ValueError, match="fewer than 6"):
+        rices_select(queries, support, 6, [set(), set()])  # more than the pool holds
 
 
 def test_exclusions_cover_the_same_path_and_the_same_content(tmp_path):

@@ -170,7 +170,7 @@ def rices_select(queries: Tensor, support: Tensor, k: int, excluded: Sequence[se
         for i, banned in enumerate(excluded[start:start + 1024]):
             sims[i, sorted(banned)] = float("-inf")
         order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
-        if k and not bool(sims.gather(1, order).isfinite().all()):
+        if order.shape[1] < k or not bool(sims.gather(1, order).isfinite().all()):
             raise ValueError(f"the support pool has fewer than {k} examples besides a query")
         out += [row[::-1] for row in order.tolist()]
     return out
