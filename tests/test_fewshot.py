@@ -236,6 +236,7 @@ def test_vlm_eval_rices_can_reuse_an_index_of_the_support_folder(setup, tmp_path
     ("unknown task", "--task must be one of"),
     ("rices without clip", "needs --clip"),
     ("index of another clip", "built with another CLIP"),
+    ("index of another folder", "not the support images"),
     ("no support", "give --support"),
 ])
 def test_vlm_eval_user_errors_are_one_line_and_exit_2(setup, tmp_path, capsys, case, message):
@@ -258,6 +259,11 @@ def test_vlm_eval_user_errors_are_one_line_and_exit_2(setup, tmp_path, capsys, c
                      "--out", str(tmp_path / "other.idx")]) == 0
         capsys.readouterr()
         args += ["--select", "rices", "--clip", str(ckpts["clip"]), "--index", str(tmp_path / "other.idx")]
+    elif case == "index of another folder":
+        assert main(["index", "--checkpoint", str(ckpts["clip"]), "--images", str(root / "vqa" / "validation"),
+                     "--out", str(tmp_path / "val.idx")]) == 0
+        capsys.readouterr()
+        args += ["--select", "rices", "--clip", str(ckpts["clip"]), "--index", str(tmp_path / "val.idx")]
     else:
         shutil.copytree(root / "vqa" / "validation", tmp_path / "queries")
         args[args.index("--data") + 1] = str(tmp_path / "queries")
@@ -266,3 +272,18 @@ def test_vlm_eval_user_errors_are_one_line_and_exit_2(setup, tmp_path, capsys, c
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlm eval: error: ") and message in lines[0], captured.err
     assert captured.out == ""
+
+
+def test_vlm_eval_leaves_out_an_unreadable_image_and_exits_1(setup, tmp_path, capsys):
+    root, _ = setup
+    for split in ("train", "validation"):
+        shutil.copytree(root / "vqa" / split, tmp_path / split)
+    (tmp_path / "validation" / "validation1.png").write_bytes(b"not a png")
+    args = _eval(setup, tmp_path, "--shots", "1", "--trials", "1", "--json")
+    args[args.index("--data") + 1] = str(tmp_path / "validation")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["queries"] == 3 and list(result["failed"]) == [str(tmp_path / "validation" / "validation1.png")]
+    assert [p["query"] for p in result["results"][0]["runs"][0]["predictions"]] == [0, 1, 2]
+    assert "skipped" in captured.err and "validation1.png" in captured.err
