@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from vlm.serve import Demo
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 LABELS = ["red circle", "blue square", "green star", "yellow cross"]
+QUESTION = "what colour is the star?"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,31 @@ def test_bad_uploads_get_a_message_and_the_next_one_works(files):
     expected = vlm.load(files["clip"]).classify(str(files["image"]), LABELS, top_k=5)[0]
     assert list(probs) == [label for label, _ in expected]
     assert caption == vlm.load(files["flamingo"]).caption(str(files["image"]))[0]
+
+
+def test_questions_are_answered_as_the_predictor_answers_them_and_batched(files):
+    flamingo = vlm.load(files["flamingo"])
+    gallery = [str(files["index"].parent / "gallery" / f"{i}.png") for i in range(2)]
+    expected = flamingo.answer(gallery, QUESTION)
+    assert all(expected) and expected[0] != expected[1]  # each caller must get its own image's answer
+    demo = Demo(captioner=flamingo, max_batch=4, batch_window_ms=200, max_upload_bytes=1 << 20)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(demo.ask, [gallery[i % 2] for i in range(6)], [QUESTION] * 6, timeout=120))
+        assert answers == [expected[i % 2] for i in range(6)]
+        assert 1 < demo.answers.stats().largest <= 4 and demo.answers.stats().items == 6  # questions shared forwards
+        assert demo.ask(gallery[0], "  what colour\n is the star? ") == expected[0]  # white space as training reads it
+        for path, question, words in ((None, QUESTION, "no image"), (files["bad"], QUESTION, "not an image"),
+                                      (gallery[0], "  ", "Type a question"), (gallery[0], None, "Type a question"),
+                                      (gallery[0], "what colour? " * 30, "context is 24 tokens"),
+                                      (gallery[0], "x" * 1001, "at most 1,000")):
+            said = demo.ask(str(path) if path else None, question)
+            assert words in said and said not in expected, said
+    finally:
+        demo.close()
+    assert demo.latency.summary("answer")[0] == 13
+    said = Demo(vlm.load(files["clip"]), labels=LABELS).ask(gallery[0], QUESTION)
+    assert "No captioner" in said and "--captioner" in said
 
 
 def test_search_without_an_index_says_how_to_get_one(files):
@@ -168,6 +195,16 @@ def test_the_page_in_a_real_browser(files, server, browser, tmp_path):
     upload(files["image"])
     labels, caption = _wait(shown) or (browser.find_element(By.ID, "labels").text, "")
     assert expected_label in labels and caption == expected_caption
+
+    # a question about the uploaded image: typed, Ask clicked, the predictor's answer in the answer box
+    expected_answer = vlm.load(files["flamingo"]).answer(str(files["image"]), QUESTION)[0]
+    def answered():
+        return browser.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value")
+
+    assert expected_answer and answered() == ""  # the upload alone leaves the box empty: Ask fills it
+    browser.find_element(By.CSS_SELECTOR, "#question textarea, #question input").send_keys(QUESTION)
+    browser.find_element(By.ID, "ask").click()
+    assert _wait(answered) == expected_answer
     browser.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").stat().st_size > 10_000
 

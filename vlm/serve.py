@@ -4,7 +4,8 @@
         --labels-file data/shapes/classnames.txt --index shapes.index --images data/shapes/validation --port 7860
 
 Upload an image (or pick an example): the CLIP model's top labels as bars, the heat map of where it found the top
-label, the captioner's caption; type a query to search an index made by ``vlm index``. An upload that is not an
+label, the captioner's caption; ask the captioner a question about the image (a short answer, as
+``vlm.load(ckpt).answer`` gives it); type a query to search an index made by ``vlm index``. An upload that is not an
 image, is truncated, is too large (bytes, or pixels: :func:`vlm.data.images.load_image`'s budget, checked from the
 header before anything is decoded) gets a message in the page; the server carries on.
 
@@ -12,11 +13,12 @@ An index is a file like any other: it names its own folder and files. The page s
 real path (symbolic links resolved) lies under the folder given with ``--images`` on the command line; any other is
 dropped with one ``vlm serve: dropped ...`` line on stderr, and ``--index`` without ``--images`` is refused at start.
 
-Requests that arrive together share a forward: classify requests (the page's labels and the ``/classify`` API) and
-captions each go through a :class:`vlm.batching.MicroBatcher` (``--max-batch``, ``--batch-window-ms``), and each
-kind has its own workers, so a slow caption never holds up the labels. Calls on the CLIP model are serialised by a
-lock (the heat map records attention on the shared model; the classifier cache is shared). The median and 95th
-percentile latency of each kind of request are logged (``--latency-every`` requests or 60 s, and at shutdown).
+Requests that arrive together share a forward: classify requests (the page's labels and the ``/classify`` API),
+captions and questions each go through a :class:`vlm.batching.MicroBatcher` (``--max-batch``, ``--batch-window-ms``),
+and each kind has its own workers, so a slow caption never holds up the labels. Calls on the CLIP model are serialised
+by a lock (the heat map records attention on the shared model; the classifier cache is shared), and so are calls on
+the captioner (a caption batch and an answer batch take turns). The median and 95th percentile latency of each kind
+of request are logged (``--latency-every`` requests or 60 s, and at shutdown).
 """
 
 from __future__ import annotations
@@ -38,18 +40,19 @@ from vlm.inputs import printable, read_labels
 DEFAULT_PORT = 7860
 DISPLAY_SIZE = 256  # small images (the shapes are 64 px) are shown enlarged, pixels kept sharp
 SHOWN_SIDE = 2 * DISPLAY_SIZE  # larger images (uploads, matches) are shown reduced to this, heat map included
+MAX_QUESTION_CHARS = 1000  # a question longer than this is refused before it is tokenized
 log = logging.getLogger("vlm.serve")
 
 
 class Demo:
     """What the page calls: the loaded models and the functions behind each button (usable without a browser).
 
-    Classify requests and captions from many threads are batched (:class:`vlm.batching.MicroBatcher`); each call
-    is timed into :attr:`latency`. :meth:`close` stops the batchers and logs the whole run's latencies.
+    Classify requests, captions and questions from many threads are batched (:class:`vlm.batching.MicroBatcher`);
+    each call is timed into :attr:`latency`. :meth:`close` stops the batchers and logs the whole run's latencies.
 
     Args:
         clip: a CLIP predictor (labels, heat maps, search), or None.
-        captioner: a Flamingo predictor (captions), or None.
+        captioner: a Flamingo predictor (captions, answers to questions), or None.
         index: a :class:`vlm.index.ImageIndex` to search, or None.
         labels: the classes the CLIP model ranks.
         max_upload_bytes: the largest upload read.
@@ -74,7 +77,10 @@ class Demo:
         # is shared. Classify requests are batched, so they queue behind one forward, not one each.
         self._clip_lock = threading.Lock()
         self.classifier = MicroBatcher(self._classify_batch, max_batch, batch_window_ms / 1000, "classify")
+        # Captions and answers have a batcher each (concurrent questions share a forward) and take turns on the model.
+        self._captioner_lock = threading.Lock()
         self.captions = MicroBatcher(self._caption_batch, max_batch, batch_window_ms / 1000, "caption")
+        self.answers = MicroBatcher(self._answer_batch, max_batch, batch_window_ms / 1000, "answer")
         self.latency = LatencyLog(log, every=latency_every, extra=self.batch_summary)
 
     def _shown_here(self, path: str | os.PathLike) -> bool:
@@ -110,7 +116,13 @@ class Demo:
         return out
 
     def _caption_batch(self, images: list[Any]) -> list[str]:
-        return self.captioner.caption(images)  # only the caption worker calls the captioner: no lock
+        with self._captioner_lock:
+            return self.captioner.caption(images)
+
+    def _answer_batch(self, items: list[tuple[Any, str]]) -> list[str]:
+        """(image, question) pairs -> one answer each, in one call (each image asked its own question)."""
+        with self._captioner_lock:
+            return self.captioner.answer([image for image, _ in items], [question for _, question in items])
 
     def top_labels(self, image: Any) -> list[tuple[str, float]]:
         """A decoded image's top labels, best first, batched with the other requests that arrive with it."""
@@ -118,7 +130,7 @@ class Demo:
 
     def batch_summary(self) -> str:
         """How the batches went so far, for the latency lines."""
-        stats = [(b.name, b.stats()) for b in (self.classifier, self.captions)]
+        stats = [(b.name, b.stats()) for b in (self.classifier, self.captions, self.answers)]
         return "; ".join(f"{name} batches {s.batches} (largest {s.largest}, mean {s.mean:.1f})"
                          for name, s in stats if s.batches)  # fmt: skip
 
@@ -126,6 +138,7 @@ class Demo:
         """Answers what is queued, stops the batch workers and logs the whole run's latencies."""
         self.classifier.close()
         self.captions.close()
+        self.answers.close()
         self.latency.close()
 
     # ------------------------------------------------------------------------------------------------ requests
@@ -185,6 +198,24 @@ class Demo:
         shown, probs, heat, status = self.look(path)
         return shown, probs, self.describe(path) if shown is not None else "", heat, status
 
+    def ask(self, path: str | None, question: str | None) -> str:
+        """An uploaded file and a question about it -> the captioner's short answer (batched with the questions that
+        arrive with it), or a message saying what is wrong: no captioner, no question, no readable image."""
+        if self.captioner is None:
+            return "No captioner: start the server with --captioner CKPT (a Flamingo checkpoint) to ask questions."
+        with self.latency.timed("answer"):
+            question = " ".join((question or "").split())
+            if not question:
+                return "Type a question about the image, e.g. 'what colour is the star?'."
+            if len(question) > MAX_QUESTION_CHARS:
+                return f"Error: the question is {len(question):,} characters long; at most {MAX_QUESTION_CHARS:,}."
+            try:
+                return self.answers.submit((self._read(path), question))
+            except Exception as e:  # noqa: BLE001 - the request gets its error; the server carries on
+                if not isinstance(e, ValueError | OSError):
+                    log.warning("answer failed: %s: %s", type(e).__name__, e)
+                return f"Error: {printable(str(e))}"
+
     def search(self, query: str) -> tuple[list, str]:
         """A text query -> (gallery of (image, "score name"), status message)."""
         with self.latency.timed("search"):
@@ -222,8 +253,8 @@ def concurrency(demo: Demo) -> int:
 
 
 def build_app(demo: Demo, examples: Sequence[str] = ()):
-    """The Gradio page over ``demo``: each kind of request (labels, caption, ``/classify``, search) has its own
-    workers, so a slow one does not hold up the others."""
+    """The Gradio page over ``demo``: each kind of request (labels, caption, question, ``/classify``, search) has its
+    own workers, so a slow one does not hold up the others."""
     import gradio as gr
 
     limit = concurrency(demo)
@@ -242,10 +273,18 @@ def build_app(demo: Demo, examples: Sequence[str] = ()):
                     heat = gr.Image(label="where the top label is", interactive=False, height=DISPLAY_SIZE,
                                     elem_id="heatmap")
                 caption = gr.Textbox(label="caption", interactive=False, elem_id="caption")
+                if demo.captioner is not None:  # a question about the uploaded image, answered by the captioner
+                    with gr.Row():
+                        question = gr.Textbox(label="question", placeholder="what colour is the star?",
+                                              elem_id="question", scale=4)
+                        ask = gr.Button("Ask", elem_id="ask", scale=1)
+                    reply = gr.Textbox(label="answer", interactive=False, elem_id="answer")
                 probs = gr.Label(label="labels", num_top_classes=demo.top_k, elem_id="labels")
         upload.change(demo.look, inputs=[upload], outputs=[shown, probs, heat, status], concurrency_limit=limit)
         if demo.captioner is not None:
             upload.change(demo.describe, inputs=[upload], outputs=[caption], concurrency_limit=limit)
+            gr.on([ask.click, question.submit], demo.ask, inputs=[upload, question], outputs=[reply],
+                  api_name="answer", concurrency_limit=limit)
         if demo.clip is not None:  # the API alone: labels as JSON, no heat map
             answer, classify = gr.JSON(visible=False), gr.Button(visible=False)
             classify.click(demo.classify, inputs=[upload], outputs=[answer], api_name="classify",
@@ -265,7 +304,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     """``vlm serve``; returns the exit code (2 for a usage error or a refused checkpoint)."""
     parser = argparse.ArgumentParser(prog="vlm serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", help="a CLIP checkpoint or export (labels, heat maps, search)")
-    parser.add_argument("--captioner", help="a Flamingo checkpoint or export (captions)")
+    parser.add_argument("--captioner", help="a Flamingo checkpoint or export (captions, questions)")
     parser.add_argument("--index", help="an index made by vlm index (search); needs --images")
     parser.add_argument("--images", metavar="DIR",
                         help="the folder the index was built from: the page shows only search results whose real "
