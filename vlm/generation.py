@@ -1,7 +1,8 @@
 """Decoding: greedy, beam search and temperature / nucleus (top-p) sampling over a KV cache.
 
-Any model with the generation protocol works (:class:`~vlm.models.decoder.DecoderLM`,
-:class:`~vlm.models.hf_decoder.HFCausalLM`, :class:`~vlm.models.flamingo.Flamingo`):
+Any model with the generation protocol (:class:`~vlm.models.protocols.Generator`) works
+(:class:`~vlm.models.decoder.DecoderLM`, :class:`~vlm.models.hf_decoder.HFCausalLM`,
+:class:`~vlm.models.flamingo.Flamingo`):
 
 - ``start_generation(use_cache, **inputs) -> state``: one-off work (Flamingo encodes and resamples the images here,
   once, and projects their keys/values for every cross-attention layer);
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.data.gpt2_tokenizer import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+from vlm.models.protocols import Generator
 
 
 class _Candidates:
@@ -91,7 +93,7 @@ def _budget(model: Any, prompt_len: int, max_new_tokens: int) -> int:
 
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: Generator,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
@@ -113,7 +115,7 @@ def generate(
     """Continues left-padded prompts; returns the new tokens (b, <= max_new_tokens), padded after each stop.
 
     Args:
-        model: a model with the generation protocol (see the module docstring).
+        model: a model with the generation protocol (:class:`vlm.models.protocols.Generator`).
         input_ids: prompts (b, n), left-padded.
         attention_mask: (b, n), 0 on the padding; ``None`` if nothing is padded.
         max_new_tokens: most tokens to generate (fewer if the context would overflow).

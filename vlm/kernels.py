@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.models.decoder import DecoderLM
-from vlm.models.layers import MLP, Block, KVCache, QuickGELU
+from vlm.models.layers import MLP, Block, QuickGELU
 
 BACKENDS = ("auto", "onednn", "blas", "off")
 
@@ -181,19 +181,10 @@ def _residual(x: Tensor, branch: Tensor) -> Tensor:
 
 
 class CPUBlock(Block):
-    """:class:`~vlm.models.layers.Block` whose residual sums, where no gradient flows, reuse the branch outputs."""
+    """:class:`~vlm.models.layers.Block` whose residual sums, where no gradient flows, reuse the branch outputs: the
+    same ``forward``, another :meth:`add_residual`."""
 
-    def forward(
-        self,
-        x: Tensor,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        cache: KVCache | None = None,
-        layer_idx: int = 0,
-    ) -> Tensor:
-        a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache, layer_idx=layer_idx)
-        x = _residual(x, self.drop_path1(self.ls1(a)))
-        return _residual(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+    add_residual = staticmethod(_residual)
 
 
 # ------------------------------------------------------------------------------------------------- the swap

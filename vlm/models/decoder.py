@@ -9,10 +9,9 @@ Incremental decoding keeps past keys and values in a :class:`~vlm.models.layers.
 are supported: ``attention_mask`` marks real tokens, positions count real tokens only, and a padding query
 attends to itself so no softmax is taken over nothing.
 
-Every decoder that Flamingo can freeze (this one and :class:`~vlm.models.hf_decoder.HFCausalLM`) offers the same
-surface: ``vocab_size``, ``width``, ``embed_dim``, ``context_length``, ``layers``, ``embed_tokens``,
-``forward_hidden``, ``unembed``, ``unembedding_weight``, ``new_cache``, ``reorder_cache``, ``forward``, and the
-generation protocol of :mod:`vlm.generation` (``start_generation``, ``step``, ``reorder_state``).
+Every decoder that Flamingo can freeze (this one and :class:`~vlm.models.hf_decoder.HFCausalLM`) is a
+:class:`~vlm.models.protocols.CausalDecoder`: it fills in the embedding, hidden states, unembedding and cache, and
+inherits ``forward`` and the generation protocol of :mod:`vlm.generation`.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.models.layers import Block, KVCache
+from vlm.models.protocols import CausalDecoder
 
 
 def positions_from_mask(attention_mask: Tensor, n: int) -> Tensor:
@@ -49,7 +49,7 @@ def padded_causal_mask(attention_mask: Tensor, n: int) -> Tensor:
     return mask.unsqueeze(1)
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(CausalDecoder):
     """Causal decoder-only transformer with tied input/output embeddings.
 
     Args:
@@ -173,34 +173,6 @@ class DecoderLM(nn.Module):
         """Hidden states (..., width) -> logits (..., vocab_size), or only those of ``token_ids`` (..., k)."""
         weight = self.token_embedding.weight
         return F.linear(hidden, weight if token_ids is None else weight[token_ids])
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> Tensor:
-        """Token ids (b, n) -> next-token logits (b, n, vocab_size). Arguments as in :meth:`forward_hidden`."""
-        hidden = self.forward_hidden(self.embed_tokens(input_ids), attention_mask, position_ids, cache)
-        return self.unembed(hidden)
-
-    # The generation protocol of vlm.generation: the state is the KV cache (None: recompute the prefix).
-    def start_generation(self, use_cache: bool = True) -> KVCache | None:
-        return self.new_cache() if use_cache else None
-
-    @torch.no_grad()
-    def step(
-        self, input_ids: Tensor, attention_mask: Tensor | None, state: KVCache | None, token_ids: Tensor | None = None
-    ) -> Tensor:
-        """Next-token logits (b, vocab), or (b, len(token_ids)), after the new tokens (with a cache) or the whole
-        sequence (without)."""
-        hidden = self.forward_hidden(self.embed_tokens(input_ids), attention_mask, cache=state)
-        return self.unembed(hidden[:, -1], token_ids)  # only the last position is needed
-
-    def reorder_state(self, state: KVCache | None, index: Tensor) -> None:
-        if state is not None:
-            state.reorder(index)
 
 
 def convert_gpt2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

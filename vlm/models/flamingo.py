@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from vlm.models.layers import MLP, Attention
 from vlm.models.perceiver import PerceiverResampler
+from vlm.models.protocols import CausalDecoder
 
 NUM_NEW_TOKENS = 3  # <image>, <|endofchunk|>, <pad>
 
@@ -119,7 +120,9 @@ class Flamingo(nn.Module):
     Args:
         vision: image encoder with ``forward_tokens(images) -> (b, n, width)`` and a ``width`` attribute (e.g. the
             ViT of a trained CLIP).
-        decoder: causal language model with the decoder surface of :class:`~vlm.models.decoder.DecoderLM`.
+        decoder: a causal language model (:class:`~vlm.models.protocols.CausalDecoder`: vlm's
+            :class:`~vlm.models.decoder.DecoderLM`, a Hugging Face model through
+            :class:`~vlm.models.hf_decoder.HFCausalLM`, or a subclass of your own).
         cross_attn_every: a gated cross-attention block goes before decoder layers 0, k, 2k, ...
         cross_attn_heads: heads of the gated cross-attention (must divide the decoder's width).
         cross_attn_mlp_ratio: feed-forward width of the gated blocks relative to the decoder's width.
@@ -138,7 +141,7 @@ class Flamingo(nn.Module):
     def __init__(
         self,
         vision: nn.Module,
-        decoder: nn.Module,
+        decoder: CausalDecoder,
         cross_attn_every: int = 1,
         cross_attn_heads: int = 8,
         cross_attn_mlp_ratio: float = 4.0,

@@ -1,7 +1,7 @@
 """Any Hugging Face causal language model (GPT-2, OPT, Llama, Mistral, Qwen, ...) as a decoder for Flamingo.
 
-:class:`HFCausalLM` wraps ``transformers.AutoModelForCausalLM`` in the decoder surface of
-:class:`~vlm.models.decoder.DecoderLM` (``embed_tokens``, ``forward_hidden``, ``unembed``, ``layers``, a cache), so
+:class:`HFCausalLM` wraps ``transformers.AutoModelForCausalLM`` as a :class:`~vlm.models.protocols.CausalDecoder`
+(``embed_tokens``, ``forward_hidden``, ``unembed``, ``layers``, a cache; ``forward`` and generation inherited), so
 :class:`~vlm.models.flamingo.Flamingo` can freeze it and insert its gated cross-attention before its layers. The
 model is loaded from a local directory (``save_pretrained`` output) or, for users who have network access, a hub
 name; nothing here reaches for the network by itself.
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from vlm.models.decoder import positions_from_mask
 from vlm.models.hf_local import check_attn_implementation, check_local_dir, torch_dtype
+from vlm.models.protocols import CausalDecoder
 
 
 def _find_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -33,7 +34,7 @@ def _find_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
     return lists[0]
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(CausalDecoder):
     """A ``transformers`` causal LM behind the decoder surface Flamingo uses.
 
     Args:
@@ -137,31 +138,6 @@ class HFCausalLM(nn.Module):
             return head(hidden)
         bias = head.bias[token_ids] if getattr(head, "bias", None) is not None else None
         return torch.nn.functional.linear(hidden, head.weight[token_ids], bias)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: Any | None = None,
-    ) -> Tensor:
-        """Token ids (b, n) -> logits (b, n, vocab_size)."""
-        return self.unembed(self.forward_hidden(self.embed_tokens(input_ids), attention_mask, position_ids, cache))
-
-    # The generation protocol of vlm.generation.
-    def start_generation(self, use_cache: bool = True) -> Any | None:
-        return self.new_cache() if use_cache else None
-
-    @torch.no_grad()
-    def step(
-        self, input_ids: Tensor, attention_mask: Tensor | None, state: Any | None, token_ids: Tensor | None = None
-    ) -> Tensor:
-        hidden = self.forward_hidden(self.embed_tokens(input_ids), attention_mask, cache=state)
-        return self.unembed(hidden[:, -1], token_ids)
-
-    def reorder_state(self, state: Any | None, index: Tensor) -> None:
-        if state is not None:
-            state.reorder_cache(index)
 
 
 __all__ = ["HFCausalLM"]

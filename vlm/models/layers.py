@@ -325,9 +325,13 @@ class Block(nn.Module):
     ) -> Tensor:
         """``x`` (b, n, dim) -> (b, n, dim); masks and cache as in :meth:`Attention.forward`."""
         a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache, layer_idx=layer_idx)
-        x = x + self.drop_path1(self.ls1(a))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        x = self.add_residual(x, self.drop_path1(self.ls1(a)))
+        return self.add_residual(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+    @staticmethod
+    def add_residual(x: Tensor, branch: Tensor) -> Tensor:
+        """The residual sum ``x + branch`` (the CPU kernels' block writes it into ``branch`` where it may)."""
+        return x + branch
 
 
 def init_weights_trunc_normal(module: nn.Module, std: float = 0.02) -> None:
