@@ -141,7 +141,8 @@ def test_a_method_the_model_cannot_serve_is_one_clear_error(files):
     clip, flamingo = vlm.load(files["clip"]), vlm.load(files["flamingo"])
     with pytest.raises(TypeError, match="is a CLIP model: it classifies.*captioning needs a Flamingo checkpoint"):
         clip.caption(files["images"][0])
-    with pytest.raises(TypeError, match="is a Flamingo model: it captions images; zero-shot classification needs"):
+    with pytest.raises(TypeError, match="is a Flamingo model: it captions images and answers questions about them; "
+                                        "zero-shot classification needs"):
         flamingo.classify(files["images"][0], ["a", "b"])
 
 

@@ -453,9 +453,9 @@ def test_answer_with_examples_puts_the_solved_examples_first(answering):
     model = vlm.load(path)
     examples = [(images[1], "what colour is it?", "blue")]
     got = model.answer([images[0], images[2]], "what colour is it?", examples=examples)
-    captioner, tok = model.captioner, model.captioner.tokenizer
-    prompt = "<image>Question: what colour is it? Short answer: blue<|endofchunk|><image>Question: what colour is it? " \
-             "Short answer:"
+    captioner = model.captioner
+    prompt = ("<image>Question: what colour is it? Short answer: blue<|endofchunk|>"
+              "<image>Question: what colour is it? Short answer:")
     shots = model.preprocess([images[1]])
     expected = [first_answer(captioner.generate_captions(torch.stack([shots[0], model.preprocess(q)[0]])[None], prompt,
                                                          num_beams=1)[0]) for q in (images[0], images[2])]

@@ -19,12 +19,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
+from vlm.data.images import ImageInput, Images, as_pil, as_pil_list, image_items
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 from vlm.explain import Explanation, caption_maps, clip_maps
 from vlm.formats import CheckpointError, load_captioner, load_zero_shot
@@ -32,8 +31,6 @@ from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
 from vlm.generation import Captioner, few_shot_prompt
 from vlm.zero_shot import ZeroShotModel, build_classifier, class_logits, get_templates, pooled_classifier
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
-Images = ImageInput | Sequence[ImageInput]
 Examples = Sequence[tuple[ImageInput, str]] | None
 QuestionExamples = Sequence[tuple[ImageInput, str, str]] | None  # (image, question, answer)
 
@@ -81,67 +78,15 @@ class Predictor:
     # ------------------------------------------------------------------------------------------------ images
     def preprocess(self, images: Images) -> Tensor:
         """The images as one normalised batch (n, 3, image_size, image_size) on the model's device."""
-        return torch.stack([self.transform(_as_pil(item)) for item in image_items(images)]).to(self.device)
+        return torch.stack([self.transform(as_pil(item)) for item in image_items(images)]).to(self.device)
 
     def _batches(self, images: Images) -> Iterator[Tensor]:
         items = image_items(images)
         for start in range(0, len(items), self.batch_size):
             # each image is decoded and turned into its model tensor before the next is decoded: a batch never
             # holds several decoded full-size images
-            yield torch.stack([self.transform(_as_pil(item))
+            yield torch.stack([self.transform(as_pil(item))
                                for item in items[start:start + self.batch_size]]).to(self.device)  # fmt: skip
-
-
-def image_items(images: Images) -> list[ImageInput]:
-    """One or many images (paths, PIL images, arrays, tensors; a 4-d array or tensor is a batch) as a list of single
-    images, none decoded yet.
-
-    Raises:
-        ValueError: no images.
-    """
-    if isinstance(images, np.ndarray | Tensor) and images.ndim == 4:
-        items: Sequence[Any] = list(images)
-    elif isinstance(images, str | os.PathLike | Image.Image | np.ndarray | Tensor):
-        items = [images]
-    else:
-        items = list(images)
-    if not items:
-        raise ValueError("no images given")
-    return list(items)
-
-
-def as_pil_list(images: Images) -> list[Image.Image]:
-    """One or many images (see :func:`image_items`) as RGB PIL images, all decoded.
-
-    Raises:
-        vlm.data.images.ImageLoadError: a path that is not a readable image.
-        ValueError: an array or tensor of another shape or dtype.
-    """
-    return [_as_pil(item) for item in image_items(images)]
-
-
-def _as_pil(image: ImageInput) -> Image.Image:
-    from vlm.data.images import load_image, to_rgb
-
-    if isinstance(image, str | os.PathLike):
-        return load_image(image)
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, Tensor):  # (C, H, W), as torchvision: float in [0, 1] or uint8
-        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(f"an image tensor must be (C, H, W) with 1, 3 or 4 channels, got {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):  # (H, W) or (H, W, C): uint8, or float in [0, 1]
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"an image array must be (H, W) or (H, W, C) with 1, 3 or 4 channels, got {image.shape}")
-        if image.dtype != np.uint8:
-            if not np.issubdtype(image.dtype, np.floating):
-                raise ValueError(f"an image array must be uint8 or float in [0, 1], got {image.dtype}")
-            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
-    raise ValueError(f"not an image: a {type(image).__name__} (give a path, a PIL image, an array or a tensor)")
 
 
 def _texts(texts: str | Sequence[str]) -> list[str]:

@@ -44,9 +44,12 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
 
 _BACKGROUND = (255, 255, 255)  # alpha is composited on white (see the module docstring)
 
@@ -316,4 +319,63 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
         fp.close()  # PIL closes only the files it opened itself
 
 
-__all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "MAX_SIDE", "ImageLoadError", "display_path", "load_image", "to_rgb"]
+
+
+# ------------------------------------------------------------------------- images given in memory or by path
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
+Images = ImageInput | Sequence[ImageInput]
+
+
+def image_items(images: Images) -> list[ImageInput]:
+    """One or many images (paths, PIL images, arrays, tensors; a 4-d array or tensor is a batch) as a list of single
+    images, none decoded yet.
+
+    Raises:
+        ValueError: no images.
+    """
+    if isinstance(images, np.ndarray | Tensor) and images.ndim == 4:
+        items: Sequence[Any] = list(images)
+    elif isinstance(images, str | os.PathLike | Image.Image | np.ndarray | Tensor):
+        items = [images]
+    else:
+        items = list(images)
+    if not items:
+        raise ValueError("no images given")
+    return list(items)
+
+
+def as_pil_list(images: Images) -> list[Image.Image]:
+    """One or many images (see :func:`image_items`) as RGB PIL images, all decoded.
+
+    Raises:
+        vlm.data.images.ImageLoadError: a path that is not a readable image.
+        ValueError: an array or tensor of another shape or dtype.
+    """
+    return [as_pil(item) for item in image_items(images)]
+
+
+def as_pil(image: ImageInput) -> Image.Image:
+    """One image (a path, PIL image, array (H, W[, C]) or tensor (C, H, W)) as an RGB PIL image, decoded."""
+    if isinstance(image, str | os.PathLike):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, Tensor):  # (C, H, W), as torchvision: float in [0, 1] or uint8
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"an image tensor must be (C, H, W) with 1, 3 or 4 channels, got {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):  # (H, W) or (H, W, C): uint8, or float in [0, 1]
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"an image array must be (H, W) or (H, W, C) with 1, 3 or 4 channels, got {image.shape}")
+        if image.dtype != np.uint8:
+            if not np.issubdtype(image.dtype, np.floating):
+                raise ValueError(f"an image array must be uint8 or float in [0, 1], got {image.dtype}")
+            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    raise ValueError(f"not an image: a {type(image).__name__} (give a path, a PIL image, an array or a tensor)")
+
+
+__all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "MAX_SIDE", "ImageInput", "ImageLoadError", "Images", "as_pil",
+           "as_pil_list", "display_path", "image_items", "load_image", "to_rgb"]
