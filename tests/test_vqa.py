@@ -389,9 +389,6 @@ def test_validation_answers_each_question_with_its_own_prompt():
     alone = [captioner.generate_captions(images[i: i + 1], tok.question_text(q))[0] for i, q in enumerate(questions)]
     assert task._val["pred"] == [first_answer(a) for a in alone]
     assert task._val["answers"] == [["red"], ["2", "two"]] and task._val["heldout"] == [True, False]
-    with pytest.raises(ValueError, match="question records"):
-        task.images_per_sequence = 2
-        task._interleave(batch)
 
 
 # ------------------------------------------------------------------------------------------ answering from Python
@@ -478,3 +475,32 @@ def test_answer_refuses_what_does_not_fit_with_one_clear_error(answering, tiny_c
                 "inference": tiny_clip_task.inference_settings()}, clip)
     with pytest.raises(TypeError, match="answering questions needs a Flamingo checkpoint"):
         vlm.load(clip).answer(images[0], "what colour?")
+
+
+def test_interleaved_question_records_learn_every_answer_after_the_examples_before_it():
+    """images_per_sequence=k: k records in one sequence, laid out as a k-1-shot prompt followed by its answer, the
+    loss on every answer (and its end-of-chunk) and nothing else."""
+    from conftest import build_trainable
+
+    cfg = _tiny_vqa_task()
+    cfg["init_args"]["model"]["init_args"]["decoder"]["init_args"]["context_length"] = 64
+    cfg["init_args"]["images_per_sequence"] = 2
+    task = build_trainable(cfg)
+    tok = task.tokenizer
+    questions, answers = ["what colour?", "how many?", "what shape?", "where?", "odd one"], ["red", "2", "star",
+                                                                                           "left", "x"]
+    images = torch.randn(5, 3, 16, 16)
+    batch = {"image": images, "question": questions, "caption": answers, **tok.encode_questions(questions, answers)}
+    grouped, ids, labels = task._interleave(batch)
+    assert grouped.shape == (2, 2, 3, 16, 16) and torch.equal(grouped[1, 0], images[2])  # the fifth is dropped
+    # the sequence is the 1-shot prompt for the second question, then its answer
+    prompt = tok.encode_prompts([tok.few_shot_question_text("how many?", [("what colour?", "red")])])["input_ids"][0]
+    assert ids[0, :len(prompt)].tolist() == prompt.tolist()
+    learned = [t for t in labels[0].tolist() if t != IGNORE_INDEX]
+    eoc = tok.end_of_chunk_token_id
+    assert learned == tok.encode(" red") + [eoc] + tok.encode(" 2") + [eoc, tok.eos_token_id]
+    loss = task.compute_loss(grouped, ids, labels)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="sequence of 2 questions starting 'what colour.* takes 81 tokens; the "
+                                         "context length is 64"):
+        task.tokenizer.encode_question_sequences([[("what colour? " * 20, "red"), ("how many?", "2")]])

@@ -319,18 +319,34 @@ class FlamingoTokenizer(CausalLMTokenizer):
         """
         if len(questions) != len(answers):
             raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+        return self.encode_question_sequences([[(q, a)] for q, a in zip(questions, answers)])
+
+    def encode_question_sequences(self, sequences: list[list[tuple[str, str]]]) -> dict[str, Tensor]:
+        """Interleaved question records: each sequence holds several ``(question, answer)`` pairs, each asked of its
+        own image (one ``<image>`` each, in order) and answered, as ``bos q1 a1 <|endofchunk|> q2 a2
+        <|endofchunk|> ... eos``; the labels cover every answer with its ``<|endofchunk|>``, and ``eos``.
+
+        Raises:
+            ValueError: a sequence that does not fit the context length (cutting it would cut an answer).
+        """
         rows, labels = [], []
         bos, room = self._bos(), self._room()
-        for question, answer in zip(questions, answers):
-            prompt = self.encode(self.question_text(question))
-            clean = " ".join(answer.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
-            target = self.encode(" " + clean) + [self.end_of_chunk_token_id]
-            if room is not None and len(prompt) + len(target) > room:
-                total = len(bos) + len(prompt) + len(target) + 1
-                raise ValueError(f"question {question[:60]!r} with its answer takes {total} tokens; the context length "
-                                 f"is {self.context_length}")
-            rows.append(bos + prompt + target + [self.eos_token_id])
-            labels.append([IGNORE_INDEX] * (len(bos) + len(prompt)) + target + [self.eos_token_id])
+        for pairs in sequences:
+            ids: list[int] = []
+            lab: list[int] = []
+            for question, answer in pairs:
+                prompt = self.encode(self.question_text(question))
+                clean = " ".join(answer.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
+                target = self.encode(" " + clean) + [self.end_of_chunk_token_id]
+                ids += prompt + target
+                lab += [IGNORE_INDEX] * len(prompt) + target
+            if room is not None and len(ids) > room:
+                first = pairs[0][0][:60] if pairs else ""
+                what = "question" if len(pairs) == 1 else f"sequence of {len(pairs)} questions starting"
+                raise ValueError(f"{what} {first!r} with its answer takes {len(bos) + len(ids) + 1} tokens; the "
+                                 f"context length is {self.context_length}")
+            rows.append(bos + ids + [self.eos_token_id])
+            labels.append([IGNORE_INDEX] * len(bos) + lab + [self.eos_token_id])
         return self.pad_batch(rows, labels)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:

@@ -111,8 +111,9 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         vocabulary: a closed vocabulary (as for :class:`~vlm.tasks.language.LanguageModelTask`, whose decoder was
             trained with the same): the softmax covers only these words' tokens, ``<|endofchunk|>`` and
             end-of-text, in training and generation. ``None``: the whole vocabulary.
-        images_per_sequence: training sequences interleave this many (image, caption) chunks, consecutive batch
-            samples grouped together, so the model also learns sequences with several images.
+        images_per_sequence: training sequences interleave this many (image, caption) or (image, question, answer)
+            chunks, consecutive batch samples grouped together (M3W-style), so the model learns sequences with
+            several images and texts that follow solved examples, as few-shot prompts do.
         input_noise: in training, each caption word *as input* is replaced, with this probability, by the word at
             the same position of another caption of the batch; its label, and every label, stays the true one. The
             next word must then come from the image rather than from the words before it: without it the bridge
@@ -268,18 +269,23 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- loss
     def _interleave(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """Groups k consecutive samples into one sequence ``<image>c1<|endofchunk|><image>c2...`` (b/k, k images)."""
+        """Groups k consecutive samples into one sequence (b/k, k images), M3W-style: captions as
+        ``<image>c1<|endofchunk|><image>c2...``, question records as ``<image>Question: q1 Short answer: a1
+        <|endofchunk|><image>Question: q2 ...``, the loss on every caption or answer. Each text sees the texts
+        before it, so the model learns to use them as examples (few-shot prompts are laid out the same way)."""
         k = self.images_per_sequence
         images = batch["image"]
         if k == 1:
             return images, batch["input_ids"], batch["labels"]
-        if "question" in batch:
-            raise ValueError("images_per_sequence > 1 interleaves captions; question records train one per sequence")
         n = images.shape[0] // k * k
-        prompt = f"{self.tokenizer.prompt} " if self.tokenizer.prompt else ""
-        texts = ["".join(f"{IMAGE_TOKEN}{prompt}{c}{END_OF_CHUNK_TOKEN}" for c in batch["caption"][i: i + k])
-                 for i in range(0, n, k)]
-        enc = self.tokenizer.encode_batch(texts)
+        if "question" in batch:  # "caption" holds each record's training answer
+            pairs = list(zip(batch["question"], batch["caption"]))
+            enc = self.tokenizer.encode_question_sequences([pairs[i: i + k] for i in range(0, n, k)])
+        else:
+            prompt = f"{self.tokenizer.prompt} " if self.tokenizer.prompt else ""
+            texts = ["".join(f"{IMAGE_TOKEN}{prompt}{c}{END_OF_CHUNK_TOKEN}" for c in batch["caption"][i: i + k])
+                     for i in range(0, n, k)]
+            enc = self.tokenizer.encode_batch(texts)
         images = images[:n].view(n // k, k, *images.shape[1:])
         return images, enc["input_ids"].to(images.device), enc["labels"].to(images.device)
 
