@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,34 +81,12 @@ def refuse_special_files(argv: Sequence[str]) -> None:
             raise UsageError(str(e)) from None
 
 
-def check_checkpoint_file(path: Any) -> None:
-    """Refuses a ``--ckpt_path`` that is missing, a FIFO, device or socket, or a file that is not a PyTorch archive.
-
-    A directory is passed on (a sharded FSDP2 checkpoint), as is a remote ``scheme://`` path.
-
-    Raises:
-        UsageError: naming the path and what is wrong with it.
-    """
-    from vlm.data.files import UnsafeFileError, check_regular
-
-    if not isinstance(path, str | os.PathLike) or "://" in str(path):
-        return
-    try:
-        if check_regular(path, "checkpoint (--ckpt_path)", directory_ok=True).is_dir():
-            return
-    except UnsafeFileError as e:
-        raise UsageError(str(e)) from None
-    if not zipfile.is_zipfile(path):  # safe: a regular file; torch.save has written zip archives since PyTorch 1.6
-        raise UsageError(f"checkpoint (--ckpt_path) {path} is not a PyTorch checkpoint archive (corrupt or truncated)")
-
-
-def _read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """:func:`vlm.formats.resume.read_resume_checkpoint`, its refusal a :class:`UsageError`."""
-    from vlm.formats.build import CheckpointError
-    from vlm.formats.resume import read_resume_checkpoint
+def _as_usage_error(check: Any, *args: Any) -> Any:
+    """``check(*args)``, a :class:`~vlm.formats.CheckpointError` it raises turned into a :class:`UsageError`."""
+    from vlm.formats import CheckpointError
 
     try:
-        return read_resume_checkpoint(path)
+        return check(*args)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
 
@@ -117,12 +94,14 @@ def _read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def _guard_strategy(strategy: Any) -> None:
     """Wraps the strategy's checkpoint loading: the file is checked first, a loaded object that is not a Lightning
     checkpoint is refused, and what loading it or its weights raises is marked as a user error."""
+    from vlm.formats.resume import check_checkpoint_file, check_resume_weights
+
     load, load_weights = strategy.load_checkpoint, strategy.load_model_state_dict
 
     def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        check_checkpoint_file(checkpoint_path)  # also the file that "last" or "hpc" resolved to
+        _as_usage_error(check_checkpoint_file, checkpoint_path)  # also the file that "last" or "hpc" resolved to
         if isinstance(checkpoint_path, str | os.PathLike) and Path(checkpoint_path).is_file():
-            _check_resume_weights(strategy, checkpoint_path)
+            _as_usage_error(check_resume_weights, strategy.lightning_module, checkpoint_path)
         try:
             checkpoint = load(checkpoint_path, *args, **kwargs)
         except Exception as e:  # only the file is being read here: whatever fails is about it
@@ -140,28 +119,6 @@ def _guard_strategy(strategy: Any) -> None:
             raise
 
     strategy.load_checkpoint, strategy.load_model_state_dict = load_checkpoint, load_model_state_dict
-
-
-def _check_resume_weights(strategy: Any, path: str | os.PathLike) -> None:
-    """Every bound of :func:`read_resume_checkpoint` on the file the strategy is about to load, then its weights'
-    names and shapes against the model this run built (read from the memory-mapped file, nothing copied), so that
-    loading it costs no more than the model and the file."""
-    import torch
-
-    from vlm.formats.build import CheckpointError, check_weights
-
-    ckpt = _read_resume_checkpoint(path)
-    module = strategy.lightning_module
-    weights = ckpt.get("state_dict")
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in weights.items()):
-        raise UsageError(f"cannot resume from --ckpt_path {path}: its state_dict is not a mapping of named tensors")
-    if module is not None and getattr(module, "strict_loading", True):
-        try:
-            check_weights(module.state_dict(keep_vars=True), {k: tuple(v.shape) for k, v in weights.items()},
-                          str(path), "this run's model")  # fmt: skip
-        except CheckpointError as e:
-            raise UsageError(f"cannot resume from --ckpt_path: {e}") from None
 
 
 def cli_main(args: list[str] | None = None) -> None:
@@ -219,7 +176,9 @@ def _cli_class() -> type:
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt_path and ckpt_path not in _CKPT_KEYWORDS and not str(ckpt_path).startswith("registry"):
-                check_checkpoint_file(ckpt_path)
+                from vlm.formats.resume import check_checkpoint_file
+
+                _as_usage_error(check_checkpoint_file, ckpt_path)
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI's (private) step that would merge the task config a --ckpt_path records into this run's
@@ -230,7 +189,9 @@ def _cli_class() -> type:
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
-            hparams = _read_resume_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            from vlm.formats.resume import read_resume_checkpoint
+
+            hparams = _as_usage_error(read_resume_checkpoint, ckpt_path).get("hyper_parameters") or {}
             if not (isinstance(hparams, dict) and "_class_path" in hparams):
                 return
             from vlm.formats.checkpoint import TRAINING_ONLY, task_config

@@ -1,4 +1,5 @@
-"""What ``vlm fit --ckpt_path`` takes from a checkpoint: weights and loop state, never configuration.
+"""What ``vlm fit --ckpt_path`` takes from a checkpoint: weights and loop state, never configuration; and the checks
+of the file before Lightning reads it (:func:`check_checkpoint_file`, :func:`check_resume_weights`).
 
 LightningCLI would merge the task config a checkpoint records into the run's config and hand it to jsonargparse,
 which imports and builds what it names; a ``compile`` dict there reaches TorchInductor, whose options name a compiler
@@ -10,11 +11,13 @@ run's own config (:func:`config_differences`).
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import torch
 
-from vlm.formats.build import CheckpointError, check_config, check_plain
+from vlm.data.files import UnsafeFileError, check_regular
+from vlm.formats.build import CheckpointError, check_config, check_plain, check_weights
 from vlm.formats.checkpoint import legacy_arguments, read_archive, task_config
 
 # vlm's own optimizer and schedule, allowed in a --ckpt_path's config beside torch's (see check_training_callable)
@@ -56,6 +59,49 @@ def read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from --ckpt_path: {e}") from None
     return ckpt
+
+
+def check_checkpoint_file(path: Any) -> None:
+    """Refuses a ``--ckpt_path`` that is missing, a FIFO, device or socket, or a file that is not a PyTorch archive,
+    before Lightning reads anything of it. A directory is passed on (a sharded FSDP2 checkpoint), as is a remote
+    ``scheme://`` path.
+
+    Raises:
+        CheckpointError: naming the path and what is wrong with it.
+    """
+    if not isinstance(path, str | os.PathLike) or "://" in str(path):
+        return
+    try:
+        if check_regular(path, "checkpoint (--ckpt_path)", directory_ok=True).is_dir():
+            return
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+    if not zipfile.is_zipfile(path):  # safe: a regular file; torch.save has written zip archives since PyTorch 1.6
+        raise CheckpointError(f"checkpoint (--ckpt_path) {path} is not a PyTorch checkpoint archive (corrupt or "
+                              "truncated)")
+
+
+def check_resume_weights(module: Any, path: str | os.PathLike) -> None:
+    """Every bound of :func:`read_resume_checkpoint` on the file a strategy is about to load, then its weights'
+    names and shapes against ``module``, the task this run built (read from the memory-mapped file, nothing
+    copied), so that loading it costs no more than the model and the file. A module with ``strict_loading`` off is
+    not compared.
+
+    Raises:
+        CheckpointError: naming the file and what does not fit.
+    """
+    ckpt = read_resume_checkpoint(path)
+    weights = ckpt.get("state_dict")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise CheckpointError(f"cannot resume from --ckpt_path {path}: its state_dict is not a mapping of named "
+                              "tensors")
+    if module is not None and getattr(module, "strict_loading", True):
+        try:
+            check_weights(module.state_dict(keep_vars=True), {k: tuple(v.shape) for k, v in weights.items()},
+                          str(path), "this run's model")  # fmt: skip
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume from --ckpt_path: {e}") from None
 
 
 def config_differences(recorded: Any, current: Any, key: str = "", limit: int = 3) -> list[str]:
@@ -103,4 +149,5 @@ def check_training_callable(config: Any, where: str, key: str) -> None:
                               f"or vlm's {key.replace('_', ' ')} classes")
 
 
-__all__ = ["VLM_TRAINING_CALLABLES", "check_training_callable", "config_differences", "read_resume_checkpoint"]
+__all__ = ["VLM_TRAINING_CALLABLES", "check_checkpoint_file", "check_resume_weights", "check_training_callable",
+           "config_differences", "read_resume_checkpoint"]
