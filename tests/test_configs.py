@@ -8,7 +8,7 @@ import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from vlm.__main__ import make_cli
+from vlm.fit import make_cli
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml"))

@@ -20,7 +20,7 @@ def _config(path: str) -> dict:
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_lightning_cli_parses(path, capsys):
-    from vlm.__main__ import cli_main
+    from vlm.fit import cli_main
 
     with pytest.raises(SystemExit) as e:
         cli_main(["fit", "--config", str(ROOT / path), "--print_config"])

@@ -124,7 +124,7 @@ def test_resuming_fit_from_a_crafted_checkpoint_is_refused(crafted, no_marker, t
     with the environment variable that turns torch's ``weights_only`` default off."""
     import shutil
 
-    from vlm.__main__ import UsageError, cli_main
+    from vlm.fit import UsageError, cli_main
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     (tmp_path / "checkpoints").mkdir()
