@@ -218,16 +218,24 @@ def test_vlm_eval_writes_the_json_prints_the_table_and_is_deterministic(setup, t
     assert "deterministic" in table and "vqa_accuracy" in table.splitlines()[1]
 
 
-def test_vlm_eval_rices_can_reuse_an_index_of_the_support_folder(setup, tmp_path, capsys):
+def test_vlm_eval_rices_can_reuse_an_index_of_the_support_folder(setup, tmp_path, capsys, monkeypatch):
     root, ckpts = setup
     assert main(["index", "--checkpoint", str(ckpts["clip"]), "--images", str(root / "vqa" / "train"),
                  "--out", str(tmp_path / "train.idx")]) == 0
     args = _eval(setup, tmp_path, "--select", "rices", "--clip", str(ckpts["clip"]), "--json")
-    assert main(args) == 0
+    with monkeypatch.context() as m:  # the folder named by a relative path, as a user in its parent would
+        m.chdir(root)
+        relative = [("vqa/validation" if a == str(root / "vqa" / "validation") else a) for a in args]
+        assert main(relative) == 0
     plain = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert main([*args, "--index", str(tmp_path / "train.idx")]) == 0
     indexed = json.loads(capsys.readouterr().out)
-    assert [r["runs"] for r in indexed["results"]] == [r["runs"] for r in plain["results"]]
+
+    def runs(result: dict) -> list:  # the queries' paths are written as given (relative or not)
+        return [[{**run, "predictions": [{k: v for k, v in p.items() if k != "path"} for p in run["predictions"]]}
+                 for run in r["runs"]] for r in result["results"]]
+
+    assert runs(indexed) == runs(plain)
 
 
 @pytest.mark.parametrize("case, message", [

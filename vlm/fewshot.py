@@ -293,7 +293,9 @@ class FewShotEval:
             if self.support and not any(s.path.resolve() in stored for s in self.support):
                 raise FewShotError(f"{index} covers {found.root}, not the support images: build one over the "
                                    "support folder with vlm index")
-        todo = list(dict.fromkeys(str(i.path) for i in self.queries + self.support if i.path.resolve() not in stored))
+        # absolute names: embed_files joins them to the root, and a folder given as a relative path stays found
+        todo = list(dict.fromkeys(str(i.path.resolve()) for i in self.queries + self.support
+                                  if i.path.resolve() not in stored))
         fresh: dict[str, Tensor] = {}
 
         def skip(name: str, reason: str) -> None:
@@ -303,7 +305,7 @@ class FewShotEval:
             fresh.update(embedded)
 
         def vectors(items: list[Item]) -> Tensor:
-            rows = [stored.get(i.path.resolve(), fresh.get(str(i.path))) for i in items]
+            rows = [stored.get(i.path.resolve(), fresh.get(str(i.path.resolve()))) for i in items]
             return torch.stack(rows) if rows else torch.empty(0, 1)
 
         self.query_embeddings, self.support_embeddings = vectors(self.queries), vectors(self.support)
