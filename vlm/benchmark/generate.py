@@ -2,7 +2,8 @@
 
 Both hold the same weights (a GPT-2 small-size model, randomly initialised by ``transformers`` and converted with
 :func:`~vlm.models.decoder.convert_gpt2_state_dict`): a 16-token prompt, 64 new tokens, greedy, with the KV cache
-and without it (recomputing the whole prefix at every step), and whether both produce the same tokens. Then
+and without it (recomputing the whole prefix at every step), and whether both produce the same tokens; beam search
+(3 beams) over a batch of prompts, as a folder is captioned. Then
 Flamingo captioning, where the images are encoded and resampled once per caption and their cross-attention keys
 and values reused at every step. Ours runs with :func:`vlm.kernels.use_cpu_kernels` applied, as the entry points
 apply it.
@@ -90,6 +91,29 @@ def decoder_rows(settings: Settings) -> Iterator[Row]:
     yield make_row(SUITE, f"{label} greedy {new} new tokens: KV cache speed-up over recomputing", speedup, "x")
 
 
+def beam_rows(settings: Settings) -> Iterator[Row]:
+    """Beam search (3 beams) over a batch of prompts, as captioning a folder runs it: ours against ``transformers``'
+    ``generate(num_beams=3)`` on the same GPT-2-size decoder and weights, both with the KV cache."""
+    ours, peer = gpt2_pair(settings.quick)
+    cpu_kernels(ours, settings)
+    b, new = settings.pick(8, 2), settings.pick(20, 4)
+    prompt = torch.randint(0, ours.vocab_size, (b, 16), generator=torch.Generator().manual_seed(1))
+
+    def peer_beams() -> Tensor:
+        with torch.no_grad():
+            out = peer.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                min_new_tokens=new, num_beams=3, do_sample=False)  # fmt: skip
+        return out[:, prompt.shape[1]:]
+
+    fns = {"ours": lambda: generate(ours, prompt, max_new_tokens=new, num_beams=3), "peer": peer_beams}
+    same = (fns["ours"]() == fns["peer"]()).float().mean().item()
+    t = interleaved_medians(fns, repeats=settings.repeats)
+    label = settings.pick("GPT-2 small size", "tiny GPT-2")
+    yield make_row(SUITE, f"{label} beam search (3 beams), {b} prompts x {new} new tokens, KV cache", b / t["ours"],
+                   "texts/s", b / t["peer"])  # fmt: skip
+    yield make_row(SUITE, f"{label} beam-search tokens equal to transformers'", 100 * same, "%")
+
+
 def flamingo_rows(settings: Settings) -> Iterator[Row]:
     from vlm.generation import caption_images
 
@@ -112,4 +136,5 @@ def flamingo_rows(settings: Settings) -> Iterator[Row]:
 
 def run(settings: Settings) -> Iterator[Row]:
     yield from decoder_rows(settings)
+    yield from beam_rows(settings)
     yield from flamingo_rows(settings)
