@@ -504,3 +504,34 @@ def test_interleaved_question_records_learn_every_answer_after_the_examples_befo
     with pytest.raises(ValueError, match="sequence of 2 questions starting 'what colour.* takes 81 tokens; the "
                                          "context length is 64"):
         task.tokenizer.encode_question_sequences([[("what colour? " * 20, "red"), ("how many?", "2")]])
+
+
+def test_a_flamingo_stage_can_start_from_a_trained_flamingo(tmp_path):
+    """init_weights: question answering after captioning starts from the captioner's whole model, read once."""
+    from conftest import build_trainable
+
+    from vlm.interop.weights import WeightsSourceError
+
+    torch.manual_seed(0)
+    first = build_trainable(_tiny_vqa_task())
+    with torch.no_grad():
+        for p in first.model.parameters():
+            p.add_(torch.randn_like(p))  # "trained": unlike any fresh initialisation
+    path = tmp_path / "captioner.ckpt"
+    torch.save({"state_dict": first.state_dict(), "hyper_parameters": dict(first.hparams)}, path)
+    cfg = _tiny_vqa_task()
+    cfg["init_args"]["init_weights"] = str(path)
+    torch.manual_seed(1)
+    second = build_trainable(cfg)
+    second.setup("fit")
+    assert bool(second.pretrained_loaded)
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], value), name
+    with torch.no_grad():
+        second.model.cross_attn[0].attn_gate.fill_(0.25)
+    second.setup("fit")  # a resumed run (the flag is saved) never reads the file again
+    assert second.model.cross_attn[0].attn_gate.item() == 0.25
+    other = copy.deepcopy(cfg)
+    other["init_args"]["model"]["init_args"]["num_latents"] = 3
+    with pytest.raises(WeightsSourceError, match="cannot start from init_weights"):
+        build_trainable(other).setup("fit")

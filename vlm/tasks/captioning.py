@@ -58,7 +58,7 @@ from vlm.generation import Captioner
 from vlm.losses import next_token_loss
 from vlm.models.flamingo import Flamingo
 from vlm.tasks.language import vocabulary_token_ids
-from vlm.tasks.loading import CheckedLoading
+from vlm.tasks.loading import CheckedLoading, load_init_weights
 from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
 from vlm.vqa import vqa_metrics
 
@@ -101,6 +101,10 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         decoder_weights: where the decoder's weights are read from when training starts (also a Hugging Face GPT-2
             ``save_pretrained`` directory or weights file); None: keep them.
         decoder_weights_prefix: key prefix of the decoder inside that file (``model.`` in an LM task).
+        init_weights: a trained Flamingo checkpoint to start from instead (towers, bridge and new tokens, every key
+            and shape checked against ``model``): a second stage on other data or another task, e.g. question
+            answering after captioning. Read when training starts, never on a resume; ``vision_weights`` and
+            ``decoder_weights`` are then not read.
         tokenizer: the decoder's tokenizer, as in its language-model stage (default: GPT-2's BPE); the task extends
             it with Flamingo's tokens (:class:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer`). Its context length, the
             most tokens per sequence, is capped at the decoder's and is the decoder's where it sets none.
@@ -145,6 +149,7 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         vision_weights_prefix: str = "model.visual.",
         decoder_weights: str | None = None,
         decoder_weights_prefix: str = "model.",
+        init_weights: str | None = None,
         tokenizer: CausalLMTokenizer | None = None,
         prompt: str = "",
         question_prompt: str = DEFAULT_QUESTION_PROMPT,
@@ -174,6 +179,7 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
             "vision": (vision_weights, vision_weights_prefix),
             "decoder": (decoder_weights, decoder_weights_prefix),
         }
+        self.init_weights = init_weights
         # Set once the files above have been read; saved with the checkpoint, so a rebuilt task never rereads them.
         self.register_buffer("pretrained_loaded", torch.tensor(False))
         base = fit_context_length(tokenizer if tokenizer is not None else CausalLMTokenizer(), model.context_length)
@@ -214,7 +220,11 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
     # ------------------------------------------------------------------------------------- pretrained parts
     def setup(self, stage: str) -> None:
         if stage == "fit" and not bool(self.pretrained_loaded):
-            self.load_pretrained()
+            if self.init_weights:  # a whole trained Flamingo (towers, bridge, new tokens): nothing else to read
+                load_init_weights(self.model, self.init_weights, "model.", "the Flamingo model in the config")
+                self.pretrained_loaded.fill_(True)
+            else:
+                self.load_pretrained()
 
     def load_pretrained(self) -> None:
         """Reads the frozen parts' weights from ``vision_weights`` / ``decoder_weights``."""
