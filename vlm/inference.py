@@ -19,11 +19,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
-from vlm.data.images import ImageInput, Images, as_pil, as_pil_list, image_items
+from vlm.data.images import as_pil, as_pil_list, image_items
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 from vlm.explain import Explanation, caption_maps, clip_maps
 from vlm.formats import CheckpointError, load_captioner, load_zero_shot
@@ -31,6 +33,8 @@ from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
 from vlm.generation import Captioner, few_shot_prompt
 from vlm.zero_shot import ZeroShotModel, build_classifier, class_logits, get_templates, pooled_classifier
 
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
+Images = ImageInput | Sequence[ImageInput]
 Examples = Sequence[tuple[ImageInput, str]] | None
 QuestionExamples = Sequence[tuple[ImageInput, str, str]] | None  # (image, question, answer)
 

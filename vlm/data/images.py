@@ -43,13 +43,16 @@ from __future__ import annotations
 import io
 import os
 import stat
+import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is not imported here: a loader of image files must not pay for it (workers, scripts)
+    from torch import Tensor
 
 _BACKGROUND = (255, 255, 255)  # alpha is composited on white (see the module docstring)
 
@@ -322,8 +325,14 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
 
 
 # ------------------------------------------------------------------------- images given in memory or by path
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
-Images = ImageInput | Sequence[ImageInput]
+ImageInput = "str | os.PathLike | Image.Image | np.ndarray | Tensor"  # for annotations; vlm.inference has the types
+Images = "ImageInput | Sequence[ImageInput]"
+
+
+def _tensor_types() -> tuple[type[Tensor], ...]:
+    """``(torch.Tensor,)`` once torch is imported (a tensor cannot exist before), else ``()``."""
+    torch = sys.modules.get("torch")
+    return (torch.Tensor,) if torch is not None else ()
 
 
 def image_items(images: Images) -> list[ImageInput]:
@@ -333,9 +342,10 @@ def image_items(images: Images) -> list[ImageInput]:
     Raises:
         ValueError: no images.
     """
-    if isinstance(images, np.ndarray | Tensor) and images.ndim == 4:
+    arrays = (np.ndarray, *_tensor_types())
+    if isinstance(images, arrays) and images.ndim == 4:
         items: Sequence[Any] = list(images)
-    elif isinstance(images, str | os.PathLike | Image.Image | np.ndarray | Tensor):
+    elif isinstance(images, (str, os.PathLike, Image.Image, *arrays)):
         items = [images]
     else:
         items = list(images)
@@ -360,7 +370,7 @@ def as_pil(image: ImageInput) -> Image.Image:
         return load_image(image)
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if isinstance(image, Tensor):  # (C, H, W), as torchvision: float in [0, 1] or uint8
+    if isinstance(image, _tensor_types()):  # (C, H, W), as torchvision: float in [0, 1] or uint8
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
             raise ValueError(f"an image tensor must be (C, H, W) with 1, 3 or 4 channels, got {tuple(image.shape)}")
         image = image.detach().cpu().permute(1, 2, 0).numpy()
@@ -377,5 +387,5 @@ def as_pil(image: ImageInput) -> Image.Image:
     raise ValueError(f"not an image: a {type(image).__name__} (give a path, a PIL image, an array or a tensor)")
 
 
-__all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "MAX_SIDE", "ImageInput", "ImageLoadError", "Images", "as_pil",
-           "as_pil_list", "display_path", "image_items", "load_image", "to_rgb"]
+__all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "MAX_SIDE", "ImageLoadError", "as_pil", "as_pil_list", "display_path",
+           "image_items", "load_image", "to_rgb"]
