@@ -84,14 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.data.prefetch import default_workers
     from vlm.data.transforms import eval_geometry
     from vlm.formats import CheckpointError
-    from vlm.inference import CaptionPredictor, load
+    from vlm.inference import load_flamingo
     from vlm.inputs import expand_paths, folder_questions, load_batches
 
     try:
-        model = load(args.checkpoint, batch_size=args.batch_size)
-        if not isinstance(model, CaptionPredictor):
-            raise CheckpointError(f"{args.checkpoint} is a {model.kind}: answering questions needs a Flamingo "
-                                  "checkpoint")
+        model = load_flamingo(args.checkpoint, "answering questions", batch_size=args.batch_size)
     except (CheckpointError, ValueError) as e:  # ValueError: a VLM_CPU_LINEAR that names no backend
         return error(str(e))
     try:

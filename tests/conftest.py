@@ -80,15 +80,19 @@ def build_trainable(config: dict):
     return with_config(task, config)
 
 
-def write_tiny_checkpoints(folder) -> dict:
+def write_tiny_checkpoints(folder, flamingo_context: int | None = None) -> dict:
     """``clip.ckpt`` and ``flamingo.ckpt`` (its gates opened, so the image changes the caption) of the tiny configs,
-    as ``vlm fit`` saves them, in ``folder``; returns ``{"clip": path, "flamingo": path}``."""
+    as ``vlm fit`` saves them, in ``folder``; returns ``{"clip": path, "flamingo": path}``. ``flamingo_context``: the
+    decoder's context length instead of the tiny config's 24 (room for few-shot prompts)."""
     from pathlib import Path
 
     from vlm.formats import build_task
 
+    flamingo = copy.deepcopy(TINY_FLAMINGO)
+    if flamingo_context is not None:
+        flamingo["init_args"]["model"]["init_args"]["decoder"]["init_args"]["context_length"] = flamingo_context
     out = {}
-    for name, config in (("clip", tiny_clip_config()), ("flamingo", copy.deepcopy(TINY_FLAMINGO))):
+    for name, config in (("clip", tiny_clip_config()), ("flamingo", flamingo)):
         torch.manual_seed(0)
         task = build_task(config)
         if name == "flamingo":

@@ -3,7 +3,6 @@ metadata questions and their VQA accuracy, error lines, exit codes."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAMINGO, write_tiny_checkpoints
+from conftest import write_tiny_checkpoints
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,22 +38,10 @@ def setup(tmp_path_factory):
     0.png, one about 1.png, none about 2.png. One reference answer per held-out flag is the model's own answer, so
     the expected accuracies are neither 0 nor 1."""
     import vlm
-    from vlm.formats import build_task
 
     tmp = tmp_path_factory.mktemp("answer")
-    config = copy.deepcopy(TINY_FLAMINGO)
-    config["init_args"]["model"]["init_args"]["decoder"]["init_args"]["context_length"] = 64
-    torch.manual_seed(0)
-    task = build_task(config)
-    with torch.no_grad():
-        for blk in task.model.cross_attn:
-            blk.attn_gate.fill_(1.0)
-            blk.mlp_gate.fill_(1.0)
-    ckpt = tmp / "flamingo.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "inference": task.inference_settings()}, ckpt)
-    (tmp / "others").mkdir()
-    clip = write_tiny_checkpoints(tmp / "others")["clip"]
+    ckpts = write_tiny_checkpoints(tmp, flamingo_context=64)
+    ckpt, clip = ckpts["flamingo"], ckpts["clip"]
     folder = tmp / "images"
     folder.mkdir()
     for i, colour in enumerate(["yellow", "blue", "green"]):

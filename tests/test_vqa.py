@@ -404,19 +404,9 @@ def test_few_shot_question_text_asks_each_example_in_the_training_layout():
 @pytest.fixture(scope="module")
 def answering(tmp_path_factory):
     """A tiny Flamingo checkpoint (gates open, so the image changes the answer) with room for a few-shot prompt."""
-    from vlm.formats import build_task
+    from conftest import write_tiny_checkpoints
 
-    config = copy.deepcopy(TINY_FLAMINGO)
-    config["init_args"]["model"]["init_args"]["decoder"]["init_args"]["context_length"] = 64
-    torch.manual_seed(0)
-    task = build_task(config)
-    with torch.no_grad():
-        for blk in task.model.cross_attn:
-            blk.attn_gate.fill_(1.0)
-            blk.mlp_gate.fill_(1.0)
-    path = tmp_path_factory.mktemp("answering") / "flamingo.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "inference": task.inference_settings()}, path)
+    path = write_tiny_checkpoints(tmp_path_factory.mktemp("answering"), flamingo_context=64)["flamingo"]
     images = []
     for i, colour in enumerate(["red", "blue", "green"]):
         image = tmp_path_factory.mktemp("img") / f"{i}.png"

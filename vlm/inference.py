@@ -360,6 +360,15 @@ def load(source: str | os.PathLike, weights: str | os.PathLike | None = None, de
     return predictor
 
 
+def load_flamingo(source: str | os.PathLike, purpose: str, **options: Any) -> CaptionPredictor:
+    """:func:`load` for a use that needs a Flamingo: any other kind of model is a
+    :class:`~vlm.formats.CheckpointError` saying what the file holds and that ``purpose`` needs a Flamingo."""
+    model = load(source, **options)
+    if not isinstance(model, CaptionPredictor):
+        raise CheckpointError(f"{source} is a {model.kind}: {purpose} needs a Flamingo checkpoint")
+    return model
+
+
 def _load_peer(source: str, weights: Path, options: dict[str, Any]) -> Predictor:
     from vlm.data.files import UnsafeFileError, check_regular
     from vlm.data.tokenizer import CLIPTokenizer
@@ -386,4 +395,4 @@ def _load_peer(source: str, weights: Path, options: dict[str, Any]) -> Predictor
         raise CheckpointError(f"{source} with {weights}: {str(e).splitlines()[0]}") from None
 
 
-__all__ = ["CLIPPredictor", "CaptionPredictor", "Predictor", "VisionPredictor", "as_pil_list", "load"]
+__all__ = ["CLIPPredictor", "CaptionPredictor", "Predictor", "VisionPredictor", "as_pil_list", "load", "load_flamingo"]
