@@ -212,12 +212,13 @@ def class_log_likelihoods(captioner: Any, images: Tensor, prefixes: Sequence[Seq
     vocab = None if captioner.vocab_ids is None else torch.tensor(captioner.vocab_ids, device=images.device)
     pairs = [(i, c) for i in range(len(prefixes)) for c in range(len(continuations))]
     scores = torch.empty(len(prefixes), len(continuations))
+    latents = model.encode_media(images)  # each query's images once, whatever the number of classes
     for start in range(0, len(pairs), rows_per_forward):
         chunk = pairs[start:start + rows_per_forward]
         rows = [list(prefixes[i]) + list(continuations[c]) for i, c in chunk]
         enc = tok.pad_batch(rows)
-        hidden = model.forward_hidden(images[[i for i, _ in chunk]], enc["input_ids"].to(images.device),
-                                      enc["attention_mask"].to(images.device))  # fmt: skip
+        hidden = model.hidden_from_latents(latents[[i for i, _ in chunk]], enc["input_ids"].to(images.device),
+                                           enc["attention_mask"].to(images.device))  # fmt: skip
         for r, (i, c) in enumerate(chunk):
             target = torch.tensor(continuations[c], device=images.device)
             at = torch.arange(len(prefixes[i]) - 1, len(rows[r]) - 1, device=images.device)  # predicting the name
@@ -293,8 +294,7 @@ class FewShotEval:
             if self.support and not any(s.path.resolve() in stored for s in self.support):
                 raise FewShotError(f"{index} covers {found.root}, not the support images: build one over the "
                                    "support folder with vlm index")
-        # absolute names: embed_files joins them to the root, and a folder given as a relative path stays found
-        todo = list(dict.fromkeys(str(i.path.resolve()) for i in self.queries + self.support
+        todo = list(dict.fromkeys(str(i.path.resolve()) for i in self.queries + self.support  # absolute: joined to /
                                   if i.path.resolve() not in stored))
         fresh: dict[str, Tensor] = {}
 

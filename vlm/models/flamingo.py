@@ -315,7 +315,11 @@ class Flamingo(nn.Module):
 
     def forward_hidden(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Images and interleaved token ids (b, n) -> final hidden states (b, n, width)."""
-        latents = self.encode_media(images)  # (b, T, L, d)
+        return self.hidden_from_latents(self.encode_media(images), input_ids, attention_mask)
+
+    def hidden_from_latents(self, latents: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward_hidden` from the images' resampled latents (b, T, L, d) of :meth:`encode_media`: several
+        texts about the same images (e.g. every class name of a query) encode the images once."""
         b, t, n_lat, d = latents.shape
         return self._run_decoder(input_ids, latents.reshape(b, t * n_lat, d), t, attention_mask)
 
