@@ -59,6 +59,12 @@ def load_hf_tokenizer(name_or_path: str | None = None) -> Any:
     return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
 
+def _plain(text: str) -> str:
+    """A question or answer as one line of words: ``<image>`` / ``<|endofchunk|>`` written inside it are dropped
+    (only the prompt places images and ends chunks), whitespace collapsed."""
+    return " ".join(text.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
+
+
 def check_question_prompt(prompt: str) -> None:
     """Refuses a question prompt without exactly one ``<image>`` and one ``{question}`` (and no other brace)."""
     if (not isinstance(prompt, str) or prompt.count(IMAGE_TOKEN) != 1 or prompt.count(QUESTION_FIELD) != 1
@@ -296,18 +302,14 @@ class FlamingoTokenizer(CausalLMTokenizer):
     def question_text(self, question: str) -> str:
         """The prompt that asks ``question`` (``question_prompt`` filled in; ``<image>`` / ``<|endofchunk|>``
         written inside the question are dropped: only the prompt places the image)."""
-        clean = " ".join(question.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
-        return self.question_prompt.replace(QUESTION_FIELD, clean).rstrip()
+        return self.question_prompt.replace(QUESTION_FIELD, _plain(question)).rstrip()
 
     def few_shot_question_text(self, question: str, shots: Sequence[tuple[str, str]] = ()) -> str:
         """The prompt that asks ``question`` after solved examples: each ``(question, answer)`` of ``shots`` asked
         and answered in the training layout (``question_text(q) + " " + answer + <|endofchunk|>``), then
         ``question_text(question)``; one ``<image>`` per shot and one for the query, in that order."""
-        def solved(q: str, a: str) -> str:
-            answer = " ".join(a.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
-            return f"{self.question_text(q)} {answer}{END_OF_CHUNK_TOKEN}"
-
-        return "".join(solved(q, a) for q, a in shots) + self.question_text(question)
+        solved = "".join(f"{self.question_text(q)} {_plain(a)}{END_OF_CHUNK_TOKEN}" for q, a in shots)
+        return solved + self.question_text(question)
 
     def encode_questions(self, questions: list[str], answers: list[str]) -> dict[str, Tensor]:
         """Question-answer pairs -> ``input_ids``, ``attention_mask``, ``labels``, right-padded, as
@@ -336,8 +338,7 @@ class FlamingoTokenizer(CausalLMTokenizer):
             lab: list[int] = []
             for question, answer in pairs:
                 prompt = self.encode(self.question_text(question))
-                clean = " ".join(answer.replace(IMAGE_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").split())
-                target = self.encode(" " + clean) + [self.end_of_chunk_token_id]
+                target = self.encode(" " + _plain(answer)) + [self.end_of_chunk_token_id]
                 ids += prompt + target
                 lab += [IGNORE_INDEX] * len(prompt) + target
             if room is not None and len(ids) > room:
