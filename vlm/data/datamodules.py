@@ -43,7 +43,14 @@ from vlm.data.sources import (
     load_table,
     pick_column,
 )
-from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_geometry, normalize, train_geometry
+from vlm.data.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    RecolourView,
+    eval_geometry,
+    normalize,
+    train_geometry,
+)
 from vlm.data.vqa import ANSWER_COLUMN, is_question_table, question_table
 
 log = logging.getLogger("vlm.data")
@@ -86,6 +93,9 @@ class ImageTextDataModule(LightningDataModule):
         augment: random resized crops for training (no flips: captions say left/right).
         rotation: with ``augment``, also rotate training images by a random angle up to this many degrees (colours
             and sides kept, corners filled with the image; see :func:`vlm.data.transforms.train_geometry`). 0: off.
+        recolour: probability that a training pair is replaced by its colour-free view (image colours scrambled,
+            colour words struck from the caption: :class:`~vlm.data.transforms.RecolourView`). Not for streams or
+            question records. 0: off.
         in_memory: decode every image once in ``setup`` and keep the pixels (and token ids) in memory; for
             datasets that fit in RAM this makes loading nearly free.
         cache_workers: processes that decode the in-memory cache (0: the main process).
@@ -127,6 +137,7 @@ class ImageTextDataModule(LightningDataModule):
         drop_last: bool = True,
         augment: bool = False,
         rotation: float = 0.0,
+        recolour: float = 0.0,
         in_memory: bool = False,
         cache_workers: int = 0,
         bad_samples: BadSamplePolicy = "skip",
@@ -155,6 +166,9 @@ class ImageTextDataModule(LightningDataModule):
         if not 0 <= rotation <= 180:
             raise ValueError(f"rotation is a largest angle in degrees, 0 to 180, got {rotation}")
         self.rotation = float(rotation)
+        if not 0.0 <= recolour <= 1.0:
+            raise ValueError(f"recolour is a probability, 0 to 1, got {recolour}")
+        self.recolour = float(recolour)
         self.bad_samples: BadSamplePolicy = bad_samples
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -225,11 +239,17 @@ class ImageTextDataModule(LightningDataModule):
         # In memory: decode to native-size uint8 once, then resize + crop once (or, augmenting, per sample).
         geometry = pil_to_uint8 if cache else train_geometry(self.image_size, augment, rotation=self.rotation)
         if table.streaming:
+            if training and self.recolour:
+                raise ValueError(f"{source}: recolour needs a map-style dataset (a folder or file), not a stream")
             return self._streaming(table, image_col, text_col, label_col, geometry)
         table.data = self._drop_empty_captions(table, image_col, text_col, "train" if training else "validation")
         dataset = ImageTextDataset(table.data, image_col, text_col, label_col, table.root, geometry,
                                    self.bad_samples, self.seed, extra)
+        recolour = RecolourView(self.recolour) if training and self.recolour else None
+        if recolour is not None and extra:
+            raise ValueError(f"{source}: recolour works on caption pairs, not question records")
         if not cache:
+            dataset.recolour = recolour
             return dataset
         dataset = InMemoryImageTextDataset.from_dataset(
             dataset,
@@ -240,6 +260,8 @@ class ImageTextDataModule(LightningDataModule):
             augment=train_geometry(self.image_size, True, rotation=self.rotation) if augment else None,
         )
         self._record("train" if training else "validation", dataset.skipped)
+        if recolour is not None:
+            dataset.set_recolour(recolour)
         dataset.pretokenize(self.tokenizer)
         return dataset
 

@@ -157,6 +157,7 @@ class ImageTextDataset(Dataset):
         self._lists = {c: table[c][:] for c in wanted if _is_plain(features[c])}
         rest = [c for c in wanted if c not in self._lists]
         self._rest = table.select_columns(rest) if rest else None
+        self.recolour: Any = None  # a RecolourView (vlm.data.transforms): colour-free views with its probability
 
     def __len__(self) -> int:
         return len(self.table)
@@ -178,6 +179,9 @@ class ImageTextDataset(Dataset):
                 try:
                     sample = self.read(candidate)
                     sample["skipped"] = skipped
+                    if self.recolour is not None and torch.rand(()) < self.recolour.p:
+                        sample["image"] = self.recolour.image(sample["image"])
+                        sample["caption"] = self.recolour.caption(sample["caption"])
                     return sample
                 except BadSampleError as err:
                     if self.bad_samples == "raise":
@@ -206,6 +210,17 @@ class InMemoryImageTextDataset(Dataset):
         self.augment = augment
         self.extras = extras or {}  # extra column -> one value per sample
         self.tokens: dict[str, torch.Tensor] | None = None
+        self.recolour: Any = None  # a RecolourView (vlm.data.transforms), set by :meth:`set_recolour`
+        self.recoloured_captions: list[str] = []
+        self.recoloured_tokens: dict[str, torch.Tensor] | None = None
+
+    def set_recolour(self, view: Any) -> None:
+        """Train on ``view``'s colour-free pairs (image colours scrambled, colour words struck) with its
+        probability; call before :meth:`pretokenize`, which then tokenises those captions too."""
+        if "question" in self.extras:
+            raise ValueError("recolour works on caption pairs, not question records")
+        self.recolour = view
+        self.recoloured_captions = [view.caption(c) for c in self.captions]
 
     @classmethod
     def from_dataset(
@@ -259,6 +274,13 @@ class InMemoryImageTextDataset(Dataset):
         if all(isinstance(v, torch.Tensor) and v.shape[:1] == (len(unique),) for v in encoded.values()):
             index = torch.tensor(inverse, dtype=torch.long)
             self.tokens = {k: v[index] for k, v in encoded.items()}
+        if self.recolour is not None:
+            unique_free = sorted(set(self.recoloured_captions))
+            where = {c: i for i, c in enumerate(unique_free)}
+            free = encode_texts(tokenizer, unique_free, None)
+            if all(isinstance(v, torch.Tensor) and v.shape[:1] == (len(unique_free),) for v in free.values()):
+                index = torch.tensor([where[c] for c in self.recoloured_captions], dtype=torch.long)
+                self.recoloured_tokens = {k: v[index] for k, v in free.items()}
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -267,10 +289,14 @@ class InMemoryImageTextDataset(Dataset):
         image = self.images[index]
         if self.augment is not None:
             image = self.augment(image)
-        sample = {"image": image, "caption": self.captions[index], "label": self.labels[index],
+        caption, tokens = self.captions[index], self.tokens
+        if self.recolour is not None and torch.rand(()) < self.recolour.p:
+            image = self.recolour.image(image)
+            caption, tokens = self.recoloured_captions[index], self.recoloured_tokens
+        sample = {"image": image, "caption": caption, "label": self.labels[index],
                   "path": self.paths[index], "skipped": [], **{c: v[index] for c, v in self.extras.items()}}
-        if self.tokens is not None:
-            sample["tokens"] = {k: v[index] for k, v in self.tokens.items()}
+        if tokens is not None:
+            sample["tokens"] = {k: v[index] for k, v in tokens.items()}
         return sample
 
 

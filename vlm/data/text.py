@@ -51,6 +51,13 @@ class TextDataModule(LightningDataModule):
         num_workers: dataloader workers (0 suits pre-tokenised data on a small machine).
         tokenizer: turns texts into the batch's tensors (``encode_batch``): the task's (``vlm fit`` links it). Needed
             by :meth:`setup`.
+        recombine: also train on the captions of every recombination of the label words, slot by slot, in the
+            captions' own frames (:func:`vlm.prompts.recombined_captions`: "a large red circle" and "a small blue
+            triangle" give "a large red triangle"...), as many of them as there are training captions. A language
+            model trained only on a dataset's captions learns that a held-out pair never occurs ("red" is never
+            followed by "triangle"), and a captioner on it inherits that; a web-text model knows every pair.
+            Needs a label column (``label_column``); off by default.
+        label_column: the labels' column for ``recombine``.
     """
 
     def __init__(
@@ -65,9 +72,12 @@ class TextDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         tokenizer: Any | None = None,
+        recombine: bool = False,
+        label_column: str = "label",
     ) -> None:
         super().__init__()
         self.train, self.val = train, val
+        self.recombine, self.label_column = recombine, label_column
         self.text_column = text_column
         self.train_split, self.val_split, self.hub_config = train_split, val_split, hub_config
         self.batch_size = batch_size
@@ -88,7 +98,23 @@ class TextDataModule(LightningDataModule):
                            hub_config=self.hub_config)
         columns = list(table.data.column_names)
         column = pick_column(columns, self.text_column, TEXT_FALLBACKS, "text", source)
-        return [t for t in table.data[column] if isinstance(t, str) and t.strip()]
+        texts = [t for t in table.data[column] if isinstance(t, str) and t.strip()]
+        if split == "train" and self.recombine:
+            texts += self._recombined(table.data, columns, column, source, len(texts))
+        return texts
+
+    def _recombined(self, data: Any, columns: list[str], column: str, source: str, count: int) -> list[str]:
+        """``count`` texts cycling over the recombined captions of the training captions and labels."""
+        from vlm.data.sources import LABEL_FALLBACKS, pick_column
+        from vlm.prompts import recombined_captions
+
+        labels = data[pick_column(columns, self.label_column, LABEL_FALLBACKS, "label", source)]
+        pairs = [(c, lbl) for c, lbl in zip(data[column], labels)
+                 if isinstance(c, str) and c.strip() and isinstance(lbl, str) and lbl.strip()]
+        captions = [c for c, _ in recombined_captions([c for c, _ in pairs], [lbl for _, lbl in pairs])]
+        if not captions:
+            raise ValueError(f"{source}: recombine found no labels of two or more words inside their captions")
+        return [captions[i % len(captions)] for i in range(count)]
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:

@@ -174,10 +174,63 @@ def train_transform(
     return Compose(train_geometry(image_size, augment, scale, hflip, rotation), normalize(mean, std))
 
 
+
+
+# Basic and common colour names: the words a recoloured view strikes from its caption (``RecolourView``).
+COLOUR_WORDS = frozenset(
+    "red orange yellow green teal blue purple pink violet magenta cyan turquoise brown black white grey gray "
+    "gold golden silver beige maroon navy olive lime indigo crimson scarlet tan amber".split()
+)
+
+
+def strip_words(caption: str, words: frozenset[str] | set[str]) -> str:
+    """``caption`` without ``words`` (case-insensitive, punctuation kept); an article before a word that now starts
+    with another kind of sound is mended ("an orange cat" -> "a cat")."""
+    kept = [w for w in caption.split() if w.lower().strip(".,;:!?") not in words]
+    for i in range(len(kept) - 1):
+        if kept[i].lower() in ("a", "an"):
+            article = "an" if kept[i + 1][:1].lower() in "aeiou" else "a"
+            kept[i] = article if kept[i].islower() else article.capitalize()
+    return " ".join(kept)
+
+
+class RecolourView:
+    """A colour-free view of a training pair: the image's colours scrambled (a random permutation of its channels,
+    then a random hue turn; greyscale with probability ``grey``) and the colour words struck from its caption, so
+    the pair stays true. Trained on with probability ``p`` instead of the pair, it makes the image tower name what
+    it sees in every colour: a shape never seen in red still reads as that shape when it is red.
+
+    Args:
+        p: probability that a training sample is replaced by its colour-free view.
+        words: the colour words struck from captions (default :data:`COLOUR_WORDS`).
+        grey: probability that the view is greyscale rather than hue-turned.
+    """
+
+    def __init__(self, p: float = 0.5, words: Sequence[str] | None = None, grey: float = 0.25) -> None:
+        if not 0.0 <= p <= 1.0 or not 0.0 <= grey <= 1.0:
+            raise ValueError(f"recolour probabilities must lie in [0, 1], got p={p}, grey={grey}")
+        self.p, self.grey = float(p), float(grey)
+        self.words = frozenset(w.lower() for w in words) if words is not None else COLOUR_WORDS
+
+    def caption(self, caption: str) -> str:
+        return strip_words(caption, self.words)
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> the same image with its colours scrambled."""
+        from torchvision.transforms.v2 import functional as TF
+
+        image = image[torch.randperm(3)]
+        if torch.rand(()) < self.grey:
+            return TF.rgb_to_grayscale(image, num_output_channels=3)
+        return TF.adjust_hue(image, float(torch.rand(())) - 0.5)
+
+
 __all__ = [
+    "COLOUR_WORDS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "Compose",
+    "RecolourView",
     "EvalGeometry",
     "Normalize",
     "center_crop",
@@ -185,6 +238,7 @@ __all__ = [
     "eval_transform",
     "normalize",
     "resize_shorter",
+    "strip_words",
     "to_uint8_tensor",
     "train_geometry",
     "train_transform",
