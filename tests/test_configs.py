@@ -8,7 +8,7 @@ import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from vlm.fit import make_cli
+from vlm.fit import build_from_config
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml"))
@@ -21,7 +21,7 @@ CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=a
 def instantiate(config: str, *extra: str) -> LightningCLI:
     """``vlm fit``'s LightningCLI (with its links from the task to the data module) on ``config``, not run."""
     configs = ["--config", BASES[config], "--config", config] if config in BASES else ["--config", config]
-    return make_cli([*configs, *CPU, *extra], run=False)
+    return build_from_config([*configs, *CPU, *extra])
 
 
 def test_configs_exist():

@@ -5,8 +5,10 @@ entry points over :mod:`vlm.formats`, :mod:`vlm.explain`, :mod:`vlm.index`, :mod
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 
 from vlm.formats.build import CheckpointError
 from vlm.formats.export import CONFIG_FILE, WEIGHTS_FILE, export_task
@@ -175,18 +177,44 @@ def _error(prog: str, message: str) -> int:
     return 2
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, bounds: dict[str, int]) -> argparse.Namespace | int:
-    """The arguments, or the exit code of a usage error: argparse's, or an option outside 1..``bounds[option]``."""
+class _Exit(Exception):
+    """A usage error already reported (argparse's message, or :func:`_error`'s line): the command exits ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, bounds: dict[str, int]) -> argparse.Namespace:
+    """The arguments, checked against ``bounds`` (an option outside 1..``bounds[option]`` is a usage error).
+
+    Raises:
+        _Exit: argparse's usage error or exit (``--help``), or an option out of bounds, once reported.
+    """
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage message
-        return int(e.code or 0)
+        raise _Exit(int(e.code or 0)) from None
     for option, high in bounds.items():
         if not 1 <= getattr(args, option[2:].replace("-", "_")) <= high:
-            return _error(parser.prog, f"{option} must be between 1 and {high:,}")
+            raise _Exit(_error(parser.prog, f"{option} must be between 1 and {high:,}"))
     return args
 
 
+def _exits(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """``main``, returning the code of a :class:`_Exit` it raises."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except _Exit as e:
+            return e.code
+
+    return run
+
+
+@_exits
 def index_main(argv: list[str] | None = None) -> int:
     """``vlm index --checkpoint CKPT --images DIR --out INDEX [--batch-size N] [--rebuild] [--workers N]``; returns the
     exit code."""
@@ -200,8 +228,7 @@ def index_main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild", action="store_true", help="re-embed every image, replacing any existing index")
     p.add_argument("--workers", type=int, default=None, help=f"processes decoding images ahead of the model, 0 to "
                    f"{MAX_WORKERS} (0: in this process; default: none for a few images, else min(2, CPUs - 2))")
-    if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
-        return args
+    args = _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE})
     if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
         return _error(p.prog, f"--workers must be between 0 and {MAX_WORKERS}")
     try:
@@ -217,6 +244,7 @@ def index_main(argv: list[str] | None = None) -> int:
     return 1 if r.failed else 0
 
 
+@_exits
 def search_main(argv: list[str] | None = None) -> int:
     """``vlm search --index INDEX QUERY [--top-k K] [--json] [--checkpoint CKPT]``; returns the exit code."""
     from vlm.index import MAX_TOP_K, IndexFileError, fingerprint, load_clip, load_index, search
@@ -226,8 +254,7 @@ def search_main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=10, help=f"results, 1 to {MAX_TOP_K:,} (default 10)")
     p.add_argument("--json", action="store_true", help='one {"query", "results": [{"path", "score"}]} object')
     p.add_argument("--checkpoint", help="the CLIP checkpoint (default: the one the index was built with)")
-    if isinstance(args := _parse(p, argv, {"--top-k": MAX_TOP_K}), int):
-        return args
+    args = _parse(p, argv, {"--top-k": MAX_TOP_K})
     if not (query := " ".join(args.query)).strip():
         return _error(p.prog, "the query is empty")
     try:
@@ -249,6 +276,7 @@ def search_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@_exits
 def retrieval_main(argv: list[str] | None = None) -> int:
     """``vlm retrieval --checkpoint CKPT --images DIR [--compositional] [--json] [--batch-size N]``; returns the exit
     code."""
@@ -262,8 +290,7 @@ def retrieval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--compositional", action="store_true", help="also how often each caption beats hard negatives "
                    "made from it (SugarCrepe-style replace- and swap-attribute), from the rows' label")
     p.add_argument("--json", action="store_true", help="one JSON object with the counts and recalls")
-    if isinstance(args := _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE}), int):
-        return args
+    args = _parse(p, argv, {"--batch-size": MAX_BATCH_SIZE})
     try:
         report = retrieval_eval(load_clip(args.checkpoint, args.batch_size), args.images,
                                 compositional=args.compositional)

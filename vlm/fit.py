@@ -123,9 +123,18 @@ def cli_main(args: list[str] | None = None) -> None:
     make_cli(args)
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> Any:
-    """vlm's LightningCLI over ``args`` (``sys.argv`` when None): runs its subcommand, or with ``run=False`` parses
-    ``args`` (a config, no subcommand) and builds the task, the data module and the trainer, and returns it."""
+def make_cli(args: list[str] | None = None) -> None:
+    """vlm's LightningCLI over ``args`` (``sys.argv`` when None): parses them and runs the subcommand."""
+    _new_cli(args, run=True)
+
+
+def build_from_config(args: list[str]) -> Any:
+    """The LightningCLI for ``args`` (a config, no subcommand), parsed, with its task, data module and trainer built
+    (``.model``, ``.datamodule``, ``.trainer``) and nothing run: what a config would train."""
+    return _new_cli(args, run=False)
+
+
+def _new_cli(args: list[str] | None, run: bool) -> Any:
     from lightning.pytorch import LightningDataModule, LightningModule
 
     return _cli_class()(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

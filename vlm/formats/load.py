@@ -135,12 +135,12 @@ def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotMo
         CheckpointError: the file is missing, unreadable, refused, not a CLIP task, or does not match its config.
     """
     path = Path(path)
-    loaded = _load_model(path, CONTRASTIVE_TASK, file or read_task_file(path))
-    if loaded is None:
+    file = file or read_task_file(path)
+    if not _has_settings(file, CONTRASTIVE_TASK):
         task = load_task(path, expected=CONTRASTIVE_TASK)
         return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std,
                              getattr(task, "template_pooling", "mean"))
-    model, settings = loaded
+    model, settings = _load_model(path, file)
     where = str(path)
     _require(settings, ("tokenizer", "templates", "image_mean", "image_std"), where)
     for name in ("templates", "image_mean", "image_std"):
@@ -169,10 +169,10 @@ def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
         CheckpointError: the file is missing, unreadable, refused, not a Flamingo task, or does not match its config.
     """
     path = Path(path)
-    loaded = _load_model(path, FLAMINGO_TASK, file or read_task_file(path))
-    if loaded is None:
+    file = file or read_task_file(path)
+    if not _has_settings(file, FLAMINGO_TASK):
         return check_generation_work(load_task(path, expected=FLAMINGO_TASK).captioner(), str(path))
-    model, settings = loaded
+    model, settings = _load_model(path, file)
     where = str(path)
     names = ("tokenizer", "image_size", "image_mean", "image_std", "max_new_tokens", "num_beams", "vocab_ids",
              "attribute_words")
@@ -232,12 +232,15 @@ def _require(settings: dict, names: tuple[str, ...], where: str) -> None:
         raise CheckpointError(f"{where}: its inference settings are incomplete (no {', '.join(missing)})")
 
 
-def _load_model(path: Path, task_class_path: str, file: TaskFile) -> tuple[nn.Module, dict] | None:
-    """The model (weights loaded, eval mode) and inference settings of a checkpoint or export of the task
-    ``task_class_path``, or None where the file must go through the task (no settings, or another task kind)."""
+def _has_settings(file: TaskFile, task_class_path: str) -> bool:
+    """Whether ``file`` holds a ``task_class_path`` task with inference settings: its model is then built alone by
+    :func:`_load_model`; other files (older ones without settings, another task kind) go through the task."""
+    return file.config["class_path"] == task_class_path and isinstance(file.settings, dict)
+
+
+def _load_model(path: Path, file: TaskFile) -> tuple[nn.Module, dict]:
+    """The model (weights loaded, eval mode) and inference settings of a file :func:`_has_settings` accepts."""
     where, config, settings = str(path), file.config, file.settings
-    if config["class_path"] != task_class_path or not isinstance(settings, dict):
-        return None
     check_plain(settings, where, INFERENCE_KEY)
     model_config = (config.get("init_args") or {}).get("model")
     if not isinstance(model_config, dict):
