@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -205,6 +206,21 @@ def test_vlm_eval_writes_the_json_prints_the_table_and_is_deterministic(setup, t
         line = next(x for x in table.splitlines() if x.split()[:2] == [row["select"], str(row["shots"])])
         assert f"{row['mean']:.4f} ± {row['std']:.4f}" in line
     assert "deterministic" in table and "vqa_accuracy" in table.splitlines()[1]
+
+
+def test_vlm_eval_limit_samples_the_queries_with_the_seed_in_file_order(setup, tmp_path, capsys):
+    def paths(seed: int) -> list[str]:
+        args = _eval(setup, tmp_path, "--shots", "0", "--limit", "2", "--seed", str(seed), "--json")
+        assert main(args) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["queries"] == 2
+        return [Path(p["path"]).name for p in result["results"][0]["runs"][0]["predictions"]]
+
+    picked = {seed: paths(seed) for seed in range(4)}
+    assert paths(0) == picked[0]  # the same seed, the same queries
+    assert len({tuple(p) for p in picked.values()}) > 1  # another seed, another subset (6 subsets of 4 queries)
+    order = [f"validation{i}.png" for i in range(4)]
+    assert all(p == sorted(p, key=order.index) for p in picked.values())
 
 
 def test_vlm_eval_rices_can_reuse_an_index_of_the_support_folder(setup, tmp_path, capsys, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import sys
 from collections.abc import Callable
 
@@ -364,7 +365,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", help="a vlm index of the support folder built with --clip (its embeddings are reused)")
     p.add_argument("--trials", type=int, default=3, help="random draws per shot count, 1 to 100 (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
-    p.add_argument("--limit", type=int, help="evaluate the first N queries only")
+    p.add_argument("--limit", type=int, help="evaluate N queries only, sampled with --seed (kept in file order)")
     p.add_argument("--batch-size", type=int, default=8, help=f"queries per batch, 1 to {MAX_BATCH_SIZE:,} (default 8)")
     p.add_argument("--out", help="write the full results (every trial's predictions) as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of the table")
@@ -387,7 +388,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise ValueError("--select rices needs --clip CKPT, the CLIP that embeds the images")
         if args.index and not rices:
             raise ValueError("--index serves --select rices (with shots above 0)")
-        queries = read_items(args.task, args.data)[: args.limit]
+        queries = read_items(args.task, args.data)
+        if args.limit is not None and args.limit < len(queries):  # a subset per seed, as OpenFlamingo samples one
+            queries = [queries[i] for i in sorted(random.Random(args.seed).sample(range(len(queries)), args.limit))]
         support = _support_folder(args.data, args.support) if any(shots) else None
         pool = read_items(args.task, support) if support else []
         predictor = load(args.checkpoint, batch_size=args.batch_size)
