@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm.models.convnet import ConvNet
 from vlm.models.layers import record_attention
 from vlm.models.vit import VisionTransformer
 
@@ -35,7 +36,8 @@ LABEL_METHODS = ("relevance", "similarity")
 
 @dataclass
 class Explanation:
-    """Maps over one image's patch grid; every map is a (gh, gw) tensor of non-negative floats."""
+    """Maps over one image's token grid, each a (gh, gw) tensor (attention maps are non-negative; similarity and
+    class activation maps are signed)."""
 
     grid: tuple[int, int]
     maps: dict[str, Tensor] = field(default_factory=dict)  # label-free maps: rollout, class_attention
@@ -61,6 +63,15 @@ def _tower(model: torch.nn.Module) -> VisionTransformer:
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"attention maps need vlm's VisionTransformer as the image tower, got {type(vit).__name__}")
     return vit
+
+
+def _token_grid(tower: torch.nn.Module, images: Tensor) -> tuple[tuple[int, int], int]:
+    """The image tower's token grid for ``images`` and its number of non-image (prefix) tokens."""
+    if isinstance(tower, ConvNet):
+        return (tower.grid, tower.grid), 0
+    if not isinstance(tower, VisionTransformer):
+        raise TypeError(f"maps need vlm's VisionTransformer or ConvNet as the image tower, got {type(tower).__name__}")
+    return (images.shape[-2] // tower.patch_size, images.shape[-1] // tower.patch_size), tower.num_prefix_tokens
 
 
 def _block_maps(vit: VisionTransformer, records: dict[str, list[Tensor]]) -> list[Tensor]:
@@ -96,12 +107,35 @@ def relevance(vit: VisionTransformer, attention: list[Tensor], grads: list[Tenso
     return _pooled_row(vit, rel)
 
 
+def _convnet_maps(model: torch.nn.Module, tower: ConvNet, images: Tensor, text_embeddings: Tensor,
+                  labels: list[str]) -> list[Explanation]:
+    """Class activation maps of a CLIP with a :class:`ConvNet` tower (see the module's docstring)."""
+    with torch.no_grad():
+        cells = tower.intermediate_tokens(images, 0)  # (b, P, width); the pooled embedding is their mean
+        projected = model.visual_proj(cells)  # linear, no bias: the cells' mean is the pooled projection
+        norm = projected.mean(dim=1).norm(dim=-1, keepdim=True)  # (b, 1): the unit-length embedding's divisor
+        per_cell = projected @ text_embeddings.T / norm.unsqueeze(1)  # (b, P, labels); mean over P = the score
+        scores = per_cell.mean(dim=1)
+        activation = cells.norm(dim=-1)
+    grid = (tower.grid, tower.grid)
+    out = []
+    for i in range(images.shape[0]):
+        exp = Explanation(grid, {"activation": activation[i].view(grid)})
+        for j, label in enumerate(labels):
+            exp.labels[label] = per_cell[i, :, j].view(grid)
+            exp.scores[label] = float(scores[i, j])
+        out.append(exp)
+    return out
+
+
 def clip_maps(model: torch.nn.Module, images: Tensor, text_embeddings: Tensor, labels: list[str],
               method: str = "relevance") -> list[Explanation]:
     """Maps of a CLIP model for a batch of preprocessed ``images`` (b, 3, H, W) and the unit-length text embeddings
     (len(labels), d) of ``labels``; one :class:`Explanation` per image."""
     if method not in LABEL_METHODS:
         raise ValueError(f"method must be one of {', '.join(LABEL_METHODS)}, got {method!r}")
+    if isinstance(model.visual, ConvNet):
+        return _convnet_maps(model, model.visual, images, text_embeddings, labels)
     vit = _tower(model)
     grid = (images.shape[-2] // vit.patch_size, images.shape[-1] // vit.patch_size)
     b, p = images.shape[0], vit.num_prefix_tokens
@@ -146,8 +180,7 @@ def caption_maps(captioner, images: Tensor, caption_ids: list[list[int]], prompt
     """One map per caption token for a batch of single images (b, 3, H, W) captioned ``caption_ids`` after
     ``prompt``; ``captioner`` is a :class:`~vlm.generation.Captioner`."""
     flamingo, tokenizer = captioner.model, captioner.tokenizer
-    vit = _tower(flamingo)
-    grid = (images.shape[-2] // vit.patch_size, images.shape[-1] // vit.patch_size)
+    grid, prefix = _token_grid(flamingo.vision, images)
     prompt_ids = tokenizer.encode_prompts([prompt])["input_ids"][0].tolist()
     blocks = [f"cross_attn.{j}.attn" for j in range(len(flamingo.cross_attn))]
     out = []
@@ -161,7 +194,7 @@ def caption_maps(captioner, images: Tensor, caption_ids: list[list[int]], prompt
         exp = Explanation(grid, caption=captions[i])
         for k, token in enumerate(ids):
             row = cross[len(prompt_ids) + k - 1]  # the position that predicted this token
-            patch_map = (row @ to_patch)[vit.num_prefix_tokens :]
+            patch_map = (row @ to_patch)[prefix:]
             exp.words.append((tokenizer.decode([token]), patch_map.view(grid)))
         out.append(exp)
     return out

@@ -42,6 +42,7 @@ class CheckpointError(ValueError):
 BUILDABLE: dict[str, str] = {
     "vlm.models.clip.CLIP": "model",
     "vlm.models.vit.VisionTransformer": "model",
+    "vlm.models.convnet.ConvNet": "model",
     "vlm.models.text.TextTransformer": "model",
     "vlm.models.decoder.DecoderLM": "model",
     "vlm.models.flamingo.Flamingo": "model",
