@@ -59,8 +59,8 @@ def test_lock_freezes_all_but_the_last_stages():
 CONVNET = {"class_path": "vlm.models.convnet.ConvNet", "init_args": {"image_size": 16, "channels": [8, 16]}}
 
 
-@pytest.mark.parametrize("family", ["clip", "flamingo"])
-def test_a_task_with_a_convnet_tower_is_saved_and_loaded_by_vlm_load(tmp_path, family):
+@pytest.mark.parametrize("family, norm", [("clip", "group"), ("clip", "batch"), ("flamingo", "batch")])
+def test_a_task_with_a_convnet_tower_is_saved_and_loaded_by_vlm_load(tmp_path, family, norm):
     import copy
 
     from conftest import TINY_CLIP, TINY_FLAMINGO
@@ -71,8 +71,14 @@ def test_a_task_with_a_convnet_tower_is_saved_and_loaded_by_vlm_load(tmp_path, f
 
     config = copy.deepcopy(TINY_CLIP if family == "clip" else TINY_FLAMINGO)
     config["init_args"]["model"]["init_args"]["vision"] = copy.deepcopy(CONVNET)
+    config["init_args"]["model"]["init_args"]["vision"]["init_args"]["norm"] = norm
     torch.manual_seed(0)
     task = build_task(config)
+    if norm == "batch":  # running statistics that are not the defaults, to see them saved and loaded
+        for m in task.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
     path = tmp_path / f"{family}.ckpt"
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
                 "inference": task.inference_settings()}, path)

@@ -101,9 +101,11 @@ def test_text_recombine_adds_every_pair_in_the_captions_frames_as_many_as_the_ca
     assert TextDataModule(train=str(held_out), text_column="caption").texts("train") == texts[:len(keep)]
 
 
-def test_text_recombine_without_labels_in_the_captions_is_an_error(tmp_path):
+@pytest.mark.parametrize("row", [{"caption": "hello there", "label": "world"}, {"caption": "hello there"}])
+def test_text_recombine_without_labels_in_the_captions_warns_and_trains_on_the_captions(tmp_path, caplog, row):
     root = tmp_path / "t"
     root.mkdir()
-    (root / "data.jsonl").write_text(json.dumps({"caption": "hello there", "label": "world"}) + "\n")
-    with pytest.raises(ValueError, match="recombine found no labels"):
-        TextDataModule(train=str(root / "data.jsonl"), text_column="caption", recombine=True).texts("train")
+    (root / "data.jsonl").write_text(json.dumps(row) + "\n")
+    texts = TextDataModule(train=str(root / "data.jsonl"), text_column="caption", recombine=True).texts("train")
+    assert texts == ["hello there"]
+    assert "recombine found no labels" in caplog.text

@@ -11,12 +11,15 @@ Batches are ``{**tokenizer.encode_batch(texts), "caption": texts}``; the tokeniz
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
 
 
 class _EncodedTexts(Dataset):
@@ -56,7 +59,8 @@ class TextDataModule(LightningDataModule):
             triangle" give "a large red triangle"...), as many of them as there are training captions. A language
             model trained only on a dataset's captions learns that a held-out pair never occurs ("red" is never
             followed by "triangle"), and a captioner on it inherits that; a web-text model knows every pair.
-            Needs a label column (``label_column``); off by default.
+            Reads the label column (``label_column``); without one, or with no label inside its caption, it warns
+            and trains on the captions alone. Off by default.
         label_column: the labels' column for ``recombine``.
     """
 
@@ -108,12 +112,17 @@ class TextDataModule(LightningDataModule):
         from vlm.data.sources import LABEL_FALLBACKS, pick_column
         from vlm.prompts import recombined_captions
 
-        labels = data[pick_column(columns, self.label_column, LABEL_FALLBACKS, "label", source)]
+        try:
+            labels = data[pick_column(columns, self.label_column, LABEL_FALLBACKS, "label", source)]
+        except ValueError:
+            labels = []
         pairs = [(c, lbl) for c, lbl in zip(data[column], labels)
                  if isinstance(c, str) and c.strip() and isinstance(lbl, str) and lbl.strip()]
         captions = [c for c, _ in recombined_captions([c for c, _ in pairs], [lbl for _, lbl in pairs])]
         if not captions:
-            raise ValueError(f"{source}: recombine found no labels of two or more words inside their captions")
+            log.warning("%s: recombine found no labels of two or more words inside their captions; training on the "
+                        "captions alone", source)
+            return []
         return [captions[i % len(captions)] for i in range(count)]
 
     def setup(self, stage: str | None = None) -> None:
