@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm.models.clip import CLIP
 from vlm.models.convnet import ConvNet
-from vlm.models.text import TextTransformer
 
 
 def _tower(**kw) -> ConvNet:
@@ -22,7 +20,8 @@ def test_pooled_embedding_is_the_mean_of_the_tokens_before_their_norm():
     assert tokens.shape == (3, 16, 16) and tower.grid == 4 and tower.width == 16
     torch.testing.assert_close(tower(x), tokens.mean(dim=1))
     normed = tower.forward_tokens(x)
-    torch.testing.assert_close(normed, torch.nn.functional.layer_norm(tokens, (16,), tower.norm.weight, tower.norm.bias))
+    expected = torch.nn.functional.layer_norm(tokens, (16,), tower.norm.weight, tower.norm.bias)
+    torch.testing.assert_close(normed, expected)
     with pytest.raises(ValueError, match="only the last"):
         tower.intermediate_tokens(x, 1)
 

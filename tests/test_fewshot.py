@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
 import torch

@@ -178,39 +178,29 @@ def _error(prog: str, message: str) -> int:
     return 2
 
 
-class _Exit(Exception):
-    """A usage error already reported (argparse's message, or :func:`_error`'s line): the command exits ``code``."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, bounds: dict[str, int]) -> argparse.Namespace:
     """The arguments, checked against ``bounds`` (an option outside 1..``bounds[option]`` is a usage error).
 
     Raises:
-        _Exit: argparse's usage error or exit (``--help``), or an option out of bounds, once reported.
+        SystemExit: argparse's usage error or ``--help``, or an option out of bounds, once reported (:func:`_exits`
+            turns it into the command's exit code).
     """
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse printed the usage message
-        raise _Exit(int(e.code or 0)) from None
+    args = parser.parse_args(argv)
     for option, high in bounds.items():
         if not 1 <= getattr(args, option[2:].replace("-", "_")) <= high:
-            raise _Exit(_error(parser.prog, f"{option} must be between 1 and {high:,}"))
+            raise SystemExit(_error(parser.prog, f"{option} must be between 1 and {high:,}"))
     return args
 
 
 def _exits(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """``main``, returning the code of a :class:`_Exit` it raises."""
+    """``main``, returning the code of a ``SystemExit`` it raises (an argparse exit, a :func:`_parse` error)."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
-        except _Exit as e:
-            return e.code
+        except SystemExit as e:
+            return int(e.code or 0)
 
     return run
 

@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from vlm.data import transforms as T
 from vlm.data.builtin import DataSource
 from vlm.data.datasets import (
     BadSamplePolicy,
@@ -43,14 +44,7 @@ from vlm.data.sources import (
     load_table,
     pick_column,
 )
-from vlm.data.transforms import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    RecolourView,
-    eval_geometry,
-    normalize,
-    train_geometry,
-)
+from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_geometry, normalize, train_geometry
 from vlm.data.vqa import ANSWER_COLUMN, is_question_table, question_table
 
 log = logging.getLogger("vlm.data")
@@ -93,9 +87,8 @@ class ImageTextDataModule(LightningDataModule):
         augment: random resized crops for training (no flips: captions say left/right).
         rotation: with ``augment``, also rotate training images by a random angle up to this many degrees (colours
             and sides kept, corners filled with the image; see :func:`vlm.data.transforms.train_geometry`). 0: off.
-        recolour: probability that a training pair is replaced by its colour-free view (image colours scrambled,
-            colour words struck from the caption: :class:`~vlm.data.transforms.RecolourView`). Not for streams or
-            question records. 0: off.
+        recolour: probability that a training pair becomes its colour-free view (colours scrambled, colour words
+            struck: :class:`~vlm.data.transforms.RecolourView`); not for streams or question records. 0: off.
         in_memory: decode every image once in ``setup`` and keep the pixels (and token ids) in memory; for
             datasets that fit in RAM this makes loading nearly free.
         cache_workers: processes that decode the in-memory cache (0: the main process).
@@ -245,7 +238,7 @@ class ImageTextDataModule(LightningDataModule):
         table.data = self._drop_empty_captions(table, image_col, text_col, "train" if training else "validation")
         dataset = ImageTextDataset(table.data, image_col, text_col, label_col, table.root, geometry,
                                    self.bad_samples, self.seed, extra)
-        recolour = RecolourView(self.recolour) if training and self.recolour else None
+        recolour = T.RecolourView(self.recolour) if training and self.recolour else None
         if recolour is not None and extra:
             raise ValueError(f"{source}: recolour works on caption pairs, not question records")
         if not cache:

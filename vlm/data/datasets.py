@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from vlm.data.images import ImageLoadError, display_path, load_image, to_rgb
-from vlm.data.vqa import encode_texts
+from vlm.data.vqa import encode_each_once, encode_texts
 
 BadSamplePolicy = Literal["skip", "raise"]
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -211,14 +211,10 @@ class InMemoryImageTextDataset(Dataset):
         self.extras = extras or {}  # extra column -> one value per sample
         self.tokens: dict[str, torch.Tensor] | None = None
         self.recolour: Any = None  # a RecolourView (vlm.data.transforms), set by :meth:`set_recolour`
-        self.recoloured_captions: list[str] = []
-        self.recoloured_tokens: dict[str, torch.Tensor] | None = None
+        self.recoloured_captions, self.recoloured_tokens = [], None
 
     def set_recolour(self, view: Any) -> None:
-        """Train on ``view``'s colour-free pairs (image colours scrambled, colour words struck) with its
-        probability; call before :meth:`pretokenize`, which then tokenises those captions too."""
-        if "question" in self.extras:
-            raise ValueError("recolour works on caption pairs, not question records")
+        """Train on ``view``'s colour-free pairs with its probability (before :meth:`pretokenize`)."""
         self.recolour = view
         self.recoloured_captions = [view.caption(c) for c in self.captions]
 
@@ -263,24 +259,11 @@ class InMemoryImageTextDataset(Dataset):
         return cls(images, captions, labels, paths, skipped, augment, extras)
 
     def pretokenize(self, tokenizer: Any) -> None:
-        """Tokenises every distinct caption (or question-answer pair) once, so batches only index token tensors."""
-        questions = self.extras.get("question")
-        keys = list(zip(questions if questions is not None else [None] * len(self), self.captions))
-        first: dict[tuple, int] = {}
-        inverse = [first.setdefault(k, len(first)) for k in keys]
-        unique = list(first)
-        encoded = encode_texts(tokenizer, [str(c) for _, c in unique],
-                               None if questions is None else [str(q) for q, _ in unique])
-        if all(isinstance(v, torch.Tensor) and v.shape[:1] == (len(unique),) for v in encoded.values()):
-            index = torch.tensor(inverse, dtype=torch.long)
-            self.tokens = {k: v[index] for k, v in encoded.items()}
+        """Tokenises every distinct caption (or question-answer pair, or colour-free caption) once, so batches only
+        index token tensors."""
+        self.tokens = encode_each_once(tokenizer, self.captions, self.extras.get("question"))
         if self.recolour is not None:
-            unique_free = sorted(set(self.recoloured_captions))
-            where = {c: i for i, c in enumerate(unique_free)}
-            free = encode_texts(tokenizer, unique_free, None)
-            if all(isinstance(v, torch.Tensor) and v.shape[:1] == (len(unique_free),) for v in free.values()):
-                index = torch.tensor([where[c] for c in self.recoloured_captions], dtype=torch.long)
-                self.recoloured_tokens = {k: v[index] for k, v in free.items()}
+            self.recoloured_tokens = encode_each_once(tokenizer, self.recoloured_captions, None)
 
     def __len__(self) -> int:
         return len(self.captions)

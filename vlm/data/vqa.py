@@ -98,11 +98,29 @@ def question_table(data: Any, columns: Sequence[str], source: str) -> tuple[Any,
     return data, extra
 
 
+def encode_each_once(tokenizer: Any, captions: list[str], questions: list[str] | None) -> dict[str, Any] | None:
+    """The token tensors of each sample's caption (or question-answer pair), each distinct one encoded once; None
+    where the tokenizer does not give one tensor row per text."""
+    import torch
+
+    keys = list(zip(questions if questions is not None else [None] * len(captions), captions))
+    first: dict[tuple, int] = {}
+    inverse = [first.setdefault(k, len(first)) for k in keys]
+    unique = list(first)
+    encoded = encode_texts(tokenizer, [str(c) for _, c in unique],
+                           None if questions is None else [str(q) for q, _ in unique])
+    if not all(isinstance(v, torch.Tensor) and v.shape[:1] == (len(unique),) for v in encoded.values()):
+        return None
+    index = torch.tensor(inverse, dtype=torch.long)
+    return {k: v[index] for k, v in encoded.items()}
+
+
 __all__ = [
     "ANSWERS_COLUMN",
     "ANSWER_COLUMN",
     "HELDOUT_COLUMN",
     "QUESTION_COLUMN",
+    "encode_each_once",
     "encode_texts",
     "is_question_table",
     "parse_answers",
