@@ -174,8 +174,6 @@ def train_transform(
     return Compose(train_geometry(image_size, augment, scale, hflip, rotation), normalize(mean, std))
 
 
-
-
 # Basic and common colour names: the words a recoloured view strikes from its caption (``RecolourView``).
 COLOUR_WORDS = frozenset(
     "red orange yellow green teal blue purple pink violet magenta cyan turquoise brown black white grey gray "
@@ -230,9 +228,9 @@ __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "Compose",
-    "RecolourView",
     "EvalGeometry",
     "Normalize",
+    "RecolourView",
     "center_crop",
     "eval_geometry",
     "eval_transform",

@@ -83,7 +83,7 @@ class ConvNet(nn.Module):
 
     def forward_tokens(self, images: Tensor) -> Tensor:
         """Images (b, c, h, w) -> the last map's cells as tokens (b, cells, width), layer-normalised."""
-        return self.norm(self.feature_map(images).flatten(2).transpose(1, 2))
+        return self.norm(self.intermediate_tokens(images, 0))
 
     def intermediate_tokens(self, images: Tensor, skip_last_blocks: int) -> Tensor:
         """As :meth:`forward_tokens` without the final norm; earlier stages have other widths, so only
