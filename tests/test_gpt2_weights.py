@@ -132,6 +132,6 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(gpt2, tmp_path, monkey
         z.writestr("archive/version", "3\n")
     monkeypatch.chdir(tmp_path)
     task = build_trainable(_config(str(bad)))
-    with pytest.raises(WeightsSourceError, match="not a readable weights file"):
+    with pytest.raises(WeightsSourceError, match="not a safe weights file: refused to unpickle"):
         task.setup("fit")
     assert not (tmp_path / "PWNED").exists()

@@ -4,7 +4,8 @@ A GPT-2 checkpoint comes as a ``save_pretrained`` directory (``config.json`` bes
 ``model.safetensors.index.json`` or ``pytorch_model.bin``) or as one of those weights files alone. Its keys
 (``transformer.h.N.attn.c_attn.weight``, ...) are recognised and mapped with
 :func:`~vlm.models.decoder.convert_gpt2_state_dict`. Reading is as safe as every other weights file: safetensors, or
-``torch.load(weights_only=True)``, which builds tensors and plain containers only and runs no code from the file;
+the checked torch-file reader every checkpoint goes through (:func:`vlm.formats.read_archive`: tensors and plain
+containers only, no code from the file, sizes bounded);
 ``config.json`` and the shard index are read bounded, and shards must lie inside the directory.
 
 What the weights' shapes cannot show (heads, activation, LayerNorm epsilon, MLP width, GPT-2's optional attention

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vlm.formats.build import check_weights
+from vlm.formats.build import CheckpointError, check_weights
+from vlm.formats.checkpoint import read_archive
 from vlm.models.layers import make_activation
 
 
@@ -48,7 +49,8 @@ def supported_families() -> str:
 
 
 def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Reads a state dict from a ``.safetensors`` file, a torch file (loaded with ``weights_only=True``) or a mapping.
+    """Reads a state dict from a ``.safetensors`` file, a torch file (read by :func:`vlm.formats.read_archive`, as
+    every checkpoint is: no code runs, sizes bounded) or a mapping.
 
     Training checkpoints are unwrapped (``state_dict`` / ``model`` / ``module`` entries) and a DistributedDataParallel
     ``module.`` prefix is removed.
@@ -60,14 +62,20 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tens
         if not path.is_file():
             raise ConversionError(f"weights file not found: {path}")
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            sd = load_file(str(path))
-        else:
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle / zip / format errors all mean "not a weights file we can read safely"
-                raise ConversionError(f"{path} is not a readable weights file: {str(e).splitlines()[0]}") from None
+                sd = load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ConversionError(f"{path} is not a readable safetensors file: {e}") from None
+        else:
+            try:  # the one reader of torch files: size, zip members and unpickling all checked (vlm.formats)
+                sd = read_archive(path, "weights file")
+            except CheckpointError as e:
+                raise ConversionError(str(e)) from None
+        if not isinstance(sd, Mapping):
+            raise ConversionError(f"{path} holds a {type(sd).__name__}, not a state dict")
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd.get(wrapper), Mapping):
             sd = dict(sd[wrapper])
