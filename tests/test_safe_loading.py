@@ -175,3 +175,12 @@ def test_vlm_checkpoints_themselves_load_with_weights_only(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["vlm_rng_states"]
     assert isinstance(load_task(tmp_path / "checkpoints" / "last.ckpt"), type(task))
+
+
+def test_a_corrupt_safetensors_file_is_one_conversion_error(tmp_path):
+    from vlm.interop.weights import ConversionError, read_state_dict
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\xff" * 64)  # a header length far beyond the file
+    with pytest.raises(ConversionError, match=r"model\.safetensors is not a readable safetensors file"):
+        read_state_dict(bad)
