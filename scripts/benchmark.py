@@ -16,6 +16,10 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
+
+# The suites live in benchmarks/ at the repository root, outside the installed vlm package: importable from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,8 +27,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from vlm.benchmark import DEVICE_SUITES, SUITES, Row, Settings, run_suite  # noqa: E402
-from vlm.benchmark.core import PRECISIONS, keep_freed_memory, set_clock  # noqa: E402
+from benchmarks import DEVICE_SUITES, SUITES, Row, Settings, run_suite  # noqa: E402
+from benchmarks.core import PRECISIONS, keep_freed_memory, set_clock  # noqa: E402
 
 COLUMNS = (("suite", 9), ("name", 78), ("ours", 11), ("peer", 11), ("unit", 8), ("ratio", 7))
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import assert_fp32_close
 
-from vlm.benchmark import DEVICE_SUITES, SUITES, run_suite
-from vlm.benchmark.core import (
+from benchmarks import DEVICE_SUITES, SUITES, run_suite
+from benchmarks.core import (
     Row,
     Settings,
     count_flops,
@@ -99,7 +99,7 @@ def test_peak_memory_sees_a_freed_temporary():
 
 
 def test_a_missing_module_becomes_a_skip_row(monkeypatch):
-    monkeypatch.setitem(SUITES, "future", "vlm.benchmark._not_written_yet")
+    monkeypatch.setitem(SUITES, "future", "benchmarks._not_written_yet")
     rows = list(run_suite("future", Settings(quick=True)))
     assert len(rows) == 1 and rows[0].name.startswith("not available yet:") and rows[0].ours is None
 

@@ -226,8 +226,8 @@ def test_hf_lm_config_trains_under_fsdp_on_gpus(hf_lm_dirs, shapes, tmp_path):
 def test_memory_suite_fsdp_row_shards_what_each_rank_holds():
     """``scripts/benchmark.py --suite memory``'s FSDP2-vs-DDP rows (2 spawned ranks, gloo): each FSDP2 rank holds
     half of the parameters and optimizer state that each DDP rank holds."""
-    from vlm.benchmark.core import Settings
-    from vlm.benchmark.sharded import sharded_memory_rows
+    from benchmarks.core import Settings
+    from benchmarks.sharded import sharded_memory_rows
 
     peak, held = sharded_memory_rows("memory", Settings(quick=True, repeats=1))
     assert peak.name.endswith("per-rank peak memory, FSDP2 vs DDP") and peak.ours > 0 and peak.peer > 0

@@ -6,7 +6,7 @@ splits the time into start-up (interpreter, imports, checkpoint loading, one for
 bare ``import torch`` time is the floor no script can go below. Each script is also run on a copy of its export
 without the inference settings, which it then loads through the task (importing Lightning): the ratio is what
 loading the model alone (:func:`vlm.formats.load_zero_shot`, :func:`vlm.formats.load_captioner`) saves. Folder
-throughput, decoding in worker processes against open_clip's DataLoader, is :mod:`vlm.benchmark.folder`.
+throughput, decoding in worker processes against open_clip's DataLoader, is :mod:`benchmarks.folder`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, make_row, skip_row
+from benchmarks.core import Row, Settings, make_row, skip_row
 
 SUITE = "scripts"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("red circle", "blue square", "green triangle", "yellow star", "purple hexagon",
           "orange cross", "red square", "blue circle", "green star", "yellow triangle")  # fmt: skip
 

@@ -16,21 +16,21 @@ import importlib
 import traceback
 from collections.abc import Iterator
 
-from vlm.benchmark.core import Row, Settings, skip_row
+from benchmarks.core import Row, Settings, skip_row
 
 SUITES: dict[str, str] = {
-    "roofline": "vlm.benchmark.roofline",
-    "vit": "vlm.benchmark.vit",
-    "clip": "vlm.benchmark.clip",
-    "scaling": "vlm.benchmark.scaling",
-    "memory": "vlm.benchmark.memory",
-    "generate": "vlm.benchmark.generate",
-    "data": "vlm.benchmark.data",
-    "scripts": "vlm.benchmark.scripts",
-    "serve": "vlm.benchmark.serving",
-    "user": "vlm.benchmark.user",
-    "compile": "vlm.benchmark.compile",
-    "ddp": "vlm.benchmark.ddp",
+    "roofline": "benchmarks.roofline",
+    "vit": "benchmarks.vit",
+    "clip": "benchmarks.clip",
+    "scaling": "benchmarks.scaling",
+    "memory": "benchmarks.memory",
+    "generate": "benchmarks.generate",
+    "data": "benchmarks.data",
+    "scripts": "benchmarks.scripts",
+    "serve": "benchmarks.serving",
+    "user": "benchmarks.user",
+    "compile": "benchmarks.compile",
+    "ddp": "benchmarks.ddp",
 }
 
 
@@ -39,7 +39,8 @@ DEVICE_SUITES = ("roofline", "vit", "clip", "memory", "ddp")
 
 
 def run_suite(name: str, settings: Settings) -> Iterator[Row]:
-    """Rows of one suite; a missing ``vlm`` module becomes a skip row, any other failure an ``error:`` row."""
+    """Rows of one suite; a missing ``vlm`` or ``benchmarks`` module becomes a skip row, any other failure an
+    ``error:`` row."""
     if name not in DEVICE_SUITES and not settings.cpu_fp32:
         yield Row(name, f"skipped: {name} measures the CPU in fp32 only (run it without --device / --precision)",
                   None, None, "", None)  # fmt: skip
@@ -48,7 +49,7 @@ def run_suite(name: str, settings: Settings) -> Iterator[Row]:
         module = importlib.import_module(SUITES[name])
         yield from module.run(settings)
     except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("vlm"):
+        if not (e.name or "").startswith(("vlm", "benchmarks")):
             raise
         yield skip_row(name, f"module {e.name} does not exist")
     except Exception as e:  # noqa: BLE001 - one broken suite must not hide the figures of the others

@@ -5,8 +5,8 @@
 - warm ``classify`` of one image against 36 cached labels against the bare ``encode_image`` of that image (goal: at
   most 1.3x);
 - a folder through ``vlm index``'s path against open_clip's ``encode_image`` over a 2-worker ``DataLoader``
-  (:mod:`vlm.benchmark.folder`);
-- ``vlm serve`` under 32 concurrent requests: p95 against a lone request's p50 (:mod:`vlm.benchmark.serving`).
+  (:mod:`benchmarks.folder`);
+- ``vlm serve`` under 32 concurrent requests: p95 against a lone request's p50 (:mod:`benchmarks.serving`).
 
 The rows are those of the ``scripts``, ``serve`` and folder measurements, relabelled ``user``; the shapes CLIP of
 ``configs/clip/shapes.yaml``, untrained (the weights do not change the cost).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row, skip_row
+from benchmarks.core import Row, Settings, interleaved_medians, make_row, skip_row
 
 SUITE = "user"
 WARM_LABELS = 36  # the shapes classes
@@ -53,9 +53,9 @@ def warm_rows(ckpt: Path, image: str, settings: Settings) -> Iterator[Row]:
 
 
 def run(settings: Settings) -> Iterator[Row]:
-    from vlm.benchmark.folder import folder_rows
-    from vlm.benchmark.scripts import shapes_clip, startup_rows
-    from vlm.benchmark.serving import serve_rows
+    from benchmarks.folder import folder_rows
+    from benchmarks.scripts import shapes_clip, startup_rows
+    from benchmarks.serving import serve_rows
 
     with shapes_clip(settings) as made:
         if made is None:

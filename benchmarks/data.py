@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, make_row, median_time
+from benchmarks.core import Row, Settings, make_row, median_time
 
 SUITE = "data"
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "clip" / "shapes.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "clip" / "shapes.yaml"
 
 
 def loader_rate(loader, max_batches: int) -> float:

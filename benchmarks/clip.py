@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from vlm.benchmark.core import (
+from benchmarks.core import (
     Row,
     Settings,
     backends,
@@ -28,7 +28,7 @@ from vlm.benchmark.core import (
     make_row,
     nominal_peak_tflops,
 )
-from vlm.benchmark.roofline import gemm_probe
+from benchmarks.roofline import gemm_probe
 
 SUITE = "clip"
 

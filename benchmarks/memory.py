@@ -10,7 +10,7 @@
 - A Flamingo step with the vision tower and decoder frozen (the recipe) against the same model with everything
   trainable: time and peak memory (frozen parameters need no weight gradients and no saved inputs for them).
 - The same frozen-recipe step on two ranks, FSDP2 against DDP at the same global batch: per-rank peak memory
-  (:mod:`vlm.benchmark.sharded`).
+  (:mod:`benchmarks.sharded`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from vlm.benchmark.core import Row, Settings, cpu_kernels, interleaved_medians, make_row, peak_memory_bytes
-from vlm.benchmark.flamingo import flamingo_memory_rows
+from benchmarks.core import Row, Settings, cpu_kernels, interleaved_medians, make_row, peak_memory_bytes
+from benchmarks.flamingo import flamingo_memory_rows
 
 SUITE = "memory"
 MIB = 2**20
@@ -126,7 +126,7 @@ def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[
 
 
 def run(settings: Settings) -> Iterator[Row]:
-    from vlm.benchmark.sharded import sharded_memory_rows
+    from benchmarks.sharded import sharded_memory_rows
 
     yield from clip_checkpointing_rows(settings)
     yield from accumulation_rows(settings)

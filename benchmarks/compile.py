@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, clear_grads, cpu_kernels, interleaved_medians, make_row
+from benchmarks.core import Row, Settings, clear_grads, cpu_kernels, interleaved_medians, make_row
 
 SUITE = "compile"
-CLIP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "clip" / "shapes.yaml"
+CLIP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "clip" / "shapes.yaml"
 
 
 def _compare(label: str, eager: Callable[[], object], compiled: Callable[[], object], settings: Settings,

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from lightning import LightningModule
 
-from vlm.benchmark.core import Row, Settings, cpu_kernels, interleaved_medians, make_row, peak_memory_bytes
+from benchmarks.core import Row, Settings, cpu_kernels, interleaved_medians, make_row, peak_memory_bytes
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "flamingo" / "shapes.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flamingo" / "shapes.yaml"
 CAPTIONS = ("a small red circle", "a large blue square left of a small green triangle", "a yellow star")
 MIB = 2**20
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, cpu_kernels, fit_exponent, make_row, median_time
+from benchmarks.core import Row, Settings, cpu_kernels, fit_exponent, make_row, median_time
 
 SUITE = "scaling"
 
@@ -85,7 +85,7 @@ def sequence_rows(settings: Settings) -> Iterator[Row]:
 
 
 def generation_rows(settings: Settings) -> Iterator[Row]:
-    from vlm.benchmark.generate import decoder_greedy_fn, gpt2_size_decoder
+    from benchmarks.generate import decoder_greedy_fn, gpt2_size_decoder
 
     decoder = cpu_kernels(gpt2_size_decoder(settings.quick, context_length=settings.pick(1024, 80)), settings)
     prompt = torch.randint(0, decoder.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, make_row
+from benchmarks.core import Row, Settings, make_row
 
 SUITE = "ddp"
 

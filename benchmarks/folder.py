@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.benchmark.core import Row, Settings, interleaved_medians, make_row
+from benchmarks.core import Row, Settings, interleaved_medians, make_row
 
 SUITE = "scripts"
 
@@ -67,7 +67,7 @@ def folder_rows(settings: Settings) -> Iterator[Row]:
 def _model_rows(settings: Settings, root: Path, names: list[str], label: str, tiny: bool) -> Iterator[Row]:
     import open_clip
 
-    from vlm.benchmark.clip import clip_pair
+    from benchmarks.clip import clip_pair
     from vlm.data.prefetch import default_workers
     from vlm.data.tokenizer import CLIPTokenizer
     from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

@@ -4,7 +4,7 @@ and decoder) under FSDP2 (``vlm.tasks.sharding.shard_layers``) against DDP, two 
 Two worker processes (``torch.multiprocessing.spawn``; gloo on the CPU, NCCL on two GPUs) each run DDP, then FSDP2,
 from the same weights: one step to allocate the optimizer state, then a measured step (forward, loss, backward,
 AdamW). Per rank, the figure is what it holds before the step (parameters and optimizer state: this rank's shards
-under FSDP2) plus the step's peak above that (:func:`~vlm.benchmark.core.peak_memory_bytes`: gradients,
+under FSDP2) plus the step's peak above that (:func:`~benchmarks.core.peak_memory_bytes`: gradients,
 activations, the gathered layers); on CUDA it is the allocator's own peak. The larger rank is reported. DDP's
 gradient buckets (one more copy of the trainable gradients, allocated when the model is wrapped) are not counted on
 the CPU. With fewer than two GPUs the rows are skipped.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlm.benchmark.core import Row, Settings, make_row, peak_memory_bytes, skip_row
+from benchmarks.core import Row, Settings, make_row, peak_memory_bytes, skip_row
 
 MIB = 2**20
 RANKS = 2
@@ -51,7 +51,7 @@ def _held_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def _measure(rank: int, mode: str, batch: int, settings: Settings) -> dict[str, float]:
-    from vlm.benchmark.flamingo import default_flamingo_task, flamingo_step
+    from benchmarks.flamingo import default_flamingo_task, flamingo_step
     from vlm.tasks.sharding import shard_layers
 
     device = torch.device("cuda", rank) if settings.on_gpu else torch.device("cpu")

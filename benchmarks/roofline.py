@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from vlm.benchmark.core import Row, Settings, make_row, median_time, nominal_peak_tflops
+from benchmarks.core import Row, Settings, make_row, median_time, nominal_peak_tflops
 from vlm.kernels import onednn_available
 
 SUITE = "roofline"

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.core import Row, Settings, make_row, skip_row
 from vlm.batching import percentile
-from vlm.benchmark.core import Row, Settings, make_row, skip_row
 
 SUITE = "serve"
 
@@ -153,7 +153,7 @@ def latencies(url: str, image: str, lone: int, concurrent: int, rounds: int) -> 
 
 
 def run(settings: Settings) -> Iterator[Row]:
-    from vlm.benchmark.scripts import shapes_clip
+    from benchmarks.scripts import shapes_clip
 
     with shapes_clip(settings) as made:
         if made is None:

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from vlm.benchmark.core import Row, Settings, cpu_kernels, interleaved_medians, make_row
-from vlm.benchmark.flamingo import default_flamingo_task
+from benchmarks.core import Row, Settings, cpu_kernels, interleaved_medians, make_row
+from benchmarks.flamingo import default_flamingo_task
 from vlm.generation import generate
 from vlm.models.decoder import DecoderLM, convert_gpt2_state_dict
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlm.benchmark.core import (
+from benchmarks.core import (
     Row,
     Settings,
     backends,
@@ -27,7 +27,7 @@ from vlm.benchmark.core import (
     make_row,
     nominal_peak_tflops,
 )
-from vlm.benchmark.roofline import gemm_probe
+from benchmarks.roofline import gemm_probe
 from vlm.models.vit import VisionTransformer
 
 SUITE = "vit"
