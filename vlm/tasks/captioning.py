@@ -35,7 +35,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -57,9 +56,10 @@ from vlm.formats.settings import caption_settings
 from vlm.generation import Captioner
 from vlm.losses import next_token_loss
 from vlm.models.flamingo import Flamingo
+from vlm.tasks.base import Task
 from vlm.tasks.language import vocabulary_token_ids
-from vlm.tasks.loading import CheckedLoading, load_init_weights
-from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
+from vlm.tasks.loading import load_init_weights
+from vlm.tasks.optim import adamw, warmup_cosine_schedule
 from vlm.vqa import vqa_metrics
 
 log = logging.getLogger("vlm.tasks")
@@ -91,7 +91,7 @@ def swap_input_words(
     return torch.where(swap, other, input_ids)
 
 
-class FlamingoTask(CheckedLoading, L.LightningModule):
+class FlamingoTask(Task):
     """Trains the bridge of a :class:`~vlm.models.flamingo.Flamingo` on image-caption pairs (or question records).
 
     Args:
@@ -135,11 +135,9 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         image_size: input image side (default: the vision tower's ``image_size``).
         image_mean: per-channel normalisation mean (must match how the tower was trained).
         image_std: per-channel normalisation std.
-        compile: ``torch.compile`` the training forward pass (``forward_hidden``) when a Trainer sets the task up:
-            ``True``, or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). Generation stays
-            eager (its growing KV cache would recompile at every length). The weights are untouched, so checkpoints
-            are the same with and without. Off by default: on the CPU it is slower than eager
-            (``scripts/benchmark.py --suite compile`` compares them).
+        compile: ``torch.compile`` the training forward pass (``forward_hidden``), as every task compiles
+            (:class:`~vlm.tasks.base.Task`); generation stays eager (its growing KV cache would recompile at every
+            length). Off by default: slower than eager on the CPU (``scripts/benchmark.py --suite compile``).
     """
 
     def __init__(
@@ -166,15 +164,16 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
         compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, compile,
+                         default_optimizer=adamw(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8),
+                         default_lr_scheduler=warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1))
         if images_per_sequence < 1:
             raise ValueError(f"images_per_sequence must be >= 1, got {images_per_sequence}")
         if not 0.0 <= input_noise < 1.0:
             raise ValueError(f"input_noise must be in [0, 1), got {input_noise}")
         self.save_hyperparameters()
         self.model = model
-        self.compile_options = compile
-        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by configure_model
+        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by compile_parts
         self._pretrained_sources = {
             "vision": (vision_weights, vision_weights_prefix),
             "decoder": (decoder_weights, decoder_weights_prefix),
@@ -194,8 +193,6 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         self.register_buffer("vocab_ids", ids, persistent=False)  # follows from the config
         self.images_per_sequence = images_per_sequence
         self.input_noise = input_noise
-        self.optimizer = optimizer or adamw(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8)
-        self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1)
         self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
         words = shapes_attribute_words() if attribute_words is None else attribute_words
         self.attribute_words = {w.lower() for w in words}
@@ -205,17 +202,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         self.image_size = int(size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         # Flamingo's recipe: both pretrained parts stay frozen; only the bridge and the new token rows learn.
-        self._frozen = [model.vision, model.decoder]
-        for part in self._frozen:
-            part.requires_grad_(False)
-            part.eval()
+        self.freeze(model.vision, model.decoder)
         self._val: dict[str, list] = {}
-
-    def train(self, mode: bool = True) -> FlamingoTask:
-        super().train(mode)
-        for part in self._frozen:  # no dropout in the frozen parts: they must behave as they were trained
-            part.eval()
-        return self
 
     # ------------------------------------------------------------------------------------- pretrained parts
     def setup(self, stage: str) -> None:
@@ -272,10 +260,8 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
             self.model.init_new_tokens(old)
         self.pretrained_loaded.fill_(True)
 
-    def configure_model(self) -> None:
-        if self.compile_options and self._compiled_forward_hidden is None:
-            options = self.compile_options if isinstance(self.compile_options, dict) else {}
-            self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
+    def compile_parts(self, options: dict[str, Any]) -> None:
+        self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
 
     # ----------------------------------------------------------------------------------------------- loss
     def _interleave(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -400,9 +386,6 @@ class FlamingoTask(CheckedLoading, L.LightningModule):
         self._val = {}
 
     # ----------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self) -> dict:
-        return configure(self, self.optimizer, self.lr_scheduler)  # only parameters that require gradients
-
 
 def _resolve_weights(source: str) -> str:
     """A local path, or ``hf-hub:REPO`` downloaded (its ``model.safetensors``) for users with internet."""

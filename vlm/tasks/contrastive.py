@@ -19,7 +19,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -34,15 +33,16 @@ from vlm.losses import ContrastiveLoss, contrastive_loss
 from vlm.metrics import attribute_top1, retrieval_recall, zero_shot_accuracy
 from vlm.models.clip import CLIP
 from vlm.reliability import restore_rng, snapshot_rng
+from vlm.tasks.base import Task
 from vlm.tasks.compositional import CompositionalTerms, Plan
-from vlm.tasks.loading import CheckedLoading, load_init_weights
-from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
+from vlm.tasks.loading import load_init_weights
+from vlm.tasks.optim import adamw, warmup_cosine_schedule
 from vlm.zero_shot import POOLINGS, build_classifier, class_logits
 
 log = logging.getLogger("vlm.tasks")
 
 
-class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
+class ContrastiveTask(CompositionalTerms, Task):
     """Trains a :class:`~vlm.models.clip.CLIP` with a contrastive loss (CLIP's softmax, SigLIP's sigmoid...).
 
     Args:
@@ -116,7 +116,9 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         compose_text: float = 0.0,
         template_pooling: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, compile,
+                         default_optimizer=adamw(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6),
+                         default_lr_scheduler=warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.0))
         if accumulate_micro_batches < 1:
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         loss_fn = contrastive_loss(loss)  # a new name: save_hyperparameters reads the arguments from the locals
@@ -132,8 +134,6 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         self.save_hyperparameters()
         # Kept as attributes: under LightningCLI ``hparams`` holds only the keys the config spelled out.
         self.loss = loss_fn  # a module: learnable scalars it holds are saved and trained with the task
-        self.optimizer = optimizer or adamw(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-        self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.0)
         self.model = model
         self.tokenizer = fit_context_length(tokenizer if tokenizer is not None else CLIPTokenizer(),
                                             getattr(model.text, "context_length", None))
@@ -141,9 +141,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         self.template_pooling = template_pooling
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.accumulate_micro_batches = accumulate_micro_batches
-        self.compile_options = compile
-        self._compiled = False
-        self._frozen = self._lock(lock_image, lock_image_unlocked_blocks, lock_text)
+        self.freeze(*self._lock(lock_image, lock_image_unlocked_blocks, lock_text))
         self.same_caption_positive = same_caption_positive
         self._text_cache: dict[bytes, Tensor] | None = {} if cache_locked_text else None
         self._val_outputs: dict[str, list[Tensor]] = {}
@@ -167,7 +165,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- freezing
     def _lock(self, lock_image: bool, unlocked_blocks: int, lock_text: bool) -> list[nn.Module]:
-        """Freezes the requested towers once, here; frozen modules are kept in eval mode (see ``train``)."""
+        """The parts of the requested towers to freeze (see :meth:`Task.freeze`)."""
         frozen: list[nn.Module] = []
         if lock_image:
             lock = getattr(self.model.visual, "lock", None)  # a tower that knows its blocks locks itself
@@ -179,16 +177,7 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
                 frozen.append(self.model.visual)
         if lock_text:
             frozen.append(self.model.text)
-        for m in frozen:
-            m.requires_grad_(False)
-            m.eval()
         return frozen
-
-    def train(self, mode: bool = True) -> ContrastiveTask:
-        super().train(mode)
-        for m in self._frozen:  # locked towers keep dropout/batch statistics in inference mode
-            m.eval()
-        return self
 
     # --------------------------------------------------------------------------------------- image settings
     @property
@@ -357,13 +346,10 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.clamp_logit_scale()  # after every optimizer step, as CLIP does
 
-    def configure_model(self) -> None:
-        if self.compile_options and not self._compiled:
-            # Each tower in place (``nn.Module.compile``): parameter names, hence checkpoints, do not change.
-            options = self.compile_options if isinstance(self.compile_options, dict) else {}
-            self.model.visual.compile(**options)
-            self.model.text.compile(**options)
-            self._compiled = True
+    def compile_parts(self, options: dict[str, Any]) -> None:
+        # Each tower in place (``nn.Module.compile``): parameter names, hence checkpoints, do not change.
+        self.model.visual.compile(**options)
+        self.model.text.compile(**options)
 
     # ------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -408,8 +394,6 @@ class ContrastiveTask(CompositionalTerms, CheckedLoading, L.LightningModule):
         return self.all_gather(x).flatten(0, 1)
 
     # ------------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self) -> dict:
-        return configure(self, self.optimizer, self.lr_scheduler)
 
 
 __all__ = ["ContrastiveTask"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -18,8 +17,8 @@ from torchmetrics import MeanMetric
 from vlm.data.gpt2_tokenizer import IGNORE_INDEX, CausalLMTokenizer
 from vlm.data.tokenizer import fit_context_length
 from vlm.losses import next_token_loss
-from vlm.tasks.loading import CheckedLoading
-from vlm.tasks.optim import adamw, configure, warmup_cosine_schedule
+from vlm.tasks.base import Task
+from vlm.tasks.optim import adamw, warmup_cosine_schedule
 
 
 def vocabulary_token_ids(tokenizer, words: Sequence[str], extra: Sequence[int] = ()) -> Tensor:
@@ -31,7 +30,7 @@ def vocabulary_token_ids(tokenizer, words: Sequence[str], extra: Sequence[int] =
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-class LanguageModelTask(CheckedLoading, L.LightningModule):
+class LanguageModelTask(Task):
     """Trains a causal decoder (e.g. :class:`~vlm.models.decoder.DecoderLM`) on text.
 
     Args:
@@ -46,11 +45,9 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
             :class:`vlm.tasks.optim.AdamW` with ``lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8``.
         lr_scheduler: builds the per-step schedule from the optimizer. Default:
             :class:`vlm.tasks.optim.WarmupCosine` with ``warmup_steps=100, min_lr_ratio=0.1``.
-        compile: ``torch.compile`` the training forward pass (``forward_hidden``) when a Trainer sets the task up:
-            ``True``, or ``torch.compile``'s keyword arguments (e.g. ``{"mode": "max-autotune"}``). Generation stays
-            eager (its growing KV cache would recompile at every length). The weights are untouched, so checkpoints
-            are the same with and without. Off by default: on the CPU it is slower than eager
-            (``scripts/benchmark.py --suite compile`` compares them).
+        compile: ``torch.compile`` the training forward pass (``forward_hidden``), as every task compiles
+            (:class:`~vlm.tasks.base.Task`); generation stays eager (its growing KV cache would recompile at every
+            length). Off by default: slower than eager on the CPU (``scripts/benchmark.py --suite compile``).
     """
 
     def __init__(
@@ -62,11 +59,12 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, compile,
+                         default_optimizer=adamw(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8),
+                         default_lr_scheduler=warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1))
         self.save_hyperparameters()
         self.model = model
-        self.compile_options = compile
-        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by configure_model
+        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by compile_parts
         self.tokenizer = fit_context_length(tokenizer if tokenizer is not None else CausalLMTokenizer(),
                                             model.context_length)
         if self.tokenizer.vocab_size > model.vocab_size:
@@ -76,8 +74,6 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
         # Not a persistent buffer: it follows from the config, and moves to the model's device with it.
         ids = vocabulary_token_ids(self.tokenizer, vocabulary, [self.tokenizer.eos_token_id]) if vocabulary else None
         self.register_buffer("vocab_ids", ids, persistent=False)
-        self.optimizer = optimizer or adamw(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-        self.lr_scheduler = lr_scheduler or warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1)
         self.val_nll = MeanMetric()
 
     def compute_loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
@@ -102,13 +98,8 @@ class LanguageModelTask(CheckedLoading, L.LightningModule):
         self.log("val/perplexity", torch.exp(self.val_nll.compute().clamp(max=50.0)))
         self.val_nll.reset()
 
-    def configure_model(self) -> None:
-        if self.compile_options and self._compiled_forward_hidden is None:
-            options = self.compile_options if isinstance(self.compile_options, dict) else {}
-            self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
-
-    def configure_optimizers(self) -> dict:
-        return configure(self, self.optimizer, self.lr_scheduler)
+    def compile_parts(self, options: dict[str, Any]) -> None:
+        self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
 
 
 __all__ = ["LanguageModelTask", "vocabulary_token_ids"]
