@@ -50,7 +50,6 @@ from vlm.data.gpt2_tokenizer import (
 )
 from vlm.data.tokenizer import fit_context_length
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from vlm.formats.build import CheckpointError, check_weights
 from vlm.formats.checkpoint import INFERENCE_KEY
 from vlm.formats.settings import caption_settings
 from vlm.generation import Captioner
@@ -216,43 +215,13 @@ class FlamingoTask(Task):
 
     def load_pretrained(self) -> None:
         """Reads the frozen parts' weights from ``vision_weights`` / ``decoder_weights``."""
-        from vlm.interop.hf_gpt2 import (
-            check_gpt2_config,
-            gpt2_decoder_state_dict,
-            is_gpt2_state_dict,
-            read_gpt2_checkpoint,
-        )
-        from vlm.interop.weights import ConversionError, WeightsSourceError, sub_state_dict
+        from vlm.interop.parts import read_part
 
         parts = {"vision": self.model.vision, "decoder": self.model.decoder}
         for name, (source, prefix) in self._pretrained_sources.items():
-            if not source:
-                continue
-            expected = parts[name].state_dict()
-            try:
-                state, hf_config = read_gpt2_checkpoint(_resolve_weights(source))
-                if name == "decoder" and is_gpt2_state_dict(state) and not is_gpt2_state_dict(expected):
-                    # A Hugging Face GPT-2 checkpoint (directory or weights file): its own keys, no prefix.
-                    state, prefix = gpt2_decoder_state_dict(state, source), ""
-                    if hf_config is not None:
-                        check_gpt2_config(hf_config, parts[name], source)
-            except ConversionError as e:
-                raise WeightsSourceError(f"cannot read the {name} weights ({name}_weights={source!r}): {e}. Train that "
-                                         f"stage first (see the config's header) or point {name}_weights elsewhere."
-                                         ) from None
-            part = sub_state_dict(state, prefix)
-            extra = [k for k in part if k not in expected]  # e.g. the rest of a CLIP task: ignored
-            shapes = {k: tuple(v.shape) for k, v in part.items() if k in expected}
-            try:
-                check_weights(expected, shapes, source, f"the {name} in the config (prefix {prefix!r})")
-            except CheckpointError as e:
-                raise WeightsSourceError(f"{e}; the {name}'s architecture must equal the one that was trained"
-                                         ) from None
-            if extra:
-                log.warning("%s: ignoring %d %s weights the model does not have, e.g. %s", source, len(extra), name,
-                            extra[0])
-            parts[name].load_state_dict({k: part[k] for k in expected})
-            log.info("loaded the %s from %s", name, source)
+            if source:
+                parts[name].load_state_dict(read_part(_resolve_weights(source), prefix, parts[name], name))
+                log.info("loaded the %s from %s", name, source)
         if self._pretrained_sources["decoder"][0]:
             # New rows start at the mean of the loaded rows (of the closed vocabulary, if any: the others never
             # trained).
