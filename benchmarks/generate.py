@@ -115,15 +115,13 @@ def beam_rows(settings: Settings) -> Iterator[Row]:
 
 
 def flamingo_rows(settings: Settings) -> Iterator[Row]:
-    from vlm.generation import caption_images
-
     task = cpu_kernels(default_flamingo_task(), settings)
     size = task.image_size
     images = torch.randn(settings.pick(4, 1), 3, size, size, generator=torch.Generator().manual_seed(0))
     new = settings.pick(20, 4)
 
     def caption(use_cache: bool) -> Callable[[], object]:
-        return lambda: caption_images(task.model, task.tokenizer, images, max_new_tokens=new, use_cache=use_cache)
+        return lambda: task.captioner().generate_tokens(images, max_new_tokens=new, use_cache=use_cache)
 
     # Interleaved, like the decoder rows: the two are close at this size and the machine is noisy.
     t = interleaved_medians({"cache": caption(True), "none": caption(False)}, repeats=min(settings.repeats, 3))

@@ -255,74 +255,6 @@ def few_shot_prompt(captions: Sequence[str], prompt: str = "") -> str:
     return f"{shots}{IMAGE_TOKEN}{prompt}"
 
 
-@torch.no_grad()
-def caption_images(
-    model: Any,
-    tokenizer: Any,
-    images: Tensor,
-    prompt: str | Sequence[str] | None = None,
-    max_new_tokens: int = 20,
-    num_beams: int = 1,
-    **kwargs: Any,
-) -> list[str]:
-    """Captions a batch of images with a Flamingo model (arguments as :func:`caption_tokens`)."""
-    tokens = caption_tokens(model, tokenizer, images, prompt, max_new_tokens, num_beams, **kwargs)
-    return [tokenizer.decode(row) for row in tokens]
-
-
-@torch.no_grad()
-def caption_tokens(
-    model: Any,
-    tokenizer: Any,
-    images: Tensor,
-    prompt: str | Sequence[str] | None = None,
-    max_new_tokens: int = 20,
-    num_beams: int = 1,
-    **kwargs: Any,
-) -> list[list[int]]:
-    """The caption tokens a Flamingo model generates for a batch of images, each row cut before its stop token.
-
-    Args:
-        model: a :class:`~vlm.models.flamingo.Flamingo`.
-        tokenizer: its :class:`~vlm.data.gpt2_tokenizer.FlamingoTokenizer`.
-        images: (b, 3, H, W), or (b, T, 3, H, W) for a prompt with T ``<image>`` markers (few-shot).
-        prompt: the text given before the generated caption, with one ``<image>`` per image; default: the
-            tokenizer's training layout (``<image>`` + its prompt). A list gives each image its own prompt (e.g. a
-            question).
-        max_new_tokens, num_beams, kwargs: passed to :func:`generate`.
-    """
-    prompt = tokenizer.caption_prompt() if prompt is None else prompt
-    prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
-    num_images = images.shape[1] if images.ndim >= 5 else 1
-    for text in set(prompts):
-        if (found := tokenizer.count_images(text)) != num_images:
-            raise ValueError(f"the prompt has {found} {IMAGE_TOKEN} marker(s) but {num_images} image(s) per sample")
-    enc = tokenizer.encode_prompts(prompts)
-    device = images.device
-    tokens = generate(
-        model,
-        enc["input_ids"].to(device),
-        enc["attention_mask"].to(device),
-        images=images,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        stop_token_ids=[tokenizer.end_of_chunk_token_id, tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_token_ids=[tokenizer.image_token_id, tokenizer.pad_token_id],
-        **kwargs,
-    )
-    ends = {tokenizer.end_of_chunk_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    rows = []
-    for row in tokens.tolist():
-        cut = next((i for i, t in enumerate(row) if t in ends), len(row))
-        rows.append(row[:cut])
-    return rows
-
-
-
-
 @dataclass
 class Captioner:
     """A trained Flamingo with what captioning needs: its tokenizer, image statistics and decoding defaults."""
@@ -364,11 +296,40 @@ class Captioner:
         num_beams: int | None = None,
         **kwargs: Any,
     ) -> list[list[int]]:
-        """The caption tokens of :meth:`generate_captions`, each row cut before its stop token."""
+        """The caption tokens of :meth:`generate_captions`, each row cut before its stop token (the one place a
+        Flamingo generates: captions, answers, few-shot prompts and the task's validation all come here)."""
         if self.vocab_ids is not None:
             kwargs.setdefault("allowed_token_ids", self.vocab_ids)
-        return caption_tokens(self.model, self.tokenizer, images, prompt, max_new_tokens or self.max_new_tokens,
-                              num_beams or self.num_beams, **kwargs)  # fmt: skip
+        max_new_tokens, num_beams = max_new_tokens or self.max_new_tokens, num_beams or self.num_beams
+        prompt = self.tokenizer.caption_prompt() if prompt is None else prompt
+        prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        num_images = images.shape[1] if images.ndim >= 5 else 1
+        for text in set(prompts):
+            if (found := self.tokenizer.count_images(text)) != num_images:
+                raise ValueError(f"the prompt has {found} {IMAGE_TOKEN} marker(s) but {num_images} image(s) per "
+                                 "sample")
+        enc = self.tokenizer.encode_prompts(prompts)
+        device = images.device
+        tokens = generate(
+            self.model,
+            enc["input_ids"].to(device),
+            enc["attention_mask"].to(device),
+            images=images,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            stop_token_ids=[self.tokenizer.end_of_chunk_token_id, self.tokenizer.eos_token_id],
+            pad_token_id=self.tokenizer.pad_token_id,
+            suppress_token_ids=[self.tokenizer.image_token_id, self.tokenizer.pad_token_id],
+            **kwargs,
+        )
+        ends = {self.tokenizer.end_of_chunk_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        rows = []
+        for row in tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in ends), len(row))
+            rows.append(row[:cut])
+        return rows
 
     @torch.no_grad()
     def generate_answers(
@@ -397,4 +358,4 @@ class Captioner:
         return [first_answer(a) for a in self.generate_captions(images, prompts, max_new_tokens, **kwargs)]
 
 
-__all__ = ["Captioner", "caption_images", "caption_tokens", "few_shot_prompt", "generate", "sample_next"]
+__all__ = ["Captioner", "few_shot_prompt", "generate", "sample_next"]
