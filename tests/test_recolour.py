@@ -72,6 +72,24 @@ def test_recolour_replaces_a_training_pair_by_its_colour_free_view_with_its_prob
     assert [dm.val_dataset[i]["caption"] for i in range(2)] == ["a red circle", "a blue circle"]
 
 
+def test_recolour_batches_stack_with_a_tokenizer_that_pads_to_the_longest_caption(tmp_path):
+    """Flamingo's tokenizer pads each encoding to its longest text: pairs and their shorter colour-free views
+    are padded alike, so a batch mixing them stacks (and each row still spells its own caption)."""
+    from vlm.data.gpt2_tokenizer import FlamingoTokenizer
+
+    root = _folder(tmp_path / "train")
+    tokenizer = FlamingoTokenizer(context_length=24, vocab_offset=50257)
+    dm = ImageTextDataModule(train=str(root), val=str(root), tokenizer=tokenizer, image_size=16, batch_size=8,
+                             in_memory=True, recolour=0.5)
+    dm.setup("fit")
+    torch.manual_seed(1)
+    batch = next(iter(dm.train_dataloader()))
+    assert {"a circle", "a square"} & set(batch["caption"]) and {"a red circle", "a blue square"} & set(
+        batch["caption"])  # both kinds in this batch (seeded)
+    for ids, mask, caption in zip(batch["input_ids"], batch["attention_mask"], batch["caption"], strict=True):
+        assert caption in tokenizer.decode(ids[mask.bool()])
+
+
 def test_recolour_is_a_probability_and_refuses_question_records(tmp_path):
     with pytest.raises(ValueError, match="probability"):
         ImageTextDataModule(recolour=2.0)

@@ -6,8 +6,7 @@ Three torch datasets feed :class:`vlm.data.datamodules.ImageTextDataModule`:
   empty, truncated or non-image file, empty caption) is skipped by drawing a replacement row, so a batch always
   has ``batch_size`` samples: the distributed contrastive loss needs the same batch on every rank.
 - :class:`InMemoryImageTextDataset` (map-style): decodes every row once, drops the bad ones, keeps uint8 pixels
-  (and, optionally, the token ids) in memory. For small datasets (the built-in shapes and digits) this removes
-  all per-step decoding from the 2 CPU cores that also train the model.
+  (and the token ids) in memory: no per-step decoding on the CPU cores that also train the model.
 - :class:`StreamingImageTextDataset` (iterable): wraps a streaming ``datasets.IterableDataset`` (webdataset tar
   shards, hub streaming); bad samples are dropped from the stream.
 
@@ -259,11 +258,12 @@ class InMemoryImageTextDataset(Dataset):
         return cls(images, captions, labels, paths, skipped, augment, extras)
 
     def pretokenize(self, tokenizer: Any) -> None:
-        """Tokenises every distinct caption (or question-answer pair, or colour-free caption) once, so batches only
-        index token tensors."""
-        self.tokens = encode_each_once(tokenizer, self.captions, self.extras.get("question"))
-        if self.recolour is not None:
-            self.recoloured_tokens = encode_each_once(tokenizer, self.recoloured_captions, None)
+        """Tokenises every distinct caption (or question-answer pair) once, so batches only index token tensors; the
+        colour-free captions in the same call, so a tokenizer padding to the longest text pads both sets alike."""
+        n, views = len(self.captions), self.recoloured_captions if self.recolour is not None else []
+        tokens = encode_each_once(tokenizer, self.captions + views, None if views else self.extras.get("question"))
+        self.tokens, self.recoloured_tokens = ({k: v[:n] for k, v in tokens.items()},
+                                               {k: v[n:] for k, v in tokens.items()}) if tokens else (None, None)
 
     def __len__(self) -> int:
         return len(self.captions)
