@@ -96,6 +96,15 @@ def test_lock_image_with_unlocked_last_block():
     assert all(p.requires_grad == (id(p) in in_optim) for p in task.parameters())
 
 
+def test_lightning_freeze_still_freezes_the_whole_task():
+    """The task base freezes its parts with freeze_parts; Lightning's own freeze() (whole task, eval) is untouched."""
+    task = build_task(tiny_clip_config(lock_text=True))
+    task.train()
+    assert task.model.visual.training and not task.model.text.training
+    task.freeze()
+    assert not task.training and not any(p.requires_grad for p in task.parameters())
+
+
 def test_the_vision_tower_locks_itself_as_open_clip_towers_do():
     task = build_task(tiny_clip_config())
     visual = task.model.visual

@@ -9,7 +9,7 @@ A task (:class:`~vlm.tasks.contrastive.ContrastiveTask`, :class:`~vlm.tasks.lang
 - ``compile``: ``True`` or ``torch.compile``'s keyword arguments; applied once, when a Trainer sets the task up
   (:meth:`compile_parts` says what each task compiles). The weights are untouched, so checkpoints are the same
   with and without;
-- :meth:`freeze`: parts that do not train (Flamingo's towers, LiT's locked tower) get no gradient and stay in
+- :meth:`freeze_parts`: parts that do not train (Flamingo's towers, LiT's locked tower) get no gradient and stay in
   inference mode (no dropout, BatchNorm statistics fixed) whatever ``train()`` is called with;
 - a checked ``load_from_checkpoint`` (:class:`~vlm.tasks.loading.CheckedLoading`).
 """
@@ -47,8 +47,9 @@ class Task(CheckedLoading, L.LightningModule):
         self._frozen: list[nn.Module] = []
 
     # ------------------------------------------------------------------------------------------------ frozen
-    def freeze(self, *modules: nn.Module) -> None:
-        """``modules`` stop training: no gradient, and inference mode from now on (see :meth:`train`)."""
+    def freeze_parts(self, *modules: nn.Module) -> None:
+        """``modules`` stop training: no gradient, and inference mode from now on (see :meth:`train`). Not
+        Lightning's ``freeze()``, which freezes the whole task for inference and is left as it is."""
         for module in modules:
             module.requires_grad_(False)
             module.eval()

@@ -201,7 +201,7 @@ class FlamingoTask(Task):
         self.image_size = int(size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         # Flamingo's recipe: both pretrained parts stay frozen; only the bridge and the new token rows learn.
-        self.freeze(model.vision, model.decoder)
+        self.freeze_parts(model.vision, model.decoder)
         self._val: dict[str, list] = {}
 
     # ------------------------------------------------------------------------------------- pretrained parts

@@ -141,7 +141,7 @@ class ContrastiveTask(CompositionalTerms, Task):
         self.template_pooling = template_pooling
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.accumulate_micro_batches = accumulate_micro_batches
-        self.freeze(*self._lock(lock_image, lock_image_unlocked_blocks, lock_text))
+        self.freeze_parts(*self._lock(lock_image, lock_image_unlocked_blocks, lock_text))
         self.same_caption_positive = same_caption_positive
         self._text_cache: dict[bytes, Tensor] | None = {} if cache_locked_text else None
         self._val_outputs: dict[str, list[Tensor]] = {}
@@ -165,7 +165,7 @@ class ContrastiveTask(CompositionalTerms, Task):
 
     # ----------------------------------------------------------------------------------------------- freezing
     def _lock(self, lock_image: bool, unlocked_blocks: int, lock_text: bool) -> list[nn.Module]:
-        """The parts of the requested towers to freeze (see :meth:`Task.freeze`)."""
+        """The parts of the requested towers to freeze (see :meth:`Task.freeze_parts`)."""
         frozen: list[nn.Module] = []
         if lock_image:
             lock = getattr(self.model.visual, "lock", None)  # a tower that knows its blocks locks itself
