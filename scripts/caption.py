@@ -9,6 +9,8 @@
 A folder's images are processed in sorted order. ``--prompt`` without ``<image>`` is the text written after each
 image before the caption (e.g. ``"A photo of"``); a prompt with ``<image>`` markers is used as written and needs
 one marker per image: the ``--example`` images (whose captions it then spells out itself) plus the input image.
+``--rerank CLIP_CHECKPOINT`` keeps ``--rerank-beams`` beam-search captions per image and prints the one that CLIP
+checkpoint scores closest to the image (:meth:`vlm.inference.CaptionPredictor.rerank_with`).
 When the images come from a folder whose ``metadata.jsonl`` has captions, BLEU-4, CIDEr and the attribute
 accuracy (every colour, shape and size word right) are reported at the end; ``--score-only`` prints only those.
 A malformed ``metadata.jsonl`` line or file costs only its captions (one ``warning:`` line per file).
@@ -60,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="processes decoding images ahead of the model, 0 to 64 (0: in this process; default: "
                    "none for a few images, else min(2, CPUs - 2))")
+    p.add_argument("--rerank", metavar="CLIP_CHECKPOINT",
+                   help="a CLIP checkpoint that picks each caption among the beam search's (e.g. the own-data CLIP "
+                   "stage, whose vision tower the captioner reads)")
+    p.add_argument("--rerank-beams", type=int, default=8,
+                   help="with --rerank: captions per image the CLIP chooses among, 1 to 64 (default 8)")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.add_argument("--score-only", action="store_true",
                    help="print only BLEU-4, CIDEr and attribute accuracy against the folders' metadata.jsonl captions")
@@ -68,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not (math.isfinite(args.length_penalty) and abs(args.length_penalty) <= MAX_LENGTH_PENALTY):
         raise SystemExit(error(f"--length-penalty must be a finite number between -{MAX_LENGTH_PENALTY:g} and "
                                f"{MAX_LENGTH_PENALTY:g}"))
+    if not 1 <= args.rerank_beams <= 64:
+        raise SystemExit(error(f"--rerank-beams must be between 1 and 64, got {args.rerank_beams}"))
     if args.prompt is not None and len(args.prompt) > MAX_PROMPT_CHARS:
         raise SystemExit(error(f"--prompt is {len(args.prompt):,} characters long: at most {MAX_PROMPT_CHARS:,}"))
     return args
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # before any loading: a FIFO or device would block or never end
         check_regular(args.checkpoint, "checkpoint", directory_ok=True)
+        if args.rerank is not None:
+            check_regular(args.rerank, "--rerank checkpoint", directory_ok=True)
         for image, _ in args.example:
             check_regular(image, "example image")
     except UnsafeFileError as e:
@@ -87,11 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.data.prefetch import default_workers
     from vlm.data.transforms import eval_geometry
     from vlm.formats import CheckpointError
-    from vlm.inference import load_flamingo
+    from vlm.inference import CLIPPredictor, load, load_flamingo
     from vlm.inputs import expand_paths, folder_metadata, load_batches
 
     try:
         model = load_flamingo(args.checkpoint, "caption.py", batch_size=args.batch_size)
+        if args.rerank is not None:
+            clip = load(args.rerank, batch_size=args.batch_size)
+            if not isinstance(clip, CLIPPredictor):
+                return error(f"--rerank {args.rerank} is a {clip.kind}: captions are reranked by a CLIP checkpoint")
+            model.rerank_with(clip, args.rerank_beams)
     except (CheckpointError, ValueError) as e:  # ValueError: a VLM_CPU_LINEAR that names no backend
         return error(str(e))
     try:

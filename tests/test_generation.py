@@ -240,3 +240,26 @@ def test_sampling_draws_from_the_filtered_distribution(lm, temperature, top_k, t
     assert (freq[expected == 0] == 0).all(), "a token outside the top-k / nucleus was sampled"
     assert 0.5 * (freq - expected).abs().sum() < 0.03
     assert (expected > 0).sum() > 1  # a real choice, not greedy in disguise
+
+
+def test_beam_search_returns_its_best_hypotheses_in_order(lm):
+    ids, mask = left_pad(prompts(2))
+    kw = dict(max_new_tokens=6, num_beams=4, stop_token_ids=[STOP], pad_token_id=PAD, suppress_token_ids=[PAD])
+    best = generate(lm, ids, mask, **kw)
+    many = generate(lm, ids, mask, num_return_sequences=3, **kw)
+    assert many.shape[0] == 2 * 3
+    for i in range(2):  # each prompt's first row is the single best; its rows are distinct hypotheses
+        rows = many[i * 3:(i + 1) * 3]
+        assert torch.equal(rows[0, : best.shape[1]], best[i]) and (rows[0, best.shape[1]:] == PAD).all()
+        assert len({tuple(r.tolist()) for r in rows}) == 3
+        scores = []  # and they come best first: sum of log-probabilities / length (length_penalty 1)
+        for r in rows:
+            r = r[: int((r == STOP).nonzero()[0]) + 1] if (r == STOP).any() else r[r != PAD]
+            seq = torch.cat([ids[i][mask[i].bool()], r])
+            with torch.no_grad():
+                logp = lm(seq[None]).log_softmax(-1)[0, :-1].gather(1, seq[1:, None])[-len(r):].sum()
+            scores.append(float(logp) / len(r))
+        # recomputed without the cache: the same fp32 sums in another order, so equal up to rounding
+        assert all(a >= b - 64 * FP32_EPS * max(1.0, abs(a)) for a, b in zip(scores, scores[1:]))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate(lm, ids, mask, max_new_tokens=4, num_beams=2, num_return_sequences=3)

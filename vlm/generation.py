@@ -19,7 +19,7 @@ the stop token and are padded after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,7 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     num_beams: int = 1,
+    num_return_sequences: int = 1,
     length_penalty: float = 1.0,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -122,6 +123,8 @@ def generate(
         stop_token_ids: a row is finished once it emits one of these.
         pad_token_id: fills the rows that finished early.
         num_beams: beam search with this many beams (1: greedy or sampling).
+        num_return_sequences: with beam search, the best this many hypotheses of each prompt, best first, as
+            consecutive rows (b * num_return_sequences rows; at most ``num_beams``).
         length_penalty: beam scores are ``sum log p / length ** length_penalty`` (> 0 favours longer outputs).
         do_sample: sample instead of taking the most likely token.
         temperature, top_p, top_k: sampling parameters (see :func:`sample_next`).
@@ -135,6 +138,9 @@ def generate(
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if num_beams > 1 and do_sample:
         raise ValueError("beam search with sampling is not supported: use num_beams=1 with do_sample")
+    if not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be between 1 and num_beams={num_beams}, "
+                         f"got {num_return_sequences}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     max_new_tokens = _budget(model, input_ids.shape[1], max_new_tokens)
@@ -145,7 +151,8 @@ def generate(
     if num_beams == 1:
         return _sample_or_greedy(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p, top_k,
                                  generator, **run)
-    return _beam_search(input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, **run)
+    return _beam_search(input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, num_return_sequences,
+                        **run)
 
 
 def _sample_or_greedy(ids, mask, max_new_tokens, do_sample, temperature, top_p, top_k, generator, *, candidates,
@@ -171,8 +178,8 @@ def _sample_or_greedy(ids, mask, max_new_tokens, do_sample, temperature, top_p, 
     return torch.stack(out, dim=1) if out else ids.new_empty(b, 0)
 
 
-def _beam_search(ids, mask, max_new_tokens, num_beams, length_penalty, *, candidates, state, use_cache, stops,
-                 pad) -> Tensor:
+def _beam_search(ids, mask, max_new_tokens, num_beams, length_penalty, num_return, *, candidates, state, use_cache,
+                 stops, pad) -> Tensor:
     """Beam search; a sample is done once ``num_beams`` finished hypotheses exist (HF's ``early_stopping``)."""
     b, k = ids.shape[0], num_beams
     expand = torch.arange(b, device=ids.device).repeat_interleave(k)
@@ -233,9 +240,12 @@ def _beam_search(ids, mask, max_new_tokens, num_beams, length_penalty, *, candid
             for j in range(k):
                 if torch.isfinite(scores[i * k + j]):
                     hyps[i].append((float(scores[i * k + j]) / max(length, 1) ** length_penalty, generated[i * k + j]))
-    best = [max(h, key=lambda t: t[0])[1] if h else generated.new_empty(0) for h in hyps]
+    best = []  # each prompt's num_return best, best first (ties: the hypothesis found first)
+    for h in hyps:
+        ranked = [seq for _, seq in sorted(h, key=lambda t: -t[0])][:num_return]
+        best.extend(ranked + [ranked[-1] if ranked else generated.new_empty(0)] * (num_return - len(ranked)))
     width = max((len(s) for s in best), default=0)
-    out = torch.full((b, width), pad, dtype=torch.long, device=ids.device)
+    out = torch.full((len(best), width), pad, dtype=torch.long, device=ids.device)
     for i, seq in enumerate(best):
         out[i, : len(seq)] = seq
     return out
@@ -330,6 +340,30 @@ class Captioner:
             cut = next((i for i, t in enumerate(row) if t in ends), len(row))
             rows.append(row[:cut])
         return rows
+
+    @torch.no_grad()
+    def generate_reranked(
+        self,
+        images: Tensor,
+        score: Callable[[list[str]], Tensor],
+        beams: int,
+        prompt: str | Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """One caption per image, chosen among its ``beams`` best beam-search captions by ``score``: given the
+        distinct candidate texts, it returns (b, len(texts)) scores, higher better (e.g. a CLIP model's image-text
+        similarity); a tie keeps the beam search's order."""
+        flat = self.generate_captions(images, prompt, max_new_tokens, beams, num_return_sequences=beams, **kwargs)
+        texts = list(dict.fromkeys(flat))  # each distinct caption scored once
+        index = {text: i for i, text in enumerate(texts)}
+        scores = score(texts)
+        out = []
+        for i in range(images.shape[0]):
+            candidates = flat[i * beams:(i + 1) * beams]  # best first
+            columns = torch.tensor([index[t] for t in candidates], device=scores.device)
+            out.append(candidates[int(scores[i, columns].argmax())])
+        return out
 
     @torch.no_grad()
     def generate_answers(

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from vlm.data.images import as_pil, as_pil_list, image_items
-from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
+from vlm.data.transforms import eval_transform
 from vlm.explain import Explanation, caption_maps, clip_maps
 from vlm.formats import CheckpointError, load_captioner, load_zero_shot
 from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
@@ -193,6 +193,21 @@ class CaptionPredictor(Predictor):
         super().__init__(source, loaded.image_size, loaded.image_mean, loaded.image_std, **kwargs)
         loaded.model.to(self.device).eval()
         self.captioner = loaded
+        self.reranker: CLIPPredictor | None = None
+        self.rerank_beams = 0
+
+    def rerank_with(self, clip: CLIPPredictor | None, beams: int = 8) -> CaptionPredictor:
+        """Captions are then chosen by ``clip`` among the ``beams`` best of a beam search (at least ``num_beams``):
+        the captioner proposes the wording, a CLIP that composes attributes (the own-data CLIP stage) picks "a teal
+        square" where a captioner that never saw one prefers "a teal triangle". ``None``: off. :meth:`answer` and
+        :meth:`explain` are not reranked. Returns this predictor."""
+        if clip is not None and not isinstance(clip, CLIPPredictor):
+            kind = getattr(clip, "kind", type(clip).__name__)
+            raise TypeError(f"captions are reranked by a CLIP model, not a {kind}")
+        if not 1 <= beams <= 64:
+            raise ValueError(f"beams must be between 1 and 64, got {beams}")
+        self.reranker, self.rerank_beams = clip, beams
+        return self
 
     @property
     def model(self) -> nn.Module:
@@ -216,12 +231,33 @@ class CaptionPredictor(Predictor):
         examples = list(examples or [])
         shots = self.preprocess([image for image, _ in examples]) if examples else None
         full = self.build_prompt(prompt, [text for _, text in examples])
+        if self.reranker is not None and sampling.get("do_sample"):
+            raise ValueError("reranked captions come from beam search: do_sample does not apply (rerank_with(None))")
         out: list[str] = []
-        for batch in self._batches(images):
+        for batch, clip_batch in self._caption_batches(images):
             if shots is not None:  # (b, k + 1, 3, H, W): the examples, then the input
                 batch = torch.cat([shots.unsqueeze(0).expand(batch.shape[0], *shots.shape), batch.unsqueeze(1)], 1)
-            out.extend(self.captioner.generate_captions(batch, full, max_new_tokens, num_beams, **sampling))
+            if clip_batch is None:
+                out.extend(self.captioner.generate_captions(batch, full, max_new_tokens, num_beams, **sampling))
+            else:
+                out.extend(self._reranked(batch, clip_batch, full, max_new_tokens, num_beams, sampling))
         return out
+
+    def _caption_batches(self, images: Images) -> Iterator[tuple[Tensor, Tensor | None]]:
+        if self.reranker is None:  # else each image also as the reranker's input (decoded once)
+            yield from ((batch, None) for batch in self._batches(images))
+            return
+        items, to_clip = image_items(images), self.reranker.transform
+        for start in range(0, len(items), self.batch_size):
+            pairs = [(self.transform(im), to_clip(im)) for im in map(as_pil, items[start:start + self.batch_size])]
+            yield tuple(torch.stack(column).to(self.device) for column in zip(*pairs))
+
+    def _reranked(self, batch: Tensor, clip_batch: Tensor, prompt: str, max_new_tokens: int | None,
+                  num_beams: int | None, decoding: dict[str, Any]) -> list[str]:
+        image_embeddings = self.reranker.model.encode_image(clip_batch, normalize=True)
+        return self.captioner.generate_reranked(
+            batch, lambda texts: image_embeddings @ self.reranker.embed_texts(texts).T,
+            max(num_beams or self.captioner.num_beams, self.rerank_beams), prompt, max_new_tokens, **decoding)
 
     def answer(self, images: Images, questions: str | Sequence[str], examples: QuestionExamples = None,
                max_new_tokens: int | None = None, **decoding: Any) -> list[str]:
@@ -340,7 +376,11 @@ def load(source: str | os.PathLike, weights: str | os.PathLike | None = None, de
     if text.startswith(("open_clip:", "timm:")):
         if weights is None:
             raise CheckpointError(f"{text}: give the local weights file (weights=...); vlm downloads nothing")
-        predictor = _load_peer(text, Path(weights), options)
+        from vlm.interop.peers import open_peer
+
+        peer = open_peer(text, Path(weights))
+        predictor = (CLIPPredictor(peer, text, **options) if isinstance(peer, ZeroShotModel) else
+                     VisionPredictor(peer.model, text, peer.image_size, peer.mean, peer.std, **options))
     elif weights is not None:
         raise CheckpointError(f"{text}: weights=... is for open_clip: and timm: sources; a checkpoint holds its own")
     else:
@@ -367,32 +407,6 @@ def load_flamingo(source: str | os.PathLike, purpose: str, **options: Any) -> Ca
     if not isinstance(model, CaptionPredictor):
         raise CheckpointError(f"{source} is a {model.kind}: {purpose} needs a Flamingo checkpoint")
     return model
-
-
-def _load_peer(source: str, weights: Path, options: dict[str, Any]) -> Predictor:
-    from vlm.data.files import UnsafeFileError, check_regular
-    from vlm.data.tokenizer import CLIPTokenizer
-    from vlm.interop import ConversionError, from_timm, load_open_clip_state_dict, read_state_dict
-
-    try:
-        check_regular(weights, "weights file")
-        library, _, name = source.partition(":")
-        if library == "open_clip":
-            model = load_open_clip_state_dict(weights, model_cfg=name)
-            loaded = ZeroShotModel(model, CLIPTokenizer(model.text.context_length), "openai", OPENAI_CLIP_MEAN,
-                                   OPENAI_CLIP_STD)  # fmt: skip
-            return CLIPPredictor(loaded, source, **options)
-        import timm
-
-        peer = timm.create_model(name, pretrained=False, num_classes=0)
-        state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("head.")}
-        peer.load_state_dict(state, strict=True)
-        cfg = peer.pretrained_cfg
-        vit = from_timm(peer.eval())
-        return VisionPredictor(vit, source, vit.image_size, cfg.get("mean", OPENAI_CLIP_MEAN),
-                               cfg.get("std", OPENAI_CLIP_STD), **options)  # fmt: skip
-    except (UnsafeFileError, ConversionError, RuntimeError) as e:
-        raise CheckpointError(f"{source} with {weights}: {str(e).splitlines()[0]}") from None
 
 
 __all__ = ["CLIPPredictor", "CaptionPredictor", "Predictor", "VisionPredictor", "as_pil_list", "load", "load_flamingo"]
