@@ -177,3 +177,38 @@ def test_text_data_modules(tmp_path):
     dm = TextDataModule(train=str(tmp_path / "t.jsonl"), batch_size=2, tokenizer=tok)
     dm.setup("fit")
     assert dm.texts("train") == ["a small red circle", "a large blue star"]  # blank texts dropped
+
+
+def test_auto_vocabulary_is_the_data_words_resolved_at_fit_and_saved_as_the_list(tmp_path):
+    import json
+
+    import lightning.pytorch as pl
+
+    from vlm.data.text import TextDataModule
+    from vlm.formats import build_task
+    from vlm.tasks.language import data_words
+
+    for split, texts in (("train", ["a small red circle", "a large blue star."] * 4), ("val", ["a small blue cross"])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = {"class_path": "vlm.tasks.language.LanguageModelTask", "init_args": {
+        "model": {"class_path": "vlm.models.decoder.DecoderLM", "init_args": {
+            "context_length": 24, "width": 32, "depth": 1, "num_heads": 2}},
+        "vocabulary": "auto"}}
+    task = build_task(cfg)
+    assert task.vocab_ids is None  # nothing to read the words from yet
+    dm = TextDataModule(train=str(tmp_path / "train.jsonl"), val=str(tmp_path / "val.jsonl"), batch_size=4,
+                        tokenizer=task.tokenizer)
+    words = ["a", "blue", "circle", "cross", "large", "red", "small", "star."]  # validation's "cross" too
+    assert data_words(dm) == words
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)
+    trainer.fit(task, dm)
+    expected = build_task({**cfg, "init_args": {**cfg["init_args"], "vocabulary": words}}).vocab_ids
+    assert torch.equal(task.vocab_ids, expected) and len(expected) < 20
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    saved = torch.load(tmp_path / "lm.ckpt", weights_only=False)["hyper_parameters"]
+    assert saved["vocabulary"] == words  # a rebuilt task needs no data
+    with pytest.raises(ValueError, match="vocabulary must be a list of words, 'auto' or null"):
+        build_task({**cfg, "init_args": {**cfg["init_args"], "vocabulary": "automatic"}})
+    with pytest.raises(ValueError, match="found no texts"):
+        data_words(object())

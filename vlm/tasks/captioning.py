@@ -56,7 +56,13 @@ from vlm.generation import Captioner
 from vlm.losses import next_token_loss
 from vlm.models.flamingo import Flamingo
 from vlm.tasks.base import Task
-from vlm.tasks.language import vocabulary_token_ids
+from vlm.tasks.language import (
+    AUTO_VOCABULARY,
+    check_vocabulary,
+    resolve_vocabulary,
+    save_resolved_vocabulary,
+    vocabulary_token_ids,
+)
 from vlm.tasks.loading import load_init_weights
 from vlm.tasks.optim import adamw, warmup_cosine_schedule
 from vlm.vqa import vqa_metrics
@@ -113,7 +119,9 @@ class FlamingoTask(Task):
             ``<image>Question: {question} Short answer:``.
         vocabulary: a closed vocabulary (as for :class:`~vlm.tasks.language.LanguageModelTask`, whose decoder was
             trained with the same): the softmax covers only these words' tokens, ``<|endofchunk|>`` and
-            end-of-text, in training and generation. ``None``: the whole vocabulary.
+            end-of-text, in training and generation. ``auto``: the words of the data's training and validation
+            captions (:func:`vlm.tasks.language.data_words`), resolved when training starts and saved as the list.
+            ``None``: the whole vocabulary.
         images_per_sequence: training sequences interleave this many (image, caption) or (image, question, answer)
             chunks, consecutive batch samples grouped together (M3W-style), so the model learns sequences with
             several images and texts that follow solved examples, as few-shot prompts do.
@@ -150,7 +158,7 @@ class FlamingoTask(Task):
         tokenizer: CausalLMTokenizer | None = None,
         prompt: str = "",
         question_prompt: str = DEFAULT_QUESTION_PROMPT,
-        vocabulary: Sequence[str] | None = None,
+        vocabulary: str | Sequence[str] | None = None,
         images_per_sequence: int = 1,
         input_noise: float = 0.0,
         optimizer: OptimizerCallable | None = None,
@@ -170,6 +178,7 @@ class FlamingoTask(Task):
             raise ValueError(f"images_per_sequence must be >= 1, got {images_per_sequence}")
         if not 0.0 <= input_noise < 1.0:
             raise ValueError(f"input_noise must be in [0, 1), got {input_noise}")
+        check_vocabulary(vocabulary)
         self.save_hyperparameters()
         self.model = model
         self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by compile_parts
@@ -187,8 +196,8 @@ class FlamingoTask(Task):
         if self.tokenizer.vocab_size > model.decoder.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the decoder only "
                              f"{model.decoder.vocab_size} embeddings: is it the decoder's tokenizer?")
-        ends = [self.tokenizer.end_of_chunk_token_id, self.tokenizer.eos_token_id]
-        ids = vocabulary_token_ids(self.tokenizer, vocabulary, ends) if vocabulary else None
+        self.vocabulary = vocabulary
+        ids = self._vocabulary_ids(vocabulary) if vocabulary and vocabulary != AUTO_VOCABULARY else None
         self.register_buffer("vocab_ids", ids, persistent=False)  # follows from the config
         self.images_per_sequence = images_per_sequence
         self.input_noise = input_noise
@@ -205,7 +214,12 @@ class FlamingoTask(Task):
         self._val: dict[str, list] = {}
 
     # ------------------------------------------------------------------------------------- pretrained parts
+    def _vocabulary_ids(self, words: Sequence[str]) -> Tensor:
+        return vocabulary_token_ids(self.tokenizer, words,
+                                    [self.tokenizer.end_of_chunk_token_id, self.tokenizer.eos_token_id])
+
     def setup(self, stage: str) -> None:
+        resolve_vocabulary(self)  # before the new token rows are set from the vocabulary's mean
         if stage == "fit" and not bool(self.pretrained_loaded):
             if self.init_weights:  # a whole trained Flamingo (towers, bridge, new tokens): nothing else to read
                 load_init_weights(self.model, self.init_weights, "model.", "the Flamingo model in the config")
@@ -325,6 +339,7 @@ class FlamingoTask(Task):
         return caption_settings(self.captioner())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_resolved_vocabulary(self, checkpoint)
         checkpoint[INFERENCE_KEY] = self.inference_settings()
 
     def on_validation_epoch_end(self) -> None:

@@ -20,6 +20,38 @@ from vlm.losses import next_token_loss
 from vlm.tasks.base import Task
 from vlm.tasks.optim import adamw, warmup_cosine_schedule
 
+AUTO_VOCABULARY = "auto"
+
+
+def check_vocabulary(vocabulary: str | Sequence[str] | None) -> None:
+    """A vocabulary argument is a list of words, ``auto`` or None."""
+    if isinstance(vocabulary, str) and vocabulary != AUTO_VOCABULARY:
+        raise ValueError(f"vocabulary must be a list of words, {AUTO_VOCABULARY!r} or null, got {vocabulary!r}")
+
+
+def data_words(datamodule: Any) -> list[str]:
+    """``vocabulary: auto``: the words (split at white space) of a data module's training and validation texts.
+
+    Validation's words count too, so a validation text never holds a token the softmax lacks; they are words, not
+    pairs: nothing of which words go together reaches the model from them.
+
+    Raises:
+        ValueError: the data module has no texts to read the words from.
+    """
+    texts: list[str] = []
+    if hasattr(datamodule, "texts"):  # a text data module (the language-model stage)
+        texts = datamodule.texts("train") + datamodule.texts("validation")
+    else:  # an image-text data module, set up: its data sets' captions
+        for dataset in (getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)):
+            if hasattr(dataset, "captions"):
+                texts += list(dataset.captions)
+            elif getattr(dataset, "table", None) is not None:
+                texts += [str(t) for t in dataset.table[dataset.text_column][:]]
+    words = sorted({word for text in texts if isinstance(text, str) for word in text.split()})
+    if not words:
+        raise ValueError("vocabulary: auto found no texts in the data module to take the words from: list the words")
+    return words
+
 
 def vocabulary_token_ids(tokenizer, words: Sequence[str], extra: Sequence[int] = ()) -> Tensor:
     """Sorted ids of every token that spells ``words`` (at the start of a text or after a space), plus ``extra``."""
@@ -40,7 +72,9 @@ class LanguageModelTask(Task):
             (:func:`~vlm.data.tokenizer.fit_context_length`).
         vocabulary: a closed vocabulary: the words the texts are made of. The softmax then covers only their
             tokens and end-of-text instead of all of the BPE's (most of a small model's cost otherwise); a text
-            with another token is an error. ``None``: the whole vocabulary.
+            with another token is an error. ``auto``: the words of the data's training and validation texts
+            (:func:`data_words`), resolved when training starts and saved as the list. ``None``: the whole
+            vocabulary.
         optimizer: builds the optimizer from the parameter groups (:func:`vlm.tasks.optim.param_groups`). Default:
             :class:`vlm.tasks.optim.AdamW` with ``lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8``.
         lr_scheduler: builds the per-step schedule from the optimizer. Default:
@@ -54,11 +88,12 @@ class LanguageModelTask(Task):
         self,
         model: nn.Module,
         tokenizer: CausalLMTokenizer | None = None,
-        vocabulary: Sequence[str] | None = None,
+        vocabulary: str | Sequence[str] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool | dict[str, Any] = False,
     ) -> None:
+        check_vocabulary(vocabulary)
         super().__init__(optimizer, lr_scheduler, compile,
                          default_optimizer=adamw(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8),
                          default_lr_scheduler=warmup_cosine_schedule(warmup_steps=100, min_lr_ratio=0.1))
@@ -72,9 +107,19 @@ class LanguageModelTask(Task):
                 f"the tokenizer has {self.tokenizer.vocab_size} ids but the decoder only {model.vocab_size} embeddings"
             )
         # Not a persistent buffer: it follows from the config, and moves to the model's device with it.
-        ids = vocabulary_token_ids(self.tokenizer, vocabulary, [self.tokenizer.eos_token_id]) if vocabulary else None
+        self.vocabulary = vocabulary
+        ids = self._vocabulary_ids(vocabulary) if vocabulary and vocabulary != AUTO_VOCABULARY else None
         self.register_buffer("vocab_ids", ids, persistent=False)
         self.val_nll = MeanMetric()
+
+    def _vocabulary_ids(self, words: Sequence[str]) -> Tensor:
+        return vocabulary_token_ids(self.tokenizer, words, [self.tokenizer.eos_token_id])
+
+    def setup(self, stage: str) -> None:
+        resolve_vocabulary(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_resolved_vocabulary(self, checkpoint)
 
     def compute_loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         # Right-padded batches: causal attention never reaches the padding, so no attention mask is needed.
@@ -102,4 +147,20 @@ class LanguageModelTask(Task):
         self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
 
 
-__all__ = ["LanguageModelTask", "vocabulary_token_ids"]
+def resolve_vocabulary(task: Any) -> None:
+    """``vocabulary: auto`` becomes the data's words (:func:`data_words`) once the data module is there."""
+    if task.vocabulary == AUTO_VOCABULARY:
+        task.vocabulary = data_words(task.trainer.datamodule)
+        task.vocab_ids = task._vocabulary_ids(task.vocabulary).to(task.device)
+
+
+def save_resolved_vocabulary(task: Any, checkpoint: dict) -> None:
+    """A checkpoint of an ``auto`` vocabulary holds the words it resolved to (a rebuilt task needs no data)."""
+    hparams = checkpoint.get("hyper_parameters")
+    resolved = task.vocabulary != AUTO_VOCABULARY
+    if isinstance(hparams, dict) and hparams.get("vocabulary") == AUTO_VOCABULARY and resolved:
+        checkpoint["hyper_parameters"] = {**hparams, "vocabulary": list(task.vocabulary)}
+
+
+__all__ = ["AUTO_VOCABULARY", "LanguageModelTask", "data_words", "resolve_vocabulary", "save_resolved_vocabulary",
+           "vocabulary_token_ids"]
