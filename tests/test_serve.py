@@ -223,3 +223,27 @@ def test_the_page_in_a_real_browser(files, server, browser, tmp_path):
     assert _wait(lambda: "result(s)" in browser.find_element(By.ID, "search-status").text)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#matches img")) == 4
     browser.save_screenshot(str(tmp_path / "search.png"))
+
+
+def test_rerank_hands_the_clip_to_the_captioner(files, monkeypatch, capsys):
+    import vlm.serve
+
+    served, captions = [], []
+
+    class App:  # stands in for the Gradio app: captions the image while the page would be up, serves nothing
+        def queue(self, **_):
+            return self
+
+        def launch(self, **_):
+            captions.append(served[-1].describe(str(files["image"])))
+
+    monkeypatch.setattr(vlm.serve, "build_app", lambda demo, examples: served.append(demo) or App())
+    argv = ["serve", "--clip", str(files["clip"]), "--labels", "a,b", "--captioner", str(files["flamingo"])]
+    assert main(argv + ["--rerank"]) == 0
+    demo = served[-1]
+    assert demo.captioner.reranker is demo.clip and demo.captioner.rerank_beams == 8
+    expected = vlm.load(files["flamingo"]).rerank_with(vlm.load(files["clip"])).caption(files["image"])
+    assert captions[-1] == expected[0]
+    assert main(argv) == 0 and served[-1].captioner.reranker is None  # off unless asked
+    assert main(["serve", "--captioner", str(files["flamingo"]), "--rerank"]) == 2
+    assert "--rerank needs --clip" in capsys.readouterr().err

@@ -305,6 +305,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", help="a CLIP checkpoint or export (labels, heat maps, search)")
     parser.add_argument("--captioner", help="a Flamingo checkpoint or export (captions, questions)")
+    parser.add_argument("--rerank", action="store_true",
+                        help="captions picked by --clip among the captioner's 8 best beam-search captions (the "
+                        "own-data CLIP stage names attribute pairs its captioner never saw)")
     parser.add_argument("--index", help="an index made by vlm index (search); needs --images")
     parser.add_argument("--images", metavar="DIR",
                         help="the folder the index was built from: the page shows only search results whose real "
@@ -333,6 +336,8 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     if not (args.clip or args.captioner):
         return fail("give --clip and/or --captioner")
+    if args.rerank and not (args.clip and args.captioner):
+        return fail("--rerank needs --clip (the model that picks) and --captioner (the one that proposes)")
     if args.index and not args.clip:
         return fail("--index needs --clip (the model that embeds the query)")
     if not 1 <= args.port <= 65535 or not 1 <= args.max_upload_mb <= 1024:
@@ -369,6 +374,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--clip {args.clip} is a {clip.kind}")
         if captioner is not None and not isinstance(captioner, CaptionPredictor):
             raise ValueError(f"--captioner {args.captioner} is a {captioner.kind}")
+        if args.rerank:
+            captioner.rerank_with(clip)
     except (CheckpointError, UnsafeFileError, ValueError, OSError) as e:
         return fail(str(e))
     try:
