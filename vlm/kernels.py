@@ -153,9 +153,10 @@ def _activation_(act: nn.Module, x: Tensor) -> Tensor:
 
 class CPUMLP(MLP):
     """:class:`~vlm.models.layers.MLP` that, where autograd does not need fc1's output, writes the activation into it
-    (and, with fc1 on oneDNN, applies GELU inside fc1's product as it writes its output)."""
+    (and, with fc1 on oneDNN, applies GELU inside fc1's product as it writes its output): the same ``forward``,
+    another :meth:`hidden`."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
         fc1 = self.fc1
         if (
             not torch.is_grad_enabled()
@@ -163,12 +164,10 @@ class CPUMLP(MLP):
             and isinstance(self.act, nn.GELU)
             and _onednn_pays(x, fc1.weight)
         ):
-            h = _onednn_mm(x, fc1.weight, fc1.bias, "gelu", self.act.approximate)
-            return self.drop(self.fc2(self.drop(h)))
-        h = fc1(x)  # (b, n, hidden): the largest activation of a block
+            return _onednn_mm(x, fc1.weight, fc1.bias, "gelu", self.act.approximate)
+        h = fc1(x)
         # Autograd needs an activation's input for its backward: in place only where no gradient flows.
-        h = self.act(h) if h.requires_grad else _activation_(self.act, h)
-        return self.drop(self.fc2(self.drop(h)))
+        return self.act(h) if h.requires_grad else _activation_(self.act, h)
 
 
 def _residual(x: Tensor, branch: Tensor) -> Tensor:

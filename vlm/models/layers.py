@@ -240,9 +240,12 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
+    def hidden(self, x: Tensor) -> Tensor:
+        """``act(fc1(x))`` (b, n, hidden): the largest activation of a block (the CPU kernels write it in place)."""
+        return self.act(self.fc1(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.drop(self.act(self.fc1(x)))  # (b, n, hidden)
-        return self.drop(self.fc2(h))
+        return self.drop(self.fc2(self.drop(self.hidden(x))))
 
 
 class LayerScale(nn.Module):
