@@ -242,6 +242,21 @@ def test_sampling_draws_from_the_filtered_distribution(lm, temperature, top_k, t
     assert (expected > 0).sum() > 1  # a real choice, not greedy in disguise
 
 
+def _normalised_score(lm, prompt: torch.Tensor, row: torch.Tensor, stops=(STOP,)) -> float:
+    """sum log p / length of a generated row (cut after its stop; padding dropped), recomputed without the cache."""
+    ends = torch.isin(row, torch.tensor(stops))
+    row = row[: int(ends.nonzero()[0]) + 1] if ends.any() else row[row != PAD]
+    seq = torch.cat([prompt, row])
+    with torch.no_grad():
+        logp = lm(seq[None]).log_softmax(-1)[0, :-1].gather(1, seq[1:, None])[-len(row):].sum()
+    return float(logp) / len(row)
+
+
+def _at_least(a: float, b: float) -> bool:
+    # recomputed without the cache: the same fp32 sums in another order, so equal up to rounding
+    return a >= b - 64 * FP32_EPS * max(1.0, abs(a))
+
+
 def test_beam_search_returns_its_best_hypotheses_in_order(lm):
     ids, mask = left_pad(prompts(2))
     kw = dict(max_new_tokens=6, num_beams=4, stop_token_ids=[STOP], pad_token_id=PAD, suppress_token_ids=[PAD])
@@ -252,14 +267,28 @@ def test_beam_search_returns_its_best_hypotheses_in_order(lm):
         rows = many[i * 3:(i + 1) * 3]
         assert torch.equal(rows[0, : best.shape[1]], best[i]) and (rows[0, best.shape[1]:] == PAD).all()
         assert len({tuple(r.tolist()) for r in rows}) == 3
-        scores = []  # and they come best first: sum of log-probabilities / length (length_penalty 1)
-        for r in rows:
-            r = r[: int((r == STOP).nonzero()[0]) + 1] if (r == STOP).any() else r[r != PAD]
-            seq = torch.cat([ids[i][mask[i].bool()], r])
-            with torch.no_grad():
-                logp = lm(seq[None]).log_softmax(-1)[0, :-1].gather(1, seq[1:, None])[-len(r):].sum()
-            scores.append(float(logp) / len(r))
-        # recomputed without the cache: the same fp32 sums in another order, so equal up to rounding
-        assert all(a >= b - 64 * FP32_EPS * max(1.0, abs(a)) for a, b in zip(scores, scores[1:]))
+        scores = [_normalised_score(lm, ids[i][mask[i].bool()], r) for r in rows]  # best first
+        assert all(_at_least(a, b) for a, b in zip(scores, scores[1:]))
     with pytest.raises(ValueError, match="num_return_sequences"):
         generate(lm, ids, mask, max_new_tokens=4, num_beams=2, num_return_sequences=3)
+
+
+def test_beam_search_without_early_stopping_only_finds_better_hypotheses(lm):
+    """The beams move the same way until early stopping would stop; going on can only add finished hypotheses, so
+    its best scores at least as well, and better where early stopping settled for a short stub."""
+    g = torch.Generator().manual_seed(3)
+    ids, mask = left_pad([torch.randint(4, VOCAB, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+                          for _ in range(24)])
+    stops = (STOP, 5, 6)  # three ways to stop: short stubs finish early
+    better = 0
+    for k in (4, 8):
+        kw = dict(max_new_tokens=12, num_beams=k, stop_token_ids=list(stops), pad_token_id=PAD,
+                  suppress_token_ids=[PAD])
+        early = generate(lm, ids, mask, **kw)
+        full = generate(lm, ids, mask, early_stopping=False, **kw)
+        for i in range(len(ids)):
+            prompt = ids[i][mask[i].bool()]
+            a, b = (_normalised_score(lm, prompt, rows[i], stops) for rows in (full, early))
+            assert _at_least(a, b)
+            better += a > b + 1e-3
+    assert better > 0, "no prompt where going on found a better hypothesis: the test shows nothing"

@@ -103,6 +103,7 @@ def generate(
     num_beams: int = 1,
     num_return_sequences: int = 1,
     length_penalty: float = 1.0,
+    early_stopping: bool = True,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -126,6 +127,9 @@ def generate(
         num_return_sequences: with beam search, the best this many hypotheses of each prompt, best first, as
             consecutive rows (b * num_return_sequences rows; at most ``num_beams``).
         length_penalty: beam scores are ``sum log p / length ** length_penalty`` (> 0 favours longer outputs).
+        early_stopping: beam search stops a prompt once it holds ``num_beams`` finished hypotheses (HF's
+            ``early_stopping=True``); ``False`` goes on while a live beam scores better than the worst of the best
+            ``num_beams`` finished ones, so many beams do not end on short stubs that finished first.
         do_sample: sample instead of taking the most likely token.
         temperature, top_p, top_k: sampling parameters (see :func:`sample_next`).
         suppress_token_ids: never generated (e.g. ``<image>`` and padding).
@@ -152,7 +156,7 @@ def generate(
         return _sample_or_greedy(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p, top_k,
                                  generator, **run)
     return _beam_search(input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, num_return_sequences,
-                        **run)
+                        early_stopping, **run)
 
 
 def _sample_or_greedy(ids, mask, max_new_tokens, do_sample, temperature, top_p, top_k, generator, *, candidates,
@@ -178,9 +182,10 @@ def _sample_or_greedy(ids, mask, max_new_tokens, do_sample, temperature, top_p, 
     return torch.stack(out, dim=1) if out else ids.new_empty(b, 0)
 
 
-def _beam_search(ids, mask, max_new_tokens, num_beams, length_penalty, num_return, *, candidates, state, use_cache,
-                 stops, pad) -> Tensor:
-    """Beam search; a sample is done once ``num_beams`` finished hypotheses exist (HF's ``early_stopping``)."""
+def _beam_search(ids, mask, max_new_tokens, num_beams, length_penalty, num_return, early_stopping, *, candidates, state,
+                 use_cache, stops, pad) -> Tensor:
+    """Beam search; a sample is done once ``num_beams`` finished hypotheses exist (``early_stopping``) or, without
+    it, once no live beam scores better than the worst of the best ``num_beams`` finished ones."""
     b, k = ids.shape[0], num_beams
     expand = torch.arange(b, device=ids.device).repeat_interleave(k)
     ids, mask = ids[expand], mask[expand]
@@ -216,8 +221,12 @@ def _beam_search(ids, mask, max_new_tokens, num_beams, length_penalty, num_retur
                 chosen.append((beam, token, score))
                 if len(chosen) == k:
                     break
-            if done[i] or len(hyps[i]) >= k:
+            if not done[i] and len(hyps[i]) >= k and not early_stopping and chosen:
+                worst = sorted(score for score, _ in hyps[i])[-k]  # the k-th best finished
+                done[i] = max(score for _, _, score in chosen) / (step + 1) ** length_penalty <= worst
+            elif len(hyps[i]) >= k:
                 done[i] = True
+            if done[i]:
                 chosen = [(j, pad, float("-inf")) for j in range(k)]
             while len(chosen) < k:  # only when the scores ran out (tiny vocabularies): repeat the last
                 chosen.append(chosen[-1])
@@ -354,6 +363,7 @@ class Captioner:
         """One caption per image, chosen among its ``beams`` best beam-search captions by ``score``: given the
         distinct candidate texts, it returns (b, len(texts)) scores, higher better (e.g. a CLIP model's image-text
         similarity); a tie keeps the beam search's order."""
+        kwargs.setdefault("early_stopping", False)  # else the beams fill with short stubs that finished first
         flat = self.generate_captions(images, prompt, max_new_tokens, beams, num_return_sequences=beams, **kwargs)
         texts = list(dict.fromkeys(flat))  # each distinct caption scored once
         index = {text: i for i, text in enumerate(texts)}
