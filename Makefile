@@ -33,8 +33,11 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+# Two pytest workers, a test file each at a time, one thread each (and in the processes a test starts): on a 2-core
+# machine most of a test is Python and process start-up, which one core does no faster than half of two.
+TEST_WORKERS ?= 2
 test: install browser
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
