@@ -252,6 +252,7 @@ class CaptionPredictor(Predictor):
             pairs = [(self.transform(im), to_clip(im)) for im in map(as_pil, items[start:start + self.batch_size])]
             yield tuple(torch.stack(column).to(self.device) for column in zip(*pairs))
 
+    @torch.no_grad()
     def _reranked(self, batch: Tensor, clip_batch: Tensor, prompt: str, max_new_tokens: int | None,
                   num_beams: int | None, decoding: dict[str, Any]) -> list[str]:
         image_embeddings = self.reranker.model.encode_image(clip_batch, normalize=True)
