@@ -346,5 +346,18 @@ IMAGE_FALLBACKS = ("image", "file_name", *_IMAGE_EXTENSIONS)
 TEXT_FALLBACKS = ("caption", "text", "txt")
 LABEL_FALLBACKS = ("label", "label.txt", "cls")
 
+def captions_and_labels(dataset: Any) -> tuple[list[str], list[str]] | None:
+    """A built data set's captions and labels ("" where a row has none), in memory or read off its table; None for
+    one that holds neither (a stream)."""
+    if hasattr(dataset, "captions") and hasattr(dataset, "labels"):
+        return list(dataset.captions), list(dataset.labels)
+    if getattr(dataset, "table", None) is None:
+        return None
+    captions = [str(c) for c in dataset.table[dataset.text_column][:]]
+    if not getattr(dataset, "label_column", None):
+        return captions, [""] * len(captions)
+    return captions, ["" if v is None else str(v) for v in dataset.table[dataset.label_column][:]]
+
+
 __all__ = ["IMAGE_FALLBACKS", "LABEL_FALLBACKS", "LAYOUTS", "TEXT_FALLBACKS", "DataLayoutError", "Table",
-           "folder_label", "load_table", "pick_column"]
+           "captions_and_labels", "folder_label", "load_table", "pick_column"]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlm.data.sources import captions_and_labels
 from vlm.losses import attribute_loss, compose_loss
 from vlm.prompts import DEFAULT_TEMPLATES, attribute_targets, derive_templates, recombined_captions
 
@@ -124,17 +125,9 @@ class Plan:
 
 
 def _captions_and_labels(dataset: Any) -> tuple[list[str], list[str]] | None:
-    """A data set's captions and labels (in-memory or table-backed), or None if it has no labels."""
-    if dataset is None:
-        return None
-    if hasattr(dataset, "captions") and hasattr(dataset, "labels"):
-        captions, labels = list(dataset.captions), list(dataset.labels)
-    elif getattr(dataset, "table", None) is not None and getattr(dataset, "label_column", None):
-        captions = [str(c) for c in dataset.table[dataset.text_column][:]]
-        labels = ["" if v is None else str(v) for v in dataset.table[dataset.label_column][:]]
-    else:
-        return None
-    return (captions, labels) if any(labels) else None
+    """A data set's captions and labels, or None if it has no labels."""
+    pairs = captions_and_labels(dataset)
+    return pairs if pairs is not None and any(pairs[1]) else None
 
 
 __all__ = ["MAX_RECOMBINED", "CompositionalTerms", "Plan"]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vlm.data.gpt2_tokenizer import IGNORE_INDEX, CausalLMTokenizer
+from vlm.data.sources import captions_and_labels
 from vlm.data.tokenizer import fit_context_length
 from vlm.losses import next_token_loss
 from vlm.tasks.base import Task
@@ -43,10 +44,8 @@ def data_words(datamodule: Any) -> list[str]:
         texts = datamodule.texts("train") + datamodule.texts("validation")
     else:  # an image-text data module, set up: its data sets' captions
         for dataset in (getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)):
-            if hasattr(dataset, "captions"):
-                texts += list(dataset.captions)
-            elif getattr(dataset, "table", None) is not None:
-                texts += [str(t) for t in dataset.table[dataset.text_column][:]]
+            pairs = captions_and_labels(dataset)
+            texts += pairs[0] if pairs is not None else []
     words = sorted({word for text in texts if isinstance(text, str) for word in text.split()})
     if not words:
         raise ValueError("vocabulary: auto found no texts in the data module to take the words from: list the words")
