@@ -44,6 +44,9 @@ def test_the_caption_is_the_candidate_clip_scores_highest(models):
     expected = []
     for image, texts in zip(images, proposed):
         scores = clip.similarity(image, texts)[0]
+        distinct = sorted({round(float(v), 6) for v in scores}, reverse=True)
+        # batches of other sizes round differently: the winner must lead by far more than float32 rounding
+        assert len(distinct) == 1 or distinct[0] - distinct[1] > 1e-4
         expected.append(texts[int(scores.argmax())])
     assert captioner.rerank_with(clip, BEAMS).caption(images) == expected
     assert captioner.rerank_with(None).caption(images) == [c[0] for c in proposed]  # off: the beam search's best
