@@ -85,10 +85,9 @@ def _cls(name: str) -> type:
 
 
 def _read_export(path: Path, state: dict) -> None:
-    from vlm.formats.export import read_export
+    from vlm.formats.load import read_task_file
 
-    _, _, weights = read_export(path)
-    weights()
+    read_task_file(path).weights()
 
 
 def _load(path: Path, state: dict) -> None:

@@ -56,6 +56,42 @@ def test_load_returns_the_right_kind(files):
         vlm.load(files["lm"].parent / "missing.ckpt")
 
 
+@pytest.mark.parametrize("name", ["clip", "clip_export", "flamingo", "flamingo_export"])
+def test_a_file_is_read_once_in_one_call_from_the_api_into_formats(files, name, monkeypatch):
+    """``vlm.load`` -> ``vlm.inference.load`` -> ``vlm.formats.load_model`` (the file read once, the model built)
+    -> the predictor: one call from the API module into ``vlm.formats`` and nothing back and forth; a file with
+    inference settings never builds its training task."""
+    import sys
+    from pathlib import Path
+
+    from vlm.formats import checkpoint
+    from vlm.formats import load as formats_load
+
+    reads = []  # the readers of a checkpoint and of an export's two files, where vlm.formats.load calls them
+    for module, fn in ((checkpoint, "read_archive"), (formats_load, "read_export_config"),
+                       (formats_load, "read_export_weights")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _fn=fn, **k: reads.append(_fn) or _real(*a, **k))
+    monkeypatch.setattr(formats_load, "load_task", lambda *a, **k: pytest.fail("the training task was built"))
+    package = Path(vlm.__file__).parent
+    api, formats = str(package / "inference.py"), str(package / "formats")
+    crossings = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_filename == api:
+            if frame.f_code.co_filename.startswith(formats) and frame.f_code.co_name != "<module>":
+                crossings.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        predictor = vlm.load(files[name])
+    finally:
+        sys.setprofile(None)
+    assert crossings == ["load_model"]
+    assert reads == (["read_archive"] if "export" not in name else ["read_export_config", "read_export_weights"])
+    assert isinstance(predictor, CLIPPredictor if name.startswith("clip") else CaptionPredictor)
+
+
 def test_classify_equals_the_zero_shot_library(files):
     model = vlm.load(files["clip"])
     labels = ["red circle", "blue square", "green star"]

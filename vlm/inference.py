@@ -28,8 +28,7 @@ from torch import Tensor, nn
 from vlm.data.images import as_pil, as_pil_list, image_items
 from vlm.data.transforms import eval_transform
 from vlm.explain import Explanation, caption_maps, clip_maps
-from vlm.formats import CheckpointError, load_captioner, load_zero_shot
-from vlm.formats.load import CONTRASTIVE_TASK, FLAMINGO_TASK, read_task_file
+from vlm.formats import CheckpointError, load_model
 from vlm.generation import Captioner, few_shot_prompt
 from vlm.zero_shot import ZeroShotModel, build_classifier, class_logits, get_templates, pooled_classifier
 
@@ -373,27 +372,23 @@ def load(source: str | os.PathLike, weights: str | os.PathLike | None = None, de
         ValueError: ``VLM_CPU_LINEAR`` names no CPU kernel backend (``auto``, ``onednn``, ``blas``, ``off``).
     """
     text = os.fspath(source)
-    options = {"device": device, "batch_size": batch_size}
     if text.startswith(("open_clip:", "timm:")):
         if weights is None:
             raise CheckpointError(f"{text}: give the local weights file (weights=...); vlm downloads nothing")
         from vlm.interop.peers import open_peer
 
-        peer = open_peer(text, Path(weights))
-        predictor = (CLIPPredictor(peer, text, **options) if isinstance(peer, ZeroShotModel) else
-                     VisionPredictor(peer.model, text, peer.image_size, peer.mean, peer.std, **options))
+        loaded = open_peer(text, Path(weights))
     elif weights is not None:
         raise CheckpointError(f"{text}: weights=... is for open_clip: and timm: sources; a checkpoint holds its own")
     else:
-        file = read_task_file(text)  # read once, then built as what it holds
-        kind = file.class_path
-        if kind == CONTRASTIVE_TASK:
-            predictor = CLIPPredictor(load_zero_shot(text, file), text, **options)
-        elif kind == FLAMINGO_TASK:
-            predictor = CaptionPredictor(load_captioner(text, file), text, **options)
-        else:
-            raise CheckpointError(f"{text} holds a {kind.rpartition('.')[2]}: vlm.load serves CLIP (ContrastiveTask) "
-                                  "and Flamingo (FlamingoTask) checkpoints")
+        loaded = load_model(text)  # the file read once and built as what it holds
+    options = {"device": device, "batch_size": batch_size}
+    if isinstance(loaded, ZeroShotModel):
+        predictor: Predictor = CLIPPredictor(loaded, text, **options)
+    elif isinstance(loaded, Captioner):
+        predictor = CaptionPredictor(loaded, text, **options)
+    else:
+        predictor = VisionPredictor(loaded.model, text, loaded.image_size, loaded.mean, loaded.std, **options)
     if predictor.device.type == "cpu":  # the same numbers, on the faster CPU kernels (VLM_CPU_LINEAR: auto by default)
         from vlm.kernels import use_cpu_kernels
 

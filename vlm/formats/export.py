@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from vlm.data.files import UnsafeFileError, check_regular, read_text_bounded
 from vlm.formats.build import CheckpointError
-from vlm.formats.checkpoint import INFERENCE_KEY, current_config, task_config
+from vlm.formats.checkpoint import INFERENCE_KEY, task_config
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -144,13 +143,5 @@ def read_export_weights(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
 
 
-def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], Callable[[], dict]]:
-    """An export's task config (without its inference block), its weights' shapes, and a function reading them."""
-    config = read_export_config(path)
-    shapes = weight_shapes(path)
-    config = current_config({k: v for k, v in config.items() if k != INFERENCE_KEY})
-    return config, shapes, lambda: read_export_weights(path)
-
-
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_task", "is_export", "read_export", "read_export_config",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_task", "is_export", "read_export_config",
            "read_export_weights", "weight_shapes"]

@@ -28,8 +28,15 @@ from vlm.formats.build import (
     copy_weights,
     resolve_class,
 )
-from vlm.formats.checkpoint import INFERENCE_KEY, read_checkpoint, task_config, task_hparams_quiet, with_config
-from vlm.formats.export import is_export, read_export, read_export_config, read_export_weights, weight_shapes
+from vlm.formats.checkpoint import (
+    INFERENCE_KEY,
+    current_config,
+    read_checkpoint,
+    task_config,
+    task_hparams_quiet,
+    with_config,
+)
+from vlm.formats.export import is_export, read_export_config, read_export_weights, weight_shapes
 from vlm.generation import Captioner
 from vlm.zero_shot import POOLINGS, ZeroShotModel
 
@@ -63,33 +70,6 @@ def shapes_of(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in weights.items()}
 
 
-@_hf_refusals
-def load_task(path: str | Path, expected: str | None = None) -> LightningModule:
-    """Rebuilds a task from a Lightning checkpoint or an exported weights directory, in eval mode on the CPU.
-
-    Args:
-        path: a ``.ckpt`` file written by ``vlm fit`` or a directory written by ``vlm export``.
-        expected: the class path of the task class the caller can use (default: any of vlm's tasks); another kind
-            raises :class:`CheckpointError` before anything is built.
-    """
-    path = Path(path)
-    if is_export(path):
-        config, shapes, load_weights = read_export(path)
-    else:
-        ckpt = read_checkpoint(path)
-        config, weights = task_config(ckpt["hyper_parameters"], str(path)), ckpt["state_dict"]
-        shapes, load_weights = shapes_of(weights), lambda: weights
-    cls = resolve_class(config["class_path"], str(path), "config", ("task",))
-    if expected is not None:
-        wanted = resolve_class(expected, "load_task", "expected", ("task",))
-        if not issubclass(cls, wanted):
-            raise CheckpointError(f"{path} holds a {cls.__name__}, but this needs a {wanted.__name__}")
-    with task_hparams_quiet():
-        task = with_config(build_checked(config, shapes, str(path), ("task",)), config)
-    copy_weights(task, load_weights(), str(path))
-    return task.eval()
-
-
 @dataclass
 class TaskFile:
     """A ``.ckpt`` or export read once: its task config, inference settings (or None), the weights' names and shapes,
@@ -109,8 +89,9 @@ def read_task_file(path: str | Path) -> TaskFile:
     """Reads a checkpoint or export once, building nothing; its task class must be one of vlm's tasks."""
     path, where = Path(path), str(path)
     if is_export(path):
-        config = read_export_config(path)
-        file = TaskFile(config, config.get(INFERENCE_KEY), weight_shapes(path), lambda: read_export_weights(path))
+        raw = read_export_config(path)
+        config = current_config({k: v for k, v in raw.items() if k != INFERENCE_KEY})
+        file = TaskFile(config, raw.get(INFERENCE_KEY), weight_shapes(path), lambda: read_export_weights(path))
     else:
         ckpt = read_checkpoint(path)
         weights = ckpt["state_dict"]
@@ -120,10 +101,43 @@ def read_task_file(path: str | Path) -> TaskFile:
     return file
 
 
-def task_class_path(path: str | Path) -> str:
-    """The task class a ``.ckpt`` or export holds (its ``class_path``, one of vlm's tasks), read without building
-    anything."""
-    return read_task_file(path).class_path
+@_hf_refusals
+def load_task(path: str | Path, expected: str | None = None, file: TaskFile | None = None) -> LightningModule:
+    """Rebuilds a task from a Lightning checkpoint or an exported weights directory, in eval mode on the CPU.
+
+    Args:
+        path: a ``.ckpt`` file written by ``vlm fit`` or a directory written by ``vlm export``.
+        expected: the class path of the task class the caller can use (default: any of vlm's tasks); another kind
+            raises :class:`CheckpointError` before anything is built.
+        file: the file as :func:`read_task_file` already read it (default: read here).
+    """
+    file = file or read_task_file(path)
+    cls = resolve_class(file.class_path, str(path), "config", ("task",))
+    if expected is not None:
+        wanted = resolve_class(expected, "load_task", "expected", ("task",))
+        if not issubclass(cls, wanted):
+            raise CheckpointError(f"{path} holds a {cls.__name__}, but this needs a {wanted.__name__}")
+    with task_hparams_quiet():
+        task = with_config(build_checked(file.config, file.shapes, str(path), ("task",)), file.config)
+    copy_weights(task, file.weights(), str(path))
+    return task.eval()
+
+
+def load_model(path: str | Path) -> ZeroShotModel | Captioner:
+    """What a ``vlm fit`` checkpoint or ``vlm export`` directory holds, ready to use: a :class:`ZeroShotModel` for a
+    CLIP task, a :class:`Captioner` for a Flamingo task. The file is read once (:func:`read_task_file`).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or refused, or holds a task with no inference use (a
+            language model).
+    """
+    file = read_task_file(path)
+    if file.class_path == CONTRASTIVE_TASK:
+        return load_zero_shot(path, file)
+    if file.class_path == FLAMINGO_TASK:
+        return load_captioner(path, file)
+    raise CheckpointError(f"{path} holds a {file.class_path.rpartition('.')[2]}: vlm.load serves CLIP "
+                          "(ContrastiveTask) and Flamingo (FlamingoTask) checkpoints")
 
 
 @_hf_refusals
@@ -137,7 +151,7 @@ def load_zero_shot(path: str | Path, file: TaskFile | None = None) -> ZeroShotMo
     path = Path(path)
     file = file or read_task_file(path)
     if not _has_settings(file, CONTRASTIVE_TASK):
-        task = load_task(path, expected=CONTRASTIVE_TASK)
+        task = load_task(path, expected=CONTRASTIVE_TASK, file=file)
         return ZeroShotModel(task.model, task.tokenizer, task.templates, task.image_mean, task.image_std,
                              getattr(task, "template_pooling", "mean"))
     model, settings = _load_model(path, file)
@@ -171,7 +185,7 @@ def load_captioner(path: str | Path, file: TaskFile | None = None) -> Captioner:
     path = Path(path)
     file = file or read_task_file(path)
     if not _has_settings(file, FLAMINGO_TASK):
-        return check_generation_work(load_task(path, expected=FLAMINGO_TASK).captioner(), str(path))
+        return check_generation_work(load_task(path, expected=FLAMINGO_TASK, file=file).captioner(), str(path))
     model, settings = _load_model(path, file)
     where = str(path)
     names = ("tokenizer", "image_size", "image_mean", "image_std", "max_new_tokens", "num_beams", "vocab_ids",
@@ -253,4 +267,4 @@ def _load_model(path: Path, file: TaskFile) -> tuple[nn.Module, dict]:
 
 
 __all__ = ["CONTRASTIVE_TASK", "FLAMINGO_TASK", "GENERATION_WORK", "TaskFile", "check_generation_work",
-           "load_captioner", "load_task", "load_zero_shot", "read_task_file", "task_class_path"]
+           "load_captioner", "load_model", "load_task", "load_zero_shot", "read_task_file"]
