@@ -133,10 +133,18 @@ def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def read_export_weights(path: str | Path) -> dict[str, Tensor]:
     """The tensors of an export directory's ``model.safetensors``."""
+    return read_safetensors(Path(path) / WEIGHTS_FILE)
+
+
+def read_safetensors(file: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file (a format that holds tensors only: nothing in it can run).
+
+    Raises:
+        CheckpointError: naming the file, when it is not a readable safetensors file.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = Path(path) / WEIGHTS_FILE
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -144,4 +152,4 @@ def read_export_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_task", "is_export", "read_export_config",
-           "read_export_weights", "weight_shapes"]
+           "read_export_weights", "read_safetensors", "weight_shapes"]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from vlm.formats.build import CheckpointError, check_weights
 from vlm.formats.checkpoint import read_archive
+from vlm.formats.export import read_safetensors
 from vlm.models.layers import make_activation
 
 
@@ -61,19 +62,10 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tens
         path = Path(source)
         if not path.is_file():
             raise ConversionError(f"weights file not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                sd = load_file(str(path))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ConversionError(f"{path} is not a readable safetensors file: {e}") from None
-        else:
-            try:  # the one reader of torch files: size, zip members and unpickling all checked (vlm.formats)
-                sd = read_archive(path, "weights file")
-            except CheckpointError as e:
-                raise ConversionError(str(e)) from None
+        try:  # vlm.formats' readers: of torch files, size, zip members and unpickling all checked
+            sd = read_safetensors(path) if path.suffix == ".safetensors" else read_archive(path, "weights file")
+        except CheckpointError as e:
+            raise ConversionError(str(e)) from None
         if not isinstance(sd, Mapping):
             raise ConversionError(f"{path} holds a {type(sd).__name__}, not a state dict")
     for wrapper in ("state_dict", "model", "module"):
