@@ -103,7 +103,7 @@ def run(settings: Settings) -> Iterator[Row]:
     batch, steps = settings.pick((256, 30) if settings.on_gpu else (32, 12), (4, 4))
     model = _model(settings)
     text = model.text
-    data = _Pairs(batch * steps, model.visual.image_size, text.context_length, text.vocab_size, text.vocab_size - 2,
+    data = _Pairs(batch * steps, model.vision.image_size, text.context_length, text.vocab_size, text.vocab_size - 2,
                   text.eot_token_id)  # fmt: skip
     was_initialized = dist.is_available() and dist.is_initialized()
     # Lightning's DDP launcher writes the rendezvous and rank (MASTER_*, LOCAL_RANK, ...) and OMP_NUM_THREADS into

@@ -59,14 +59,14 @@ def clip_checkpointing_rows(settings: Settings) -> Iterator[Row]:
     step()  # allocates the gradients
     peaks = {}
     for checkpointing in (False, True):
-        model.visual.grad_checkpointing = model.text.grad_checkpointing = checkpointing
+        model.vision.grad_checkpointing = model.text.grad_checkpointing = checkpointing
         peaks[checkpointing] = peak_memory_bytes(step, settings.device) / MIB
     label = ("ViT-B/16 CLIP" if not settings.quick else "tiny CLIP") + settings.tag
     yield make_row(SUITE, f"{label} step activation peak (b={batch}), no checkpointing", peaks[False], "MiB")
     yield make_row(SUITE, f"{label} step activation peak (b={batch}), gradient checkpointing", peaks[True], "MiB")
     yield make_row(SUITE, f"{label} activation memory cut by gradient checkpointing",
                    100 * (1 - peaks[True] / peaks[False]), "%")  # fmt: skip
-    model.visual.grad_checkpointing = model.text.grad_checkpointing = False
+    model.vision.grad_checkpointing = model.text.grad_checkpointing = False
     times = interleaved_medians({"off": step, "on": _with_checkpointing(model, step)}, repeats=min(settings.repeats, 3))
     yield make_row(SUITE, f"{label} step time (b={batch}), no checkpointing", times["off"], "s")
     yield make_row(SUITE, f"{label} step time (b={batch}), gradient checkpointing", times["on"], "s")
@@ -107,7 +107,7 @@ def accumulation_rows(settings: Settings) -> Iterator[Row]:
 def clip_batch(model: nn.Module, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Random images and full-length token rows (ending in end-of-text) for ``model``, on ``device``."""
     gen = torch.Generator().manual_seed(0)
-    size, ctx = model.visual.image_size, model.text.context_length
+    size, ctx = model.vision.image_size, model.text.context_length
     images = torch.randn(batch, 3, size, size, generator=gen)
     text = torch.randint(1, model.text.vocab_size - 1, (batch, ctx), generator=gen)
     text[:, -1] = model.text.eot_token_id
@@ -116,11 +116,11 @@ def clip_batch(model: nn.Module, batch: int, device: str) -> tuple[torch.Tensor,
 
 def _with_checkpointing(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
-        model.visual.grad_checkpointing = model.text.grad_checkpointing = True
+        model.vision.grad_checkpointing = model.text.grad_checkpointing = True
         try:
             step()
         finally:
-            model.visual.grad_checkpointing = model.text.grad_checkpointing = False
+            model.vision.grad_checkpointing = model.text.grad_checkpointing = False
 
     return run
 

@@ -27,9 +27,9 @@ from vlm.data.shapes import CLASSNAMES
 
 def main(checkpoint: str, out: str) -> None:
     clip = vlm.load(checkpoint)
-    vit = clip.model.visual
-    tensors = {f"visual.{k}": v.half() for k, v in vit.state_dict().items()}
-    tensors["visual_proj.weight"] = clip.model.visual_proj.weight.detach().half()
+    vit = clip.model.vision
+    tensors = {f"vision.{k}": v.half() for k, v in vit.state_dict().items()}
+    tensors["vision_proj.weight"] = clip.model.vision_proj.weight.detach().half()
     tensors["classes"] = clip.zero_shot_classifier(list(CLASSNAMES)).half()
     config = {"image_size": vit.image_size, "patch_size": vit.patch_size, "width": vit.width,
               "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads, "stem": vit.stem,

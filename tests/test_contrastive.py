@@ -81,16 +81,16 @@ def test_lock_text_tower_trains_only_the_rest():
     task = build_task(tiny_clip_config(lock_text=True))
     trained = _grads_after_step(task)
     assert trained and not any(n.startswith("model.text.") for n in trained)
-    assert "model.text_proj.weight" in trained and "model.visual.blocks.0.attn.qkv.weight" in trained
+    assert "model.text_proj.weight" in trained and "model.vision.blocks.0.attn.qkv.weight" in trained
     assert not task.model.text.training  # frozen towers stay in eval mode
 
 
 def test_lock_image_with_unlocked_last_block():
     task = build_task(tiny_clip_config(lock_image=True, lock_image_unlocked_blocks=1))
     trained = _grads_after_step(task)
-    assert not any(n.startswith("model.visual.blocks.0.") for n in trained)
-    assert "model.visual.blocks.1.attn.qkv.weight" in trained and "model.visual.norm.weight" in trained
-    assert not any(n.startswith(("model.visual.patch_embed", "model.visual.pos_embed")) for n in trained)
+    assert not any(n.startswith("model.vision.blocks.0.") for n in trained)
+    assert "model.vision.blocks.1.attn.qkv.weight" in trained and "model.vision.norm.weight" in trained
+    assert not any(n.startswith(("model.vision.patch_embed", "model.vision.pos_embed")) for n in trained)
     optim = task.configure_optimizers()["optimizer"]
     in_optim = {id(p) for g in optim.param_groups for p in g["params"]}
     assert all(p.requires_grad == (id(p) in in_optim) for p in task.parameters())
@@ -100,21 +100,21 @@ def test_lightning_freeze_still_freezes_the_whole_task():
     """The task base freezes its parts with freeze_parts; Lightning's own freeze() (whole task, eval) is untouched."""
     task = build_task(tiny_clip_config(lock_text=True))
     task.train()
-    assert task.model.visual.training and not task.model.text.training
+    assert task.model.vision.training and not task.model.text.training
     task.freeze()
     assert not task.training and not any(p.requires_grad for p in task.parameters())
 
 
 def test_the_vision_tower_locks_itself_as_open_clip_towers_do():
     task = build_task(tiny_clip_config())
-    visual = task.model.visual
-    frozen = visual.lock(1)
-    trainable = {n for n, p in visual.named_parameters() if p.requires_grad}
+    tower = task.model.vision
+    frozen = tower.lock(1)
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("blocks.1.", "norm.", "fc_norm.")) for n in trainable)
-    assert visual.blocks[0] in frozen and visual.patch_embed in frozen and visual.blocks[1] not in frozen
-    assert visual.lock(0) == [visual] and not any(p.requires_grad for p in visual.parameters())
+    assert tower.blocks[0] in frozen and tower.patch_embed in frozen and tower.blocks[1] not in frozen
+    assert tower.lock(0) == [tower] and not any(p.requires_grad for p in tower.parameters())
     with pytest.raises(ValueError, match="unlocked_blocks must be >= 0"):
-        visual.lock(-1)
+        tower.lock(-1)
 
 
 def test_retrieval_recall_perfect_and_duplicate_captions():
@@ -204,10 +204,10 @@ def test_init_weights_start_training_from_a_checkpoint_but_not_a_resume(tmp_path
     torch.save({"state_dict": source.state_dict(), "global_step": 7}, path)
     torch.manual_seed(1)
     task = build_trainable(tiny_clip_config(init_weights=str(path)))
-    assert not torch.equal(task.model.visual.pos_embed, source.model.visual.pos_embed)
+    assert not torch.equal(task.model.vision.pos_embed, source.model.vision.pos_embed)
     task.trainer = SimpleNamespace(ckpt_path=str(tmp_path / "resume.ckpt"))
     task.setup("fit")  # resuming: the resumed checkpoint brings the weights, init_weights is not read
-    assert not torch.equal(task.model.visual.pos_embed, source.model.visual.pos_embed)
+    assert not torch.equal(task.model.vision.pos_embed, source.model.vision.pos_embed)
     task.trainer = SimpleNamespace(ckpt_path=None)
     task.setup("fit")
     for name, value in source.model.state_dict().items():
@@ -238,7 +238,7 @@ def test_init_weights_from_an_open_clip_checkpoint_file(tmp_path):
         config = open_clip_shaped()
         config["init_args"]["init_weights"] = str(path)
         task = build_trainable(config)
-        assert not torch.equal(task.model.visual.pos_embed, source.visual.pos_embed)
+        assert not torch.equal(task.model.vision.pos_embed, source.vision.pos_embed)
         task.setup("fit")
         for name, value in source.state_dict().items():
             assert torch.equal(task.model.state_dict()[name], value), (path.suffix, name)

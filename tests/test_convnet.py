@@ -84,7 +84,7 @@ def test_a_task_with_a_convnet_tower_is_saved_and_loaded_by_vlm_load(tmp_path, f
     model = vlm.load(path)
     image = Image.new("RGB", (24, 24), (200, 30, 30))
     if family == "clip":
-        tower = model.model.visual
+        tower = model.model.vision
         assert isinstance(tower, ConvNet)
         torch.testing.assert_close(model.embed_images([image]), model.embed_images([image]))
         for name, value in task.model.state_dict().items():

@@ -40,7 +40,9 @@ def _module(cls=ImageTextDataModule, **kwargs):
 
 
 def _check_batch(batch, tokenizer, size=8, image_size=16):
-    assert set(batch) == {"image", "text", "caption", "label", "path"}
+    assert set(batch) - {"heldout"} == {"image", "text", "caption", "label", "path"}
+    if "heldout" in batch:  # where the data has held-out classes: one flag per sample, from its label
+        assert batch["heldout"] == [label in S.HELD_OUT_CLASSNAMES for label in batch["label"]]
     assert batch["image"].shape == (size, 3, image_size, image_size) and batch["image"].dtype == torch.float32
     assert len(batch["caption"]) == len(batch["label"]) == len(batch["path"]) == size
     assert torch.equal(batch["text"], tokenizer.encode_batch(batch["caption"])["text"])
@@ -58,8 +60,12 @@ def test_batch_contract(shapes_root, tokenizer, in_memory):
     train = list(dm.train_dataloader())
     assert len(train) == 8  # 64 / 8, drop_last
     _check_batch(train[0], tokenizer)
+    assert train[0]["heldout"] == [False] * 8  # held-out classes never appear in training
     val = list(dm.val_dataloader())
     assert sum(len(b["path"]) for b in val) == 36
+    flags = [(label, flag) for b in val for label, flag in zip(b["label"], b["heldout"])]
+    assert [flag for _, flag in flags] == [label in S.HELD_OUT_CLASSNAMES for label, _ in flags]
+    assert sum(flag for _, flag in flags) == 6  # the 36 images start with each class in turn
     rows = {r["file_name"]: r for r in map(json.loads, (shapes_root / "validation" / "metadata.jsonl").open())}
     for batch in val:
         for path, caption, label in zip(batch["path"], batch["caption"], batch["label"]):
@@ -78,7 +84,7 @@ def test_csv_and_jsonl_sources_and_label_fallback(shapes_root, tokenizer, tmp_pa
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     _check_batch(batch, tokenizer)
-    assert batch["label"] == [""] * 8
+    assert batch["label"] == [""] * 8 and "heldout" not in batch  # no heldout.txt: no flags
     jsonl = tmp_path / "pairs.jsonl"  # relative paths are relative to the file
     shutil.copytree(shapes_root / "validation", tmp_path / "imgs")
     jsonl.write_text("".join(json.dumps({"image": f"imgs/{r['file_name']}", "caption": r["caption"],

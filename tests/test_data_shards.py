@@ -47,6 +47,13 @@ def test_cli_converts_an_imagefolder_root(shapes_root, tmp_path, capsys):
         assert tar.extractfile("00000000.png").read() == (shapes_root / "train" / "00000.png").read_bytes()
         caption = json.loads((shapes_root / "train" / "metadata.jsonl").open().readline())["caption"]
         assert tar.extractfile("00000000.txt").read().decode() == caption
+    # streamed back, the validation shards' batches flag the labels of heldout.txt (copied next to them)
+    dm = ImageTextDataModule(val=str(out / "validation"), tokenizer=CLIPTokenizer(8), image_size=8,
+                             image_mean=(0.5,) * 3, image_std=(0.5,) * 3, batch_size=12)
+    dm.setup("validate")
+    flags = [(label, flag) for b in dm.val_dataloader() for label, flag in zip(b["label"], b["heldout"])]
+    assert len(flags) == 36 and sum(flag for _, flag in flags) == 6
+    assert all(flag == (label in S.HELD_OUT_CLASSNAMES) for label, flag in flags)
 
 
 def test_rows_without_caption_or_image_are_skipped_and_counted(shapes_root, tmp_path):

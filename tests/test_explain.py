@@ -33,7 +33,7 @@ def files(tmp_path_factory):
 
 def test_rollout_and_class_attention_of_one_block_are_its_normalised_attention(files):
     clip = vlm.load(files["clip"])
-    vit = clip.model.visual
+    vit = clip.model.vision
     batch = clip.preprocess(Image.open(files["images"][0]))
     with torch.no_grad(), record_attention(vit) as maps:
         vit(batch)
@@ -54,18 +54,18 @@ def test_label_maps_are_what_they_say(files):
     labels = ["red circle", "blue square"]
     text = clip.zero_shot_classifier(labels)
     batch = clip.preprocess(image)
-    vit, model = clip.model.visual, clip.model
+    vit, model = clip.model.vision, clip.model
     # similarity: each patch token through the pooled path's norm and projection, cosine with the label vector
     with torch.no_grad():
         tokens = vit.forward_tokens(batch)[0, 1:]
-        cosine = F.normalize(model.visual_proj(vit.fc_norm(tokens)), dim=-1) @ text.T
+        cosine = F.normalize(model.vision_proj(vit.fc_norm(tokens)), dim=-1) @ text.T
     sim = clip.explain(image, labels, method="similarity")[0]
     for j, label in enumerate(labels):
         torch.testing.assert_close(sim.labels[label], cosine[:, j].view(sim.grid))
     # relevance: I + sum over blocks of (grad * attention)^+ propagated; the class token's row over patches
     rel = clip.explain(image, labels, method="relevance")[0]
     with record_attention(vit, detach=False) as maps:
-        emb = F.normalize(model.visual_proj(vit(batch)), dim=-1)
+        emb = F.normalize(model.vision_proj(vit(batch)), dim=-1)
         score = (emb @ text.T)[0, 1]
         weights = [maps[f"blocks.{i}.attn"][0] for i in range(len(vit.blocks))]
         grads = torch.autograd.grad(score, weights)

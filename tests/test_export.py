@@ -80,7 +80,7 @@ def test_load_weights_reads_task_checkpoints_and_names_families(tmp_path, traine
     load_weights(fresh, ckpt)  # the task's "model." prefix is removed
     assert all(torch.equal(v, trained_like_task.model.state_dict()[k]) for k, v in fresh.state_dict().items())
     assert detect_family(fresh.state_dict()) == "vlm_clip"
-    assert detect_family(fresh.visual.state_dict()) == "timm_vit"
+    assert detect_family(fresh.vision.state_dict()) == "timm_vit"
     with pytest.raises(UnsupportedModelError, match="supported families: open_clip ViT CLIP.*timm"):
         detect_family({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)})
 
@@ -102,7 +102,7 @@ def test_weights_that_do_not_fit_the_config_name_key_and_shapes(tmp_path, traine
     config = json.loads((out / "config.json").read_text())
     config["init_args"]["model"]["init_args"]["embed_dim"] = 8
     (out / "config.json").write_text(json.dumps(config))
-    match = r"first mismatched key 'model\.visual_proj\.weight'.*\(16, 32\).*\(8, 32\)"
+    match = r"first mismatched key 'model\.vision_proj\.weight'.*\(16, 32\).*\(8, 32\)"
     with pytest.raises(CheckpointError, match=match):
         load_task(out)
     (out / "config.json").write_text("{not json")

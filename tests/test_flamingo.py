@@ -338,7 +338,7 @@ def test_checkpoint_is_self_contained(tmp_path):
         sources[name] = src
         torch.save({"state_dict": src.state_dict(), "hyper_parameters": dict(src.hparams)}, tmp_path / f"{name}.ckpt")
     task = build_tiny_task(vision_weights=str(tmp_path / "clip.ckpt"), decoder_weights=str(tmp_path / "lm.ckpt"))
-    assert not torch.equal(task.model.vision.pos_embed, sources["clip"].model.visual.pos_embed)  # not read yet
+    assert not torch.equal(task.model.vision.pos_embed, sources["clip"].model.vision.pos_embed)  # not read yet
     captions = ["a small red circle", "a large blue star"] * 2
     data = [{"image": torch.randn(3, 16, 16), "caption": c} for c in captions]
 
@@ -350,7 +350,7 @@ def test_checkpoint_is_self_contained(tmp_path):
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(task, train_dataloaders=loader)
-    assert torch.equal(task.model.vision.pos_embed, sources["clip"].model.visual.pos_embed)
+    assert torch.equal(task.model.vision.pos_embed, sources["clip"].model.vision.pos_embed)
     assert torch.equal(task.model.decoder.token_embedding.weight, sources["lm"].model.token_embedding.weight)
     trainer.save_checkpoint(tmp_path / "flamingo.ckpt")
     (tmp_path / "clip.ckpt").unlink()

@@ -195,7 +195,7 @@ def test_load_at_another_image_size_matches_open_clip(tmp_path, tokens):
     path = tmp_path / "w.pt"
     torch.save(reference.state_dict(), path)
     ours = load_open_clip_state_dict(path, model_cfg=tiny_cfg(), image_size=48)
-    assert ours.visual.image_size == 48
+    assert ours.vision.image_size == 48
     # open_clip resizes the position embedding itself when loading into a larger model
     big_cfg = tiny_cfg(vision_cfg=dict(image_size=48))
     big = open_clip.CLIP(**big_cfg).eval()
@@ -207,7 +207,7 @@ def test_load_at_another_image_size_matches_open_clip(tmp_path, tokens):
 def test_checkpoint_that_does_not_fit_names_key_and_shapes():
     reference = make_open_clip()
     wider = tiny_cfg(vision_cfg=dict(width=96, head_width=16))
-    match = r"first mismatched key 'visual\.cls_token'.*\(1, 1, 64\).*\(1, 1, 96\)"
+    match = r"first mismatched key 'vision\.cls_token'.*\(1, 1, 64\).*\(1, 1, 96\)"
     with pytest.raises(ShapeMismatchError, match=match):
         load_open_clip_state_dict(reference.state_dict(), model_cfg=wider)
 

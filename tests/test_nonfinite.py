@@ -122,7 +122,7 @@ class PoisonWeights(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             with torch.no_grad():
-                pl_module.model.visual_proj.weight[0, 0] = float("nan")
+                pl_module.model.vision_proj.weight[0, 0] = float("nan")
 
 
 def test_checkpoint_is_never_overwritten_with_non_finite_weights(tmp_path, caplog):

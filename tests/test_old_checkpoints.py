@@ -57,10 +57,18 @@ def _old_flamingo_hparams(tokenizer_dir: str) -> dict:
             "image_std": STD, "compile": False, **LIGHTNING}
 
 
+def _earlier_names(weights: dict) -> dict:
+    """A CLIP task's weights as an earlier vlm named them: the image tower ``visual``, its projection
+    ``visual_proj``."""
+    renamed = {"model.vision.": "model.visual.", "model.vision_proj.": "model.visual_proj."}
+    return {next((old + k[len(new):] for new, old in renamed.items() if k.startswith(new)), k): v
+            for k, v in weights.items()}
+
+
 def _save_old(task, hparams: dict, path) -> str:
     """A checkpoint of ``task``'s weights with the former ``hparams`` (and no inference block: the loaders then
-    rebuild the whole task from them)."""
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": hparams, "epoch": 0, "global_step": 1,
+    rebuild the whole task from them); a CLIP's weights under their earlier names."""
+    torch.save({"state_dict": _earlier_names(task.state_dict()), "hyper_parameters": hparams, "epoch": 0, "global_step": 1,
                 "pytorch-lightning_version": "2.5.0", "optimizer_states": [], "lr_schedulers": []}, path)
     return str(path)
 
@@ -85,6 +93,38 @@ def test_an_old_clip_checkpoint_loads_with_the_same_outputs(tmp_path):
     zero_shot = load_zero_shot(path)
     assert zero_shot.templates == ["a {}"] and list(zero_shot.image_mean) == MEAN
     assert torch.equal(zero_shot.tokenizer(["a red circle"]), reference.tokenizer(["a red circle"]))
+    assert any(k.startswith("model.visual.") for k in torch.load(path, weights_only=True)["state_dict"])
+
+
+def test_earlier_clip_weight_names_resume_and_feed_a_flamingo_and_interop(tmp_path):
+    """CLIP's tower was ``visual`` / ``visual_proj``; it is ``vision`` / ``vision_proj``. A file with the earlier
+    names resumes (the weight check and the state dict Lightning loads both see today's names), gives a Flamingo its
+    tower under the earlier prefix or today's, and loads into a CLIP through vlm.interop as a bare state dict."""
+    from vlm.formats.resume import check_resume_weights
+    from vlm.interop import load_weights
+    from vlm.interop.parts import read_part
+
+    torch.manual_seed(0)
+    source = build_task(copy.deepcopy(TINY_CLIP))
+    path = tmp_path / "earlier.ckpt"
+    torch.save({"state_dict": _earlier_names(source.state_dict()), "hyper_parameters": dict(source.hparams),
+                "epoch": 0, "global_step": 1, "pytorch-lightning_version": "2.5.0"}, path)
+    torch.manual_seed(1)
+    fresh = build_task(copy.deepcopy(TINY_CLIP))
+    check_resume_weights(fresh, path)  # names and shapes against today's task: no refusal
+    ckpt = torch.load(path, weights_only=True)
+    fresh.on_load_checkpoint(ckpt)  # what Lightning calls before it loads the state dict
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), source.state_dict().values()))
+    vision = build_task(copy.deepcopy(TINY_CLIP)).model.vision  # a Flamingo's tower of the same architecture
+    for prefix in ("model.visual.", "model.vision."):
+        part = read_part(path, prefix, vision, "vision")
+        assert part.keys() == vision.state_dict().keys()
+        assert all(torch.equal(v, source.model.vision.state_dict()[k]) for k, v in part.items())
+    bare = {k[len("model."):]: v for k, v in _earlier_names(source.state_dict()).items()}
+    assert "visual_proj.weight" in bare
+    clip = load_weights(build_task(copy.deepcopy(TINY_CLIP)).model, bare)
+    assert torch.equal(clip.vision_proj.weight, source.model.vision_proj.weight)
 
 
 def test_an_old_language_model_checkpoint_keeps_its_context_length(tmp_path):

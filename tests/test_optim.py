@@ -180,9 +180,9 @@ def test_param_groups_decay_only_matrices():
     names = {id(p): n for n, p in task.named_parameters()}
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     decayed_names = {names[id(p)] for p in decayed["params"]}
-    assert {"model.visual.blocks.0.attn.qkv.weight", "model.text_proj.weight"} <= decayed_names
+    assert {"model.vision.blocks.0.attn.qkv.weight", "model.text_proj.weight"} <= decayed_names
     plain_names = {names[id(p)] for p in plain["params"]}
-    assert {"model.logit_scale", "model.visual.blocks.0.norm1.weight", "model.visual.blocks.0.attn.qkv.bias",
+    assert {"model.logit_scale", "model.vision.blocks.0.norm1.weight", "model.vision.blocks.0.attn.qkv.bias",
             "model.text.positional_embedding"} <= plain_names
     assert not any("embed" in name for name in decayed_names)
     assert optimizer.defaults["fused"]  # on the CPU: the fused kernel

@@ -15,6 +15,7 @@ from vlm.data.scenes import two_object_scene
 from vlm.data.transforms import eval_transform
 from vlm.explain import clip_maps
 from vlm.explain.localise import label_pointing
+from vlm.formats.checkpoint import current_weight_names
 from vlm.models.vit import VisionTransformer
 
 FIXTURE = Path(__file__).parent / "data" / "pointing_clip.safetensors"
@@ -24,18 +25,19 @@ SCENES = 120
 class ImageSide(nn.Module):
     """The parts of a CLIP model that image maps read: the tower and the image projection."""
 
-    def __init__(self, visual: VisionTransformer, embed_dim: int) -> None:
+    def __init__(self, vision: VisionTransformer, embed_dim: int) -> None:
         super().__init__()
-        self.visual = visual
-        self.visual_proj = nn.Linear(visual.width, embed_dim, bias=False)
+        self.vision = vision
+        self.vision_proj = nn.Linear(vision.width, embed_dim, bias=False)
 
 
 def _load():
     with safe_open(FIXTURE, "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        # an earlier vlm's names (visual.*, visual_proj.weight) under today's, as every vlm reader does
+        tensors = current_weight_names({k: f.get_tensor(k).float() for k in f.keys()})  # noqa: SIM118
     config = json.loads(meta["vision"])
-    model = ImageSide(VisionTransformer(**config), tensors["visual_proj.weight"].shape[0])
+    model = ImageSide(VisionTransformer(**config), tensors["vision_proj.weight"].shape[0])
     model.load_state_dict({k: v for k, v in tensors.items() if k != "classes"}, strict=True)
     transform = eval_transform(config["image_size"], json.loads(meta["image_mean"]), json.loads(meta["image_std"]))
     classes = dict(zip(json.loads(meta["classnames"]), tensors["classes"]))

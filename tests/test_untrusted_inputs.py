@@ -401,14 +401,14 @@ def test_json_output_keeps_paths_exact(scripts, env, hostile_names, capsys):
 def test_caption_text_output_escapes_the_model_output(scripts, env, hostile_names, capsys, monkeypatch):
     import vlm.inference
 
-    load = vlm.inference.load_captioner
+    load = vlm.inference.load_model
 
     def load_with_hostile_output(path, *args):
         captioner = load(path, *args)
         captioner.generate_captions = lambda images, *args, **kwargs: ["two\nlines\x1b[2J"] * len(images)
         return captioner
 
-    monkeypatch.setattr(vlm.inference, "load_captioner", load_with_hostile_output)
+    monkeypatch.setattr(vlm.inference, "load_model", load_with_hostile_output)
     folder, paths = hostile_names
     code, out, err = _run_in_process(scripts["caption"], capsys, "--checkpoint", env["flamingo"], folder)
     assert code == 1 and "Traceback" not in err

@@ -74,19 +74,23 @@ def multi_caption_recall(image: Tensor, text: Tensor, text_to_image: Tensor, ks:
     return out
 
 
-def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], heldout: set[str]) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy over all labelled images, and top-1 on the held-out classes alone.
+def zero_shot_accuracy(logits: Tensor, target: Tensor, heldout: Tensor | None = None) -> dict[str, float]:
+    """Top-1/top-5 zero-shot accuracy over all labelled images, and top-1 on the held-out and seen images apart.
 
     Args:
         logits: (n, classes) image-class scores.
-        target: (n,) class index of each image, -1 for an image whose label is not one of ``classnames``.
-        classnames: the classes, in ``logits``' column order.
-        heldout: classes never seen in training; their share and the others' are reported apart.
+        target: (n,) class index of each image, -1 for an image whose label is not one of the classes (dropped from
+            every accuracy, its ``heldout`` flag too).
+        heldout: (n,) bool, true for an image of a class never seen in training (the batches' ``heldout``), or None.
+            Given, ``zero_shot_top1_heldout`` / ``zero_shot_top1_seen`` report the flagged / unflagged images, each
+            where there are any.
     """
     # torchmetrics (and the scipy it imports) here, not at import: scripts/zero_shot.py uses this module's label
     # functions and stays light
     from torchmetrics.functional.classification import multiclass_accuracy
 
+    if heldout is not None and heldout.shape != target.shape:
+        raise ValueError(f"heldout {tuple(heldout.shape)} must have one flag per target {tuple(target.shape)}")
     valid = target >= 0
     logits, target = logits[valid], target[valid]
     if target.numel() == 0:
@@ -98,8 +102,8 @@ def zero_shot_accuracy(logits: Tensor, target: Tensor, classnames: list[str], he
         if k <= n
     }
     hit1 = logits.argmax(dim=1) == target
-    if heldout:
-        is_heldout = torch.tensor([classnames[t] in heldout for t in target.tolist()], device=target.device)
+    if heldout is not None:
+        is_heldout = heldout.to(device=valid.device, dtype=torch.bool)[valid]
         if is_heldout.any():
             out["zero_shot_top1_heldout"] = hit1[is_heldout].float().mean().item()
         if (~is_heldout).any():

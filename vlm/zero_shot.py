@@ -171,4 +171,4 @@ class ZeroShotModel:
 
     @property
     def image_size(self) -> int:
-        return self.model.visual.image_size
+        return self.model.vision.image_size

@@ -5,7 +5,10 @@ webdataset shards, hub names), or a :class:`~vlm.data.builtin.DataSource` that w
 (the built-in shapes and digits). Batches follow the contract the tasks rely on::
 
     {"image": float (b, 3, H, W), **tokenizer.encode_batch(captions), "caption": [str], "label": [str],
-     "path": [str]}
+     "path": [str], "heldout": [bool]}
+
+``heldout`` flags each sample whose label is in :attr:`~ImageTextDataModule.heldout_classnames` (question records keep
+their own column); without either it is absent. The tasks split their held-out / seen metrics by it.
 
 The tokenizer, image size and normalisation are constructor arguments. ``vlm fit`` hands it the task's (a
 LightningCLI link in :mod:`vlm.__main__`), so a config states them once, on the task and its model.
@@ -304,7 +307,7 @@ class ImageTextDataModule(LightningDataModule):
         return normalize(self.image_mean, self.image_std)
 
     def _collate(self, split: str) -> ImageTextCollate:
-        return ImageTextCollate(self.tokenizer, self._normalize(), split)
+        return ImageTextCollate(self.tokenizer, self._normalize(), split, heldout=self.heldout_classnames)
 
     def _fitting_batch_size(self, size: int, batch_size: int) -> int:
         """``batch_size``, or the samples one rank gets when that is fewer (warned once): dropping the last
@@ -405,7 +408,7 @@ class ImageTextDataModule(LightningDataModule):
 
     @property
     def heldout_classnames(self) -> list[str]:
-        """Classes never seen in training (``heldout.txt`` next to the splits), or empty."""
+        """Classes never seen in training (``heldout.txt`` next to the splits), or empty; batches flag them."""
         path = self._class_file("heldout.txt")
         if path is None:
             return []

@@ -19,7 +19,7 @@ bad rows met while producing a sample, so the data module (in the main process) 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,10 +144,7 @@ class ImageTextDataset(Dataset):
         self.table = table
         self.extra_columns = tuple(extra_columns)
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
-        self.root = root
-        self.geometry = geometry
-        self.bad_samples = bad_samples
-        self.seed = seed
+        self.root, self.geometry, self.bad_samples, self.seed = root, geometry, bad_samples, seed
         self._known_bad: set[int] = set()  # per process: never retry a row that already failed
         # Plain-value columns as Python lists: reading a whole row from Arrow costs ~100 us, a list item nothing.
         features = getattr(table, "features", {}) or {}
@@ -345,9 +342,7 @@ class StreamingImageTextDataset(IterableDataset):
                  bad_samples: BadSamplePolicy = "skip", extra_columns: Sequence[str] = ()) -> None:
         self.table = table
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
-        self.root = root
-        self.geometry = geometry
-        self.bad_samples = bad_samples
+        self.root, self.geometry, self.bad_samples = root, geometry, bad_samples
         self.extra_columns = tuple(extra_columns)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -374,19 +369,21 @@ class StreamingImageTextDataset(IterableDataset):
 
 class ImageTextCollate:
     """Samples -> the batch contract: ``image`` (normalised float), the tokenizer's tensors, ``caption``,
-    ``label``, ``path``, a list per extra column (``question``, ``answers``...), and ``skipped`` when bad rows were
+    ``label``, ``path``, a list per extra column (``question``, ``answers``...), ``heldout`` (per sample: the row's
+    own flag, else whether its label is one of ``heldout``; absent with neither), and ``skipped`` when bad rows were
     met (the data module removes it). Question records are tokenised as question-answer pairs (:func:`encode_texts`).
 
     Args:
         tokenizer: anything with ``encode_batch(list[str]) -> dict[str, Tensor]``.
         normalize: uint8 batch -> normalised float batch.
         split: named in ``skipped`` (``{"split": ..., "messages": [...]}``) for the data module's counts.
+        heldout: class names never seen in training (None or empty: no flag from labels).
     """
 
-    def __init__(self, tokenizer: Any, normalize: Callable[[torch.Tensor], torch.Tensor], split: str = "train") -> None:
-        self.tokenizer = tokenizer
-        self.normalize = normalize
-        self.split = split
+    def __init__(self, tokenizer: Any, normalize: Callable[[torch.Tensor], torch.Tensor], split: str = "train",
+                 heldout: Iterable[str] | None = None) -> None:
+        self.tokenizer, self.normalize, self.split = tokenizer, normalize, split
+        self.heldout = frozenset(heldout or ())
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         captions = [s["caption"] for s in samples]
@@ -401,6 +398,8 @@ class ImageTextCollate:
         batch["caption"] = captions
         for key in [k for k in samples[0] if k not in _NOT_CARRIED]:
             batch[key] = [s[key] for s in samples]
+        if self.heldout and "heldout" not in batch:  # a row's own flag (question records) wins
+            batch["heldout"] = [s.get("label") in self.heldout for s in samples]
         skipped = [m for s in samples for m in s.get("skipped", ())]
         if skipped:
             batch["skipped"] = {"split": self.split, "messages": skipped}

@@ -59,7 +59,7 @@ class Explanation:
 
 
 def _tower(model: torch.nn.Module) -> VisionTransformer:
-    vit = getattr(model, "visual", None) or getattr(model, "vision", None)
+    vit = model.vision
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"attention maps need vlm's VisionTransformer as the image tower, got {type(vit).__name__}")
     return vit
@@ -112,7 +112,7 @@ def _convnet_maps(model: torch.nn.Module, tower: ConvNet, images: Tensor, text_e
     """Class activation maps of a CLIP with a :class:`ConvNet` tower (see the module's docstring)."""
     with torch.no_grad():
         cells = tower.intermediate_tokens(images, 0)  # (b, P, width); the pooled embedding is their mean
-        projected = model.visual_proj(cells)  # linear, no bias: the cells' mean is the pooled projection
+        projected = model.vision_proj(cells)  # linear, no bias: the cells' mean is the pooled projection
         norm = projected.mean(dim=1).norm(dim=-1, keepdim=True)  # (b, 1): the unit-length embedding's divisor
         per_cell = projected @ text_embeddings.T / norm.unsqueeze(1)  # (b, P, labels); mean over P = the score
         scores = per_cell.mean(dim=1)
@@ -134,14 +134,14 @@ def clip_maps(model: torch.nn.Module, images: Tensor, text_embeddings: Tensor, l
     (len(labels), d) of ``labels``; one :class:`Explanation` per image."""
     if method not in LABEL_METHODS:
         raise ValueError(f"method must be one of {', '.join(LABEL_METHODS)}, got {method!r}")
-    if isinstance(model.visual, ConvNet):
-        return _convnet_maps(model, model.visual, images, text_embeddings, labels)
+    if isinstance(model.vision, ConvNet):
+        return _convnet_maps(model, model.vision, images, text_embeddings, labels)
     vit = _tower(model)
     grid = (images.shape[-2] // vit.patch_size, images.shape[-1] // vit.patch_size)
     b, p = images.shape[0], vit.num_prefix_tokens
     with torch.enable_grad(), record_attention(vit, detach=False) as records:
         tokens = vit.forward_tokens(images)
-        embedding = F.normalize(model.visual_proj(vit.pool_tokens(tokens)), dim=-1)
+        embedding = F.normalize(model.vision_proj(vit.pool_tokens(tokens)), dim=-1)
         scores = embedding @ text_embeddings.T  # (b, num_labels)
         attention = _block_maps(vit, records)
         per_label = []
@@ -150,7 +150,7 @@ def clip_maps(model: torch.nn.Module, images: Tensor, text_embeddings: Tensor, l
                 grads = torch.autograd.grad(scores[:, j].sum(), attention, retain_graph=True)
                 per_label.append(relevance(vit, attention, list(grads)).detach())
         else:
-            patches = F.normalize(model.visual_proj(vit.fc_norm(tokens[:, p:])), dim=-1)  # (b, P, d)
+            patches = F.normalize(model.vision_proj(vit.fc_norm(tokens[:, p:])), dim=-1)  # (b, P, d)
             sim = (patches @ text_embeddings.T).detach()  # (b, P, num_labels)
             per_label = [sim[..., j] for j in range(len(labels))]
     attention = [a.detach() for a in attention]

@@ -48,6 +48,32 @@ LEGACY_ARGUMENTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# CLIP's image tower and its projection, which an earlier vlm named ``visual`` / ``visual_proj`` (open_clip's name),
+# are ``vision`` / ``vision_proj``: the name of the CLIP and Flamingo constructors' argument and of the Flamingo's
+# tower. Files that hold the old names load under the new ones (see current_weight_names).
+LEGACY_WEIGHT_NAMES = {"visual.": "vision.", "visual_proj.": "vision_proj."}
+
+
+def current_weight_name(key: str, bare: bool = False) -> str:
+    """``key`` under today's names: a task's ``model.visual...`` (and, with ``bare``, a CLIP state dict's own
+    ``visual...``) becomes ``model.vision...`` (``vision...``). Works on a prefix too (``model.visual.``)."""
+    for prefix in ("model.", "") if bare else ("model.",):
+        for old, new in LEGACY_WEIGHT_NAMES.items():
+            if key.startswith(prefix + old):
+                return prefix + new + key[len(prefix) + len(old):]
+    return key
+
+
+def current_weight_names(weights: dict[str, Any]) -> dict[str, Any]:
+    """``weights`` (names to tensors or shapes: a task's state dict, or a CLIP's own) with every name an earlier vlm
+    wrote (:data:`LEGACY_WEIGHT_NAMES`) under today's. A bare state dict is renamed only when it is an earlier vlm
+    CLIP's (it has ``visual_proj.weight``): open_clip's checkpoints name their tower ``visual.`` too."""
+    bare = "visual_proj.weight" in weights
+    if not any(current_weight_name(k, bare) != k for k in weights):
+        return weights
+    return {current_weight_name(k, bare): v for k, v in weights.items()}
+
+
 def legacy_arguments(hparams: dict[str, Any]) -> list[str]:
     """The arguments in a task's saved hyper-parameters that its class no longer takes (an earlier vlm's)."""
     legacy = LEGACY_ARGUMENTS.get(hparams.get("_class_path"), ())
@@ -305,5 +331,5 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "TRAINING_ONLY", "build_task", "check_tensor",
-           "current_config", "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]
+__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "LEGACY_WEIGHT_NAMES", "TRAINING_ONLY", "build_task", "check_tensor",
+           "current_config", "current_weight_name", "current_weight_names", "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]

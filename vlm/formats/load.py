@@ -31,6 +31,7 @@ from vlm.formats.build import (
 from vlm.formats.checkpoint import (
     INFERENCE_KEY,
     current_config,
+    current_weight_names,
     read_checkpoint,
     task_config,
     task_hparams_quiet,
@@ -91,10 +92,11 @@ def read_task_file(path: str | Path) -> TaskFile:
     if is_export(path):
         raw = read_export_config(path)
         config = current_config({k: v for k, v in raw.items() if k != INFERENCE_KEY})
-        file = TaskFile(config, raw.get(INFERENCE_KEY), weight_shapes(path), lambda: read_export_weights(path))
+        file = TaskFile(config, raw.get(INFERENCE_KEY), current_weight_names(weight_shapes(path)),
+                        lambda: current_weight_names(read_export_weights(path)))
     else:
         ckpt = read_checkpoint(path)
-        weights = ckpt["state_dict"]
+        weights = current_weight_names(ckpt["state_dict"])
         file = TaskFile(task_config(ckpt["hyper_parameters"], where), ckpt.get(INFERENCE_KEY), shapes_of(weights),
                         lambda: weights)  # fmt: skip
     check_class_path(file.class_path, where, "config", ("task",))

@@ -18,7 +18,7 @@ import torch
 
 from vlm.data.files import UnsafeFileError, check_regular
 from vlm.formats.build import CheckpointError, check_config, check_plain, check_weights
-from vlm.formats.checkpoint import legacy_arguments, read_archive, task_config
+from vlm.formats.checkpoint import current_weight_names, legacy_arguments, read_archive, task_config
 
 # vlm's own optimizer and schedule, allowed in a --ckpt_path's config beside torch's (see check_training_callable)
 VLM_TRAINING_CALLABLES = {"optimizer": "vlm.tasks.optim.AdamW", "lr_scheduler": "vlm.tasks.optim.WarmupCosine"}
@@ -96,6 +96,7 @@ def check_resume_weights(module: Any, path: str | os.PathLike) -> None:
                                                 for k, v in weights.items()):
         raise CheckpointError(f"cannot resume from --ckpt_path {path}: its state_dict is not a mapping of named "
                               "tensors")
+    weights = current_weight_names(weights)  # as the task's on_load_checkpoint will name them
     if module is not None and getattr(module, "strict_loading", True):
         try:
             check_weights(module.state_dict(keep_vars=True), {k: tuple(v.shape) for k, v in weights.items()},

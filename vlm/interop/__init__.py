@@ -39,9 +39,9 @@ def detect_family(sd: Mapping[str, Tensor]) -> str:
         UnsupportedModelError: none of them; the message lists the supported families.
     """
     keys = set(sd)
-    if "visual.patch_embed.proj.weight" in keys and "text_proj.weight" in keys:
+    if "vision.patch_embed.proj.weight" in keys and "text_proj.weight" in keys:
         return "vlm_clip"
-    if any(k.startswith("model.") for k in keys) and any(k.startswith("model.visual.") for k in keys):
+    if any(k.startswith("model.") for k in keys) and any(k.startswith("model.vision.") for k in keys):
         return "vlm_task"
     if is_open_clip_state_dict(sd):
         return "open_clip"
@@ -68,7 +68,7 @@ def load_weights(module: nn.Module, source: str | Path | Mapping[str, Tensor]) -
     if family == "open_clip":
         if not isinstance(module, CLIP):
             raise ConversionError(f"an open_clip CLIP checkpoint loads into a vlm CLIP, not a {type(module).__name__}")
-        sd = open_clip_to_vlm_state_dict(sd, fc_norm=not isinstance(module.visual.fc_norm, nn.Identity))
+        sd = open_clip_to_vlm_state_dict(sd, fc_norm=not isinstance(module.vision.fc_norm, nn.Identity))
         if module.logit_bias is None:
             sd.pop("logit_bias", None)
     elif family == "timm_vit":

@@ -231,7 +231,7 @@ def open_clip_cfg(clip: CLIP) -> dict[str, Any]:
         UnsupportedModelError: the model uses something open_clip's CLIP cannot express (an HF text tower, a ViT
             without class token or with a patch bias, different activations per tower...).
     """
-    vision, text = clip.visual, clip.text
+    vision, text = clip.vision, clip.text
     if not isinstance(vision, VisionTransformer) or not isinstance(text, TextTransformer):
         raise UnsupportedModelError(
             f"open_clip's CLIP needs a VisionTransformer and a TextTransformer, not {type(vision).__name__} and "

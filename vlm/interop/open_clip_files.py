@@ -33,7 +33,7 @@ from vlm.models.vit import resample_pos_embed
 def is_open_clip_state_dict(sd: Mapping[str, Tensor]) -> bool:
     """Whether ``sd`` looks like an open_clip CLIP (any image/text tower) state dict (and not a vlm one)."""
     flat = text_at_root(sd)
-    if "text_proj.weight" in flat or "visual_proj.weight" in flat:  # vlm's own names
+    if "text_proj.weight" in flat or "vision_proj.weight" in flat or "visual_proj.weight" in flat:  # vlm's names
         return False
     return any(k.startswith("visual.") for k in flat) and ("text_projection" in flat or "logit_scale" in flat)
 
@@ -136,7 +136,7 @@ def load_open_clip_state_dict(
     if image_size is not None:
         cfg["vision_cfg"]["image_size"] = image_size
         grid = image_size // cfg["vision_cfg"].get("patch_size", 16)
-        vsd["visual.pos_embed"] = resample_pos_embed(vsd["visual.pos_embed"], (grid, grid), num_prefix=1)
+        vsd["vision.pos_embed"] = resample_pos_embed(vsd["vision.pos_embed"], (grid, grid), num_prefix=1)
     clip = clip_from_open_clip_cfg(cfg)
     if clip.logit_bias is None:
         vsd.pop("logit_bias", None)
@@ -165,7 +165,7 @@ def save_open_clip(
     sd = {k: v.detach().cpu().contiguous() for k, v in vlm_to_open_clip_state_dict(clip.state_dict()).items()}
     weights = out / "open_clip_model.safetensors"
     save_file(sd, str(weights), metadata={"format": "pt"})
-    preprocess: dict[str, Any] = {"size": clip.visual.image_size}
+    preprocess: dict[str, Any] = {"size": clip.vision.image_size}
     if image_mean is not None:
         preprocess["mean"] = list(image_mean)
     if image_std is not None:

@@ -1,20 +1,20 @@
 """The state-dict key map between open_clip's ViT-based CLIP and vlm's :class:`~vlm.models.clip.CLIP`.
 
-open_clip's names map one to one onto vlm's (``visual.`` is the image tower in both):
+open_clip's names map one to one onto vlm's (the image tower is open_clip's ``visual.``, vlm's ``vision.``):
 
 ==========================================================  ==============================================
 open_clip                                                    vlm :class:`~vlm.models.clip.CLIP`
 ==========================================================  ==============================================
-``visual.conv1`` (no bias)                                   ``visual.patch_embed.proj``
-``visual.class_embedding`` (d)                               ``visual.cls_token`` (1, 1, d)
-``visual.positional_embedding`` (n, d)                       ``visual.pos_embed`` (1, n, d)
-``visual.ln_pre``                                            ``visual.norm_pre``
-``[visual.]transformer.resblocks.N.ln_1 / ln_2``             ``visual.|text.blocks.N.norm1 / norm2``
+``visual.conv1`` (no bias)                                   ``vision.patch_embed.proj``
+``visual.class_embedding`` (d)                               ``vision.cls_token`` (1, 1, d)
+``visual.positional_embedding`` (n, d)                       ``vision.pos_embed`` (1, n, d)
+``visual.ln_pre``                                            ``vision.norm_pre``
+``[visual.]transformer.resblocks.N.ln_1 / ln_2``             ``vision.|text.blocks.N.norm1 / norm2``
 ``....attn.in_proj_weight`` (q, k, v stacked, as ours)       ``....attn.qkv.weight``
 ``....attn.out_proj``                                        ``....attn.proj``
 ``....mlp.c_fc / c_proj``, ``ls_1 / ls_2``                   ``....mlp.fc1 / fc2``, ``ls1 / ls2``
-``visual.ln_post``                                           ``visual.norm`` (or ``fc_norm`` after pooling)
-``visual.proj`` (width, embed): ``x @ proj``                 ``visual_proj.weight`` = ``proj.T``
+``visual.ln_post``                                           ``vision.norm`` (or ``fc_norm`` after pooling)
+``visual.proj`` (width, embed): ``x @ proj``                 ``vision_proj.weight`` = ``proj.T``
 ``token_embedding``, ``positional_embedding``, ``ln_final``  ``text.`` + the same names
 ``text_projection`` (width, embed)                           ``text_proj.weight`` = ``text_projection.T``
 ``logit_scale``, ``logit_bias``                              the same
@@ -75,19 +75,19 @@ def open_clip_to_vlm_state_dict(sd: Mapping[str, Tensor], fc_norm: bool = False)
         if key.startswith("visual."):
             rest = key[len("visual.") :]
             if rest == "class_embedding":
-                new, value = "visual.cls_token", value.reshape(1, 1, -1)
+                new, value = "vision.cls_token", value.reshape(1, 1, -1)
             elif rest == "positional_embedding":
-                new, value = "visual.pos_embed", value.unsqueeze(0)
+                new, value = "vision.pos_embed", value.unsqueeze(0)
             elif rest == "proj":
-                new, value = "visual_proj.weight", value.T
+                new, value = "vision_proj.weight", value.T
             elif rest.startswith("ln_post."):
-                new = ("visual.fc_norm." if fc_norm else "visual.norm.") + rest[len("ln_post.") :]
+                new = ("vision.fc_norm." if fc_norm else "vision.norm.") + rest[len("ln_post.") :]
             elif rest.startswith("transformer.resblocks."):
                 idx, _, tail = rest[len("transformer.resblocks.") :].partition(".")
                 mapped = _block_key(tail)
-                new = f"visual.blocks.{idx}.{mapped}" if mapped else None
+                new = f"vision.blocks.{idx}.{mapped}" if mapped else None
             else:
-                new = next((f"visual.{d}{rest[len(s):]}" for s, d in _VISUAL_KEYS.items() if rest.startswith(s)), None)
+                new = next((f"vision.{d}{rest[len(s):]}" for s, d in _VISUAL_KEYS.items() if rest.startswith(s)), None)
         elif key == "text_projection":
             new, value = "text_proj.weight", value.T
         elif key in ("logit_scale", "logit_bias"):
@@ -113,9 +113,9 @@ def vlm_to_open_clip_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
         new = None
-        if key.startswith(("visual.", "text.")):
+        if key.startswith(("vision.", "text.")):
             tower, _, rest = key.partition(".")
-            prefix = "visual." if tower == "visual" else ""
+            prefix = "visual." if tower == "vision" else ""
             if rest.startswith("blocks."):
                 idx, _, tail = rest[len("blocks.") :].partition(".")
                 mapped = next((o + tail[len(v) :] for v, o in inverse_block.items() if tail.startswith(v)), None)
@@ -131,7 +131,7 @@ def vlm_to_open_clip_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             else:
                 mapped = next((o + rest[len(v) :] for v, o in inverse_visual.items() if rest.startswith(v)), None)
                 new = f"visual.{mapped}" if mapped else None
-        elif key == "visual_proj.weight":
+        elif key == "vision_proj.weight":
             new, value = "visual.proj", value.T
         elif key == "text_proj.weight":
             new, value = "text_projection", value.T

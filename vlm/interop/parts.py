@@ -1,7 +1,7 @@
 """The weights of one part of a model (a Flamingo's frozen vision tower or decoder), read from the file a user has.
 
 A part's file is a trained vlm stage (a ``vlm fit`` checkpoint or state dict, the part's weights under a prefix such
-as ``model.visual.``) or a peer format vlm converts: a Hugging Face GPT-2 directory or weights file, recognised by
+as ``model.vision.``) or a peer format vlm converts: a Hugging Face GPT-2 directory or weights file, recognised by
 its keys, for a vlm decoder. :func:`read_part` reads it once, converts it where it must, and checks every key and
 shape against the part, so a task only copies the result in.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from vlm.formats.build import CheckpointError, check_weights
+from vlm.formats.checkpoint import current_weight_name
 from vlm.interop.hf_gpt2 import check_gpt2_config, gpt2_decoder_state_dict, is_gpt2_state_dict, read_gpt2_checkpoint
 from vlm.interop.weights import ConversionError, WeightsSourceError, sub_state_dict
 
@@ -39,6 +40,7 @@ def read_part(source: str | Path, prefix: str, part: nn.Module, name: str) -> di
     except ConversionError as e:
         raise WeightsSourceError(f"cannot read the {name} weights ({name}_weights={str(source)!r}): {e}. Train that "
                                  f"stage first (see the config's header) or point {name}_weights elsewhere.") from None
+    prefix = current_weight_name(prefix)  # an earlier vlm's model.visual. names the same tower
     weights = sub_state_dict(state, prefix)
     extra = [k for k in weights if k not in expected]
     try:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.formats.build import CheckpointError, check_weights
-from vlm.formats.checkpoint import read_archive
+from vlm.formats.checkpoint import current_weight_names, read_archive
 from vlm.formats.export import read_safetensors
 from vlm.models.layers import make_activation
 
@@ -39,8 +39,8 @@ class ShapeMismatchError(ConversionError):
 FAMILIES = {
     "open_clip": "open_clip ViT CLIP (visual.conv1.weight, transformer.resblocks.N..., text_projection)",
     "timm_vit": "timm / vlm VisionTransformer (patch_embed.proj.weight, blocks.N.attn.qkv.weight)",
-    "vlm_clip": "vlm CLIP (visual.patch_embed.proj.weight, text.blocks.N..., text_proj.weight)",
-    "vlm_task": "vlm task checkpoint (model.visual..., as written by vlm fit / vlm export)",
+    "vlm_clip": "vlm CLIP (vision.patch_embed.proj.weight, text.blocks.N..., text_proj.weight)",
+    "vlm_task": "vlm task checkpoint (model.vision..., as written by vlm fit / vlm export)",
 }
 
 
@@ -53,8 +53,9 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tens
     """Reads a state dict from a ``.safetensors`` file, a torch file (read by :func:`vlm.formats.read_archive`, as
     every checkpoint is: no code runs, sizes bounded) or a mapping.
 
-    Training checkpoints are unwrapped (``state_dict`` / ``model`` / ``module`` entries) and a DistributedDataParallel
-    ``module.`` prefix is removed.
+    Training checkpoints are unwrapped (``state_dict`` / ``model`` / ``module`` entries), a DistributedDataParallel
+    ``module.`` prefix is removed, and an earlier vlm's weight names come under today's
+    (:func:`vlm.formats.checkpoint.current_weight_names`).
     """
     if isinstance(source, Mapping):
         sd = dict(source)
@@ -75,11 +76,11 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tens
         raise ConversionError("not a state dict: expected a mapping of parameter names to tensors")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
+    return current_weight_names(sd)  # an earlier vlm's names under today's
 
 
 def sub_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries under ``prefix`` (e.g. ``model.visual.`` of a training checkpoint), with the prefix removed."""
+    """The entries under ``prefix`` (e.g. ``model.vision.`` of a training checkpoint), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 

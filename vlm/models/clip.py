@@ -37,12 +37,12 @@ class CLIP(nn.Module):
         init_logit_bias: float | None = None,
     ) -> None:
         super().__init__()
-        self.visual = vision
+        self.vision = vision
         self.text = text
         self.embed_dim = embed_dim
-        self.visual_proj = nn.Linear(vision.width, embed_dim, bias=False)
+        self.vision_proj = nn.Linear(vision.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
-        nn.init.normal_(self.visual_proj.weight, std=vision.width**-0.5)
+        nn.init.normal_(self.vision_proj.weight, std=vision.width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=text.width**-0.5)
         # The temperature is learned in log space so it stays positive.
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -51,7 +51,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Images (b, c, h, w) -> embeddings (b, embed_dim), unit length when ``normalize``."""
-        x = self.visual_proj(self.visual(images))
+        x = self.vision_proj(self.vision(images))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:

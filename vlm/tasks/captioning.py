@@ -4,7 +4,9 @@ Only the Perceiver Resampler, the gated cross-attention blocks and the rows of t
 tower and the decoder are frozen here, once, and kept in eval mode. Validation generates captions and reports
 BLEU-4 and CIDEr (pycocoevalcap's scorers, on lower-cased, punctuation-stripped words: its PTB tokenizer needs
 Java) and the exact attribute accuracy of the synthetic data: the share of images whose caption names every
-colour, shape and size word of the reference, in the same order.
+colour, shape and size word of the reference, in the same order, and, where the batches carry ``heldout`` flags
+(:class:`~vlm.data.datasets.ImageTextCollate`), ``val/attribute_accuracy_heldout`` / ``_seen`` over the flagged /
+unflagged images.
 
 Visual question answering is the same task on question records (data rows with a ``question`` and an ``answer`` or
 ``answers``: :mod:`vlm.data.vqa`): each sequence is ``question_prompt`` with the question in it, then the answer, and
@@ -18,7 +20,7 @@ The config gives their *architecture* (``model.init_args.vision`` / ``.decoder``
 configs) and, separately, where their *weights* are: ``vision_weights`` / ``decoder_weights`` name an earlier
 stage's checkpoint (``runs/clip-scenes/checkpoints/last.ckpt`` and ``runs/lm/checkpoints/last.ckpt`` in the shapes
 config), a ``.safetensors`` / torch state-dict file, or ``hf-hub:REPO`` (its ``model.safetensors``, for users with
-internet); ``*_weights_prefix`` selects the part inside it (``model.visual.`` of a CLIP task, ``model.`` of an LM
+internet); ``*_weights_prefix`` selects the part inside it (``model.vision.`` of a CLIP task, ``model.`` of an LM
 task). ``decoder_weights`` may also be a Hugging Face GPT-2 checkpoint for a :class:`~vlm.models.decoder.DecoderLM`
 of the same shape: its ``save_pretrained`` directory or weights file, recognised by its keys and converted
 (:mod:`vlm.interop.hf_gpt2`; the prefix is then not used). Those files are read only when training starts
@@ -102,7 +104,7 @@ class FlamingoTask(Task):
     Args:
         model: the Flamingo model (vision tower and decoder given as configs; see the module docstring).
         vision_weights: where the vision tower's weights are read from when training starts; None: keep them.
-        vision_weights_prefix: key prefix of the tower inside that file (``model.visual.`` in a CLIP task).
+        vision_weights_prefix: key prefix of the tower inside that file (``model.vision.`` in a CLIP task).
         decoder_weights: where the decoder's weights are read from when training starts (also a Hugging Face GPT-2
             ``save_pretrained`` directory or weights file); None: keep them.
         decoder_weights_prefix: key prefix of the decoder inside that file (``model.`` in an LM task).
@@ -151,7 +153,7 @@ class FlamingoTask(Task):
         self,
         model: Flamingo,
         vision_weights: str | None = None,
-        vision_weights_prefix: str = "model.visual.",
+        vision_weights_prefix: str = "model.vision.",
         decoder_weights: str | None = None,
         decoder_weights_prefix: str = "model.",
         init_weights: str | None = None,
@@ -286,7 +288,7 @@ class FlamingoTask(Task):
 
     # ------------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"pred": [], "ref": [], "label": [], "answers": [], "heldout": []}
+        self._val = {"pred": [], "ref": [], "answers": [], "heldout": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         b = batch["image"].shape[0]
@@ -295,11 +297,10 @@ class FlamingoTask(Task):
         if "question" in batch:  # question records: greedy answers, scored against the reference answers
             self._val["pred"] += self.generate_answers(batch["image"], batch["question"])
             self._val["answers"] += [list(a) for a in batch["answers"]]
-            self._val["heldout"] += list(batch.get("heldout", [None] * b))
         else:
             self._val["pred"] += self.generate_captions(batch["image"])
+        self._val["heldout"] += list(batch.get("heldout", [None] * b))  # per record; None: no flag
         self._val["ref"] += list(batch["caption"])
-        self._val["label"] += list(batch.get("label", [""] * b))
 
     def generate_answers(self, images: Tensor, questions: Sequence[str], max_new_tokens: int | None = None,
                          **kwargs) -> list[str]:
@@ -355,11 +356,9 @@ class FlamingoTask(Task):
         if self.attribute_words and val["pred"] and not val["answers"]:
             hits = [attribute_correct(p, r, self.attribute_words) for p, r in zip(val["pred"], val["ref"])]
             metrics["attribute_accuracy"] = sum(hits) / len(hits)
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            heldout = set(getattr(dm, "heldout_classnames", []) or [])
-            for name, keep in (("heldout", True), ("seen", False)):
-                sel = [h for h, lbl in zip(hits, val["label"]) if (lbl in heldout) == keep]
-                if heldout and sel:
+            for name, keep in (("heldout", True), ("seen", False)):  # split by the batches' flags, where given
+                sel = [h for h, flag in zip(hits, val["heldout"]) if flag is not None and bool(flag) == keep]
+                if sel:
                     metrics[f"attribute_accuracy_{name}"] = sum(sel) / len(sel)
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name.startswith("attribute_accuracy"), rank_zero_only=True)

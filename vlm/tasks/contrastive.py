@@ -168,13 +168,13 @@ class ContrastiveTask(CompositionalTerms, Task):
         """The parts of the requested towers to freeze (see :meth:`Task.freeze_parts`)."""
         frozen: list[nn.Module] = []
         if lock_image:
-            lock = getattr(self.model.visual, "lock", None)  # a tower that knows its blocks locks itself
+            lock = getattr(self.model.vision, "lock", None)  # a tower that knows its blocks locks itself
             if lock is not None:
                 frozen += lock(unlocked_blocks)
             elif unlocked_blocks > 0:
                 raise ValueError("lock_image_unlocked_blocks needs an image tower with lock(unlocked_blocks)")
             else:
-                frozen.append(self.model.visual)
+                frozen.append(self.model.vision)
         if lock_text:
             frozen.append(self.model.text)
         return frozen
@@ -182,7 +182,7 @@ class ContrastiveTask(CompositionalTerms, Task):
     # --------------------------------------------------------------------------------------- image settings
     @property
     def image_size(self) -> int:
-        return self.model.visual.image_size
+        return self.model.vision.image_size
 
     # ------------------------------------------------------------------------------------------------- loss
     def _gather(self, x: Tensor) -> Tensor:
@@ -227,6 +227,7 @@ class ContrastiveTask(CompositionalTerms, Task):
             checkpoint[INFERENCE_KEY] = settings
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self._text_cache is not None:
             self._text_cache.clear()  # other weights may arrive (a different locked tower)
 
@@ -348,15 +349,14 @@ class ContrastiveTask(CompositionalTerms, Task):
 
     def compile_parts(self, options: dict[str, Any]) -> None:
         # Each tower in place (``nn.Module.compile``): parameter names, hence checkpoints, do not change.
-        self.model.visual.compile(**options)
+        self.model.vision.compile(**options)
         self.model.text.compile(**options)
 
     # ------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val_outputs = {"image": [], "text": [], "target": []}
+        self._val_outputs = {"image": [], "text": [], "target": [], "heldout": []}
         dm = self.trainer.datamodule if self._trainer is not None else None
         self._classnames = list(getattr(dm, "classnames", []) or [])
-        self._heldout = set(getattr(dm, "heldout_classnames", []) or [])
         self._classifier = None
         if self._classnames:
             self._classifier = build_classifier(self.model, self.tokenizer, self._classnames, self.resolved_templates(),
@@ -374,6 +374,9 @@ class ContrastiveTask(CompositionalTerms, Task):
             index = {c: i for i, c in enumerate(self._classnames)}
             target = torch.tensor([index.get(lbl, -1) for lbl in batch["label"]], device=self.device)
             self._val_outputs["target"].append(target)
+            if "heldout" in batch:  # per image: a class never seen in training (the collate's flag)
+                flags = [bool(h) for h in batch["heldout"]]
+                self._val_outputs["heldout"].append(torch.tensor(flags, dtype=torch.bool, device=self.device))
 
     def on_validation_epoch_end(self) -> None:
         image = self._gather_eval(torch.cat(self._val_outputs["image"]))
@@ -381,8 +384,10 @@ class ContrastiveTask(CompositionalTerms, Task):
         metrics = retrieval_recall(image, text, ks=(1, 5))
         if self._val_outputs["target"]:
             target = self._gather_eval(torch.cat(self._val_outputs["target"]))
+            flags = self._val_outputs["heldout"]  # split held-out / seen only when every batch carried the flags
+            heldout = self._gather_eval(torch.cat(flags)) if len(flags) == len(self._val_outputs["target"]) else None
             logits = class_logits(image, self._classifier, self.model.logit_scale)  # all images and targets gathered
-            metrics.update(zero_shot_accuracy(logits, target, self._classnames, self._heldout))
+            metrics.update(zero_shot_accuracy(logits, target, heldout))
             metrics.update(attribute_top1(logits, target, self._classnames))  # val/attribute{k}_top1
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("zero_shot_top1", "zero_shot_top1_heldout"))

@@ -19,7 +19,8 @@ log = logging.getLogger("vlm.tasks")
 
 
 class CheckedLoading:
-    """Mixin for vlm's LightningModules: a checked ``load_from_checkpoint``."""
+    """Mixin for vlm's LightningModules: a checked ``load_from_checkpoint``, and an earlier vlm's weight names
+    brought up to date when a run resumes."""
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
@@ -41,6 +42,14 @@ class CheckedLoading:
             task = task.to(map_location)
         return task
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint an earlier vlm wrote resumes under today's weight names (Lightning calls this before it
+        loads the state dict; see :func:`vlm.formats.checkpoint.current_weight_names`)."""
+        from vlm.formats.checkpoint import current_weight_names
+
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = current_weight_names(checkpoint["state_dict"])
+
 
 def load_init_weights(model: nn.Module, source: str, prefix: str, what: str) -> None:
     """Copies the weights under ``prefix`` in the checkpoint or state dict ``source`` into ``model`` (every key
@@ -51,6 +60,7 @@ def load_init_weights(model: nn.Module, source: str, prefix: str, what: str) -> 
     Raises:
         WeightsSourceError: the file is refused, has nothing under ``prefix``, or does not match the model.
     """
+    from vlm.formats.checkpoint import current_weight_name
     from vlm.interop import load_weights
     from vlm.interop.open_clip_files import is_open_clip_state_dict
     from vlm.interop.weights import ConversionError, WeightsSourceError, load_checked, read_state_dict, sub_state_dict
@@ -61,7 +71,7 @@ def load_init_weights(model: nn.Module, source: str, prefix: str, what: str) -> 
             load_weights(model, state)
             log.info("%s starts from the open_clip weights in %s", what, source)
             return
-        part = sub_state_dict(state, prefix)
+        part = sub_state_dict(state, current_weight_name(prefix))  # an earlier vlm's prefix names the same part
         if not part:
             raise ConversionError(f"no weights under the prefix {prefix!r} (set init_weights_prefix)")
         load_checked(model, part, what)
