@@ -68,8 +68,9 @@ def _earlier_names(weights: dict) -> dict:
 def _save_old(task, hparams: dict, path) -> str:
     """A checkpoint of ``task``'s weights with the former ``hparams`` (and no inference block: the loaders then
     rebuild the whole task from them); a CLIP's weights under their earlier names."""
-    torch.save({"state_dict": _earlier_names(task.state_dict()), "hyper_parameters": hparams, "epoch": 0, "global_step": 1,
-                "pytorch-lightning_version": "2.5.0", "optimizer_states": [], "lr_schedulers": []}, path)
+    torch.save({"state_dict": _earlier_names(task.state_dict()), "hyper_parameters": hparams, "epoch": 0,
+                "global_step": 1, "pytorch-lightning_version": "2.5.0", "optimizer_states": [], "lr_schedulers": []},
+               path)
     return str(path)
 
 

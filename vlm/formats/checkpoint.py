@@ -331,5 +331,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "LEGACY_WEIGHT_NAMES", "TRAINING_ONLY", "build_task", "check_tensor",
-           "current_config", "current_weight_name", "current_weight_names", "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]
+__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "LEGACY_WEIGHT_NAMES", "TRAINING_ONLY",
+           "build_task", "check_tensor", "current_config", "current_weight_name", "current_weight_names",
+           "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]
