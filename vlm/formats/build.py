@@ -362,10 +362,14 @@ def build_checked(config: Any, shapes: Mapping[str, tuple[int, ...]], where: str
     return build(config, where, roles, key, weights_in_file=True)
 
 
-def copy_weights(module: nn.Module, weights: Mapping[str, torch.Tensor], where: str) -> None:
-    """Copies ``weights`` into ``module`` after :func:`check_weights` (tied parameters filled through their twin)."""
-    check_weights(module.state_dict(keep_vars=True), {k: tuple(v.shape) for k, v in weights.items()}, where)
+def copy_weights(module: nn.Module, weights: Mapping[str, torch.Tensor], where: str, what: str = "its config",
+                 error: type[Exception] = CheckpointError) -> nn.Module:
+    """The one checked copy of weights into a model: :func:`check_weights` (every name and shape; ``error`` names
+    ``where`` and ``what`` otherwise), then the copy, a tied parameter filled through its twin; returns ``module``."""
+    check_weights(module.state_dict(keep_vars=True), {k: tuple(v.shape) for k, v in weights.items()}, where, what,
+                  error)
     module.load_state_dict(dict(weights), strict=False)
+    return module
 
 
 __all__ = ["BUILDABLE", "CheckpointError", "build", "build_checked", "check_class_path", "check_config",

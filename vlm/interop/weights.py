@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vlm.formats.build import CheckpointError, check_weights
+from vlm.formats.build import CheckpointError, copy_weights
 from vlm.formats.checkpoint import current_weight_names, read_archive
 from vlm.formats.export import read_safetensors
 from vlm.models.layers import make_activation
@@ -85,12 +85,9 @@ def sub_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, T
 
 
 def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], what: str = "the model") -> nn.Module:
-    """Copies ``state_dict`` into ``module`` after :func:`vlm.formats.check_weights` (every key, every shape; a
-    mismatch raises :class:`ShapeMismatchError`); returns ``module``."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    check_weights(module.state_dict(), shapes, "the checkpoint", what, error=ShapeMismatchError)
-    module.load_state_dict(dict(state_dict), strict=True)
-    return module
+    """Copies ``state_dict`` into ``module`` through :func:`vlm.formats.copy_weights`, the one checked copy (every
+    key, every shape), a mismatch raising :class:`ShapeMismatchError`; returns ``module``."""
+    return copy_weights(module, state_dict, "the checkpoint", what, ShapeMismatchError)
 
 
 def activation_name(act: nn.Module) -> str:

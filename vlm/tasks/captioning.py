@@ -52,6 +52,7 @@ from vlm.data.gpt2_tokenizer import (
 )
 from vlm.data.tokenizer import fit_context_length
 from vlm.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlm.formats.build import copy_weights
 from vlm.formats.checkpoint import INFERENCE_KEY
 from vlm.formats.settings import caption_settings
 from vlm.generation import Captioner
@@ -236,7 +237,7 @@ class FlamingoTask(Task):
         parts = {"vision": self.model.vision, "decoder": self.model.decoder}
         for name, (source, prefix) in self._pretrained_sources.items():
             if source:
-                parts[name].load_state_dict(read_part(_resolve_weights(source), prefix, parts[name], name))
+                copy_weights(parts[name], read_part(_resolve_weights(source), prefix, parts[name], name), source)
                 log.info("loaded the %s from %s", name, source)
         if self._pretrained_sources["decoder"][0]:
             # New rows start at the mean of the loaded rows (of the closed vocabulary, if any: the others never
