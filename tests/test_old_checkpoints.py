@@ -57,17 +57,33 @@ def _old_flamingo_hparams(tokenizer_dir: str) -> dict:
             "image_std": STD, "compile": False, **LIGHTNING}
 
 
+EARLIER_KEYS = {"model.text.pos_embed": "model.text.positional_embedding",  # a CLIP's text tower
+                "model.pos_embed.weight": "model.position_embedding.weight",  # a language model's decoder
+                "model.decoder.pos_embed.weight": "model.decoder.position_embedding.weight"}  # a Flamingo's
+
+
 def _earlier_names(weights: dict) -> dict:
-    """A CLIP task's weights as an earlier vlm named them: the image tower ``visual``, its projection
-    ``visual_proj``."""
+    """A task's weights as an earlier vlm named them: a CLIP's image tower ``visual``, its projection
+    ``visual_proj``, its text tower's position embedding ``positional_embedding``; a decoder's (a language model's,
+    a Flamingo's) ``position_embedding``."""
     renamed = {"model.vision.": "model.visual.", "model.vision_proj.": "model.visual_proj."}
-    return {next((old + k[len(new):] for new, old in renamed.items() if k.startswith(new)), k): v
-            for k, v in weights.items()}
+    clip = "model.vision_proj.weight" in weights  # a Flamingo's tower was always vision
+
+    def earlier(k: str) -> str:
+        if k in EARLIER_KEYS:
+            return EARLIER_KEYS[k]
+        return next((old + k[len(new):] for new, old in renamed.items() if clip and k.startswith(new)), k)
+
+    return {earlier(k): v for k, v in weights.items()}
+
+
+def _saved_names(path) -> set[str]:
+    return set(torch.load(path, weights_only=True)["state_dict"])
 
 
 def _save_old(task, hparams: dict, path) -> str:
     """A checkpoint of ``task``'s weights with the former ``hparams`` (and no inference block: the loaders then
-    rebuild the whole task from them); a CLIP's weights under their earlier names."""
+    rebuild the whole task from them), its weights under their earlier names."""
     torch.save({"state_dict": _earlier_names(task.state_dict()), "hyper_parameters": hparams, "epoch": 0,
                 "global_step": 1, "pytorch-lightning_version": "2.5.0", "optimizer_states": [], "lr_schedulers": []},
                path)
@@ -94,7 +110,9 @@ def test_an_old_clip_checkpoint_loads_with_the_same_outputs(tmp_path):
     zero_shot = load_zero_shot(path)
     assert zero_shot.templates == ["a {}"] and list(zero_shot.image_mean) == MEAN
     assert torch.equal(zero_shot.tokenizer(["a red circle"]), reference.tokenizer(["a red circle"]))
-    assert any(k.startswith("model.visual.") for k in torch.load(path, weights_only=True)["state_dict"])
+    saved = _saved_names(path)
+    assert any(k.startswith("model.visual.") for k in saved) and "model.text.positional_embedding" in saved
+    assert not any("pos_embed" in k for k in saved - {"model.visual.pos_embed"})
 
 
 def test_earlier_clip_weight_names_resume_and_feed_a_flamingo_and_interop(tmp_path):
@@ -123,9 +141,10 @@ def test_earlier_clip_weight_names_resume_and_feed_a_flamingo_and_interop(tmp_pa
         assert part.keys() == vision.state_dict().keys()
         assert all(torch.equal(v, source.model.vision.state_dict()[k]) for k, v in part.items())
     bare = {k[len("model."):]: v for k, v in _earlier_names(source.state_dict()).items()}
-    assert "visual_proj.weight" in bare
+    assert "visual_proj.weight" in bare and "text.positional_embedding" in bare
     clip = load_weights(build_task(copy.deepcopy(TINY_CLIP)).model, bare)
     assert torch.equal(clip.vision_proj.weight, source.model.vision_proj.weight)
+    assert torch.equal(clip.text.pos_embed, source.model.text.pos_embed)
 
 
 def test_an_old_language_model_checkpoint_keeps_its_context_length(tmp_path):
@@ -134,6 +153,7 @@ def test_an_old_language_model_checkpoint_keeps_its_context_length(tmp_path):
     reference = build_task({"class_path": "vlm.tasks.language.LanguageModelTask",
                             "init_args": {"model": copy.deepcopy(DECODER), "tokenizer": tokenizer}}).eval()
     path = _save_old(reference, _old_lm_hparams(), tmp_path / "old.ckpt")
+    assert "model.position_embedding.weight" in _saved_names(path)
     task = LanguageModelTask.load_from_checkpoint(path)
     assert task.tokenizer.context_length == 16 < task.model.context_length  # the former task's context_length
     assert not hasattr(task, "image_size")
@@ -154,12 +174,78 @@ def test_an_old_flamingo_checkpoint_captions_the_same(tmp_path, gpt2_dir):
         "model": copy.deepcopy(FLAMINGO_MODEL), "tokenizer": tokenizer, "max_new_tokens": 4,
         "attribute_words": []}}).eval()
     path = _save_old(reference, _old_flamingo_hparams(gpt2_dir), tmp_path / "old.ckpt")
+    saved = _saved_names(path)
+    assert "model.decoder.position_embedding.weight" in saved and "model.decoder.pos_embed.weight" not in saved
     captioner = load_captioner(path)
     assert captioner.tokenizer.name_or_path == gpt2_dir and captioner.tokenizer.context_length == 20
     images = torch.randn(2, 3, 16, 16)
     assert captioner.generate_captions(images) == reference.captioner().generate_captions(images)
     task = load_task(path)
     assert task.tokenizer.context_length == 20 and task.optimizer is not None  # the defaults stand in
+
+
+def test_earlier_decoder_weight_names_resume_and_feed_a_flamingo(tmp_path):
+    """A decoder's position embedding was ``position_embedding``; it is ``pos_embed``. A language model's file with
+    the earlier name resumes (the weight check and the state dict Lightning loads both see today's names), and it
+    and a bare DecoderLM state dict with the earlier name give a Flamingo its decoder."""
+    from vlm.formats.resume import check_resume_weights
+    from vlm.interop.parts import read_part
+
+    lm = {"class_path": "vlm.tasks.language.LanguageModelTask", "init_args": {"model": copy.deepcopy(DECODER)}}
+    torch.manual_seed(0)
+    source = build_task(copy.deepcopy(lm))
+    path = tmp_path / "earlier.ckpt"
+    torch.save({"state_dict": _earlier_names(source.state_dict()), "hyper_parameters": dict(source.hparams),
+                "epoch": 0, "global_step": 1, "pytorch-lightning_version": "2.5.0"}, path)
+    assert "model.position_embedding.weight" in _saved_names(path)
+    torch.manual_seed(1)
+    fresh = build_task(copy.deepcopy(lm))
+    check_resume_weights(fresh, path)  # names and shapes against today's task: no refusal
+    ckpt = torch.load(path, weights_only=True)
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    assert fresh.state_dict().keys() == source.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), source.state_dict().values()))
+    bare = tmp_path / "decoder.pt"
+    torch.save({k[len("model."):]: v for k, v in _earlier_names(source.state_dict()).items()}, bare)
+    decoder = build_task(copy.deepcopy(lm)).model  # a Flamingo's decoder of the same architecture
+    for file, prefix in ((path, "model."), (bare, "")):
+        part = read_part(file, prefix, decoder, "decoder")
+        assert part.keys() == decoder.state_dict().keys()
+        assert torch.equal(part["pos_embed.weight"], source.model.pos_embed.weight)
+
+
+def test_only_vlm_names_of_earlier_files_are_renamed():
+    """Exact names at their places only: a Hugging Face model that a task wraps keeps its own
+    ``embeddings.position_embedding`` (and open_clip's ``positional_embedding`` stays for its converter)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vlm.formats.checkpoint import current_weight_name, current_weight_names
+
+    hf = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1)).state_dict()
+    assert any(k.endswith("embeddings.position_embedding.weight") for k in hf)  # text_model. or not, by version
+
+    def under(prefix: str, extra: dict | None = None) -> dict:
+        return {**{prefix + k: v for k, v in hf.items()}, **(extra or {})}
+
+    proj = torch.zeros(4, 16)
+    for weights in (under("model.text.model.", {"model.text_proj.weight": proj}), under("model.model."),  # tasks
+                    under("model.decoder.model."), under("text.model.", {"text_proj.weight": proj}), hf):  # bare
+        assert current_weight_names(weights) is weights, next(iter(weights))
+    open_clip = {"positional_embedding": 0, "token_embedding.weight": 0, "transformer.resblocks.0.ln_1.weight": 0,
+                 "text.positional_embedding": 0, "text.token_embedding.weight": 0, "text_projection": 0}
+    assert current_weight_names(open_clip) is open_clip
+    decoder = {"position_embedding.weight": 0, "token_embedding.weight": 0}  # no vlm blocks: not known to be vlm's
+    assert current_weight_names(decoder) is decoder
+    assert set(current_weight_names({**decoder, "blocks.0.norm1.weight": 0})) == {
+        "pos_embed.weight", "token_embedding.weight", "blocks.0.norm1.weight"}
+    for key in ("model.text.positional_embedding.weight", "model.blocks.0.position_embedding.weight",
+                "model.text.model.positional_embedding", "model.decoder.position_embedding.bias",
+                "text.model.embeddings.position_embedding.weight"):
+        assert current_weight_name(key, bare=True) == key
+    assert current_weight_name("model.decoder.position_embedding.weight") == "model.decoder.pos_embed.weight"
 
 
 def test_a_hub_name_as_an_old_tokenizer_is_still_refused(tmp_path):

@@ -183,7 +183,7 @@ def test_param_groups_decay_only_matrices():
     assert {"model.vision.blocks.0.attn.qkv.weight", "model.text_proj.weight"} <= decayed_names
     plain_names = {names[id(p)] for p in plain["params"]}
     assert {"model.logit_scale", "model.vision.blocks.0.norm1.weight", "model.vision.blocks.0.attn.qkv.bias",
-            "model.text.positional_embedding"} <= plain_names
+            "model.text.pos_embed"} <= plain_names
     assert not any("embed" in name for name in decayed_names)
     assert optimizer.defaults["fused"]  # on the CPU: the fused kernel
     assert param_groups(task, 0.3)[0]["weight_decay"] == 0.3

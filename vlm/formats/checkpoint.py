@@ -48,30 +48,71 @@ LEGACY_ARGUMENTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# CLIP's image tower and its projection, which an earlier vlm named ``visual`` / ``visual_proj`` (open_clip's name),
-# are ``vision`` / ``vision_proj``: the name of the CLIP and Flamingo constructors' argument and of the Flamingo's
-# tower. Files that hold the old names load under the new ones (see current_weight_names).
+# Weight names an earlier vlm wrote that have another name today, so that one concept has one name while the files
+# written before load unchanged (see current_weight_names). CLIP's image tower and its projection, which an earlier
+# vlm named ``visual`` / ``visual_proj`` (open_clip's name), are ``vision`` / ``vision_proj``: the name of the CLIP
+# and Flamingo constructors' argument and of the Flamingo's tower. A learned position embedding is ``pos_embed``
+# everywhere (timm's name, the ViT's): the text tower's was ``positional_embedding`` (open_clip's name), the
+# decoder's ``position_embedding`` (an nn.Embedding, so ``position_embedding.weight``). Names as a model's own state
+# dict holds them (a task's are under ``model.``): prefixes, which rename everything under them ...
 LEGACY_WEIGHT_NAMES = {"visual.": "vision.", "visual_proj.": "vision_proj."}
+# ... and whole keys, which rename that key only: a CLIP's text tower, a language model's DecoderLM, a Flamingo's.
+LEGACY_WEIGHT_KEYS = {"text.positional_embedding": "text.pos_embed", "position_embedding.weight": "pos_embed.weight",
+                      "decoder.position_embedding.weight": "decoder.pos_embed.weight"}
+# A bare state dict's (no ``model.``) whole keys: those, and a TextTransformer's own position embedding. Each is
+# renamed only where the tower before it (the prefix: none, a CLIP's ``text.``, a Flamingo's ``decoder.``) is a vlm
+# TextTransformer or DecoderLM (see _earlier_bare_names).
+_BARE_KEYS = {**LEGACY_WEIGHT_KEYS, "positional_embedding": "pos_embed"}
 
 
-def current_weight_name(key: str, bare: bool = False) -> str:
-    """``key`` under today's names: a task's ``model.visual...`` (and, with ``bare``, a CLIP state dict's own
-    ``visual...``) becomes ``model.vision...`` (``vision...``). Works on a prefix too (``model.visual.``)."""
-    for prefix in ("model.", "") if bare else ("model.",):
-        for old, new in LEGACY_WEIGHT_NAMES.items():
-            if key.startswith(prefix + old):
-                return prefix + new + key[len(prefix) + len(old):]
+def _renamed(key: str, prefixes: dict[str, str], keys: dict[str, str]) -> str:
+    if key in keys:
+        return keys[key]
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old):]
     return key
 
 
+def current_weight_name(key: str, bare: bool = False) -> str:
+    """``key`` under today's names: a task's ``model.visual...`` becomes ``model.vision...`` (works on a prefix too:
+    ``model.visual.``), and its ``model.text.positional_embedding``, ``model.position_embedding.weight`` and
+    ``model.decoder.position_embedding.weight`` end in ``pos_embed`` / ``pos_embed.weight`` (whole keys only). With
+    ``bare`` (the key is an earlier vlm model's own state dict's, see :func:`current_weight_names`) the same names
+    without ``model.`` are renamed too, and a TextTransformer's own ``positional_embedding``."""
+    if key.startswith("model."):
+        return "model." + _renamed(key[len("model."):], LEGACY_WEIGHT_NAMES, LEGACY_WEIGHT_KEYS)
+    return _renamed(key, LEGACY_WEIGHT_NAMES, _BARE_KEYS) if bare else key
+
+
+def _earlier_bare_names(weights: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The prefixes and whole keys of a bare state dict to rename: the ``visual`` prefixes where it has
+    ``visual_proj.weight`` (an earlier vlm CLIP: open_clip's checkpoints name their tower ``visual.`` too), and each
+    earlier position embedding (:data:`_BARE_KEYS`) whose tower also has vlm's ``token_embedding.weight`` and
+    ``blocks.0.`` keys (open_clip's text tower has ``transformer.resblocks``, Hugging Face's models other names)."""
+    def vlm_tower(tower: str) -> bool:
+        return tower + "token_embedding.weight" in weights and any(k.startswith(tower + "blocks.0.") for k in weights)
+
+    keys = {old: new for old, new in _BARE_KEYS.items() if old in weights and vlm_tower(old[:old.index("position")])}
+    return LEGACY_WEIGHT_NAMES if "visual_proj.weight" in weights else {}, keys
+
+
 def current_weight_names(weights: dict[str, Any]) -> dict[str, Any]:
-    """``weights`` (names to tensors or shapes: a task's state dict, or a CLIP's own) with every name an earlier vlm
-    wrote (:data:`LEGACY_WEIGHT_NAMES`) under today's. A bare state dict is renamed only when it is an earlier vlm
-    CLIP's (it has ``visual_proj.weight``): open_clip's checkpoints name their tower ``visual.`` too."""
-    bare = "visual_proj.weight" in weights
-    if not any(current_weight_name(k, bare) != k for k in weights):
+    """``weights`` (names to tensors or shapes: a task's state dict, or a model's own) with every name an earlier vlm
+    wrote (:data:`LEGACY_WEIGHT_NAMES`, :data:`LEGACY_WEIGHT_KEYS`) under today's; the same dict when none is there.
+    A task's (``model.``) names are renamed as :func:`current_weight_name` says. A bare state dict's only where it is
+    clearly an earlier vlm model's: its ``visual.`` / ``visual_proj.`` when it has ``visual_proj.weight`` (an earlier
+    CLIP), a position embedding only beside the same tower's ``token_embedding.weight`` and ``blocks.0.`` keys
+    (a TextTransformer or DecoderLM: its own, ``text.`` or ``decoder.``). Names of models vlm wraps (Hugging Face's
+    ``...embeddings.position_embedding.weight``) and of the files it converts (open_clip's) are never renamed."""
+    prefixes, keys = _earlier_bare_names(weights)
+
+    def name(key: str) -> str:
+        return current_weight_name(key) if key.startswith("model.") else _renamed(key, prefixes, keys)
+
+    if not any(name(k) != k for k in weights):
         return weights
-    return {current_weight_name(k, bare): v for k, v in weights.items()}
+    return {name(k): v for k, v in weights.items()}
 
 
 def legacy_arguments(hparams: dict[str, Any]) -> list[str]:
@@ -331,6 +372,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "LEGACY_WEIGHT_NAMES", "TRAINING_ONLY",
-           "build_task", "check_tensor", "current_config", "current_weight_name", "current_weight_names",
-           "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]
+__all__ = ["CheckpointError", "INFERENCE_KEY", "LEGACY_ARGUMENTS", "LEGACY_WEIGHT_KEYS", "LEGACY_WEIGHT_NAMES",
+           "TRAINING_ONLY", "build_task", "check_tensor", "current_config", "current_weight_name",
+           "current_weight_names", "legacy_arguments", "read_archive", "read_checkpoint", "task_config"]

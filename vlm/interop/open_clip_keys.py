@@ -1,6 +1,7 @@
 """The state-dict key map between open_clip's ViT-based CLIP and vlm's :class:`~vlm.models.clip.CLIP`.
 
-open_clip's names map one to one onto vlm's (the image tower is open_clip's ``visual.``, vlm's ``vision.``):
+open_clip's names map one to one onto vlm's (the image tower is open_clip's ``visual.``, vlm's ``vision.``; a
+learned position embedding is open_clip's ``positional_embedding``, vlm's ``pos_embed`` in both towers):
 
 ==========================================================  ==============================================
 open_clip                                                    vlm :class:`~vlm.models.clip.CLIP`
@@ -15,7 +16,8 @@ open_clip                                                    vlm :class:`~vlm.mo
 ``....mlp.c_fc / c_proj``, ``ls_1 / ls_2``                   ``....mlp.fc1 / fc2``, ``ls1 / ls2``
 ``visual.ln_post``                                           ``vision.norm`` (or ``fc_norm`` after pooling)
 ``visual.proj`` (width, embed): ``x @ proj``                 ``vision_proj.weight`` = ``proj.T``
-``token_embedding``, ``positional_embedding``, ``ln_final``  ``text.`` + the same names
+``token_embedding``, ``ln_final``                            ``text.`` + the same names
+``positional_embedding`` (context, d)                        ``text.pos_embed`` (context, d)
 ``text_projection`` (width, embed)                           ``text_proj.weight`` = ``text_projection.T``
 ``logit_scale``, ``logit_bias``                              the same
 ==========================================================  ==============================================
@@ -96,8 +98,10 @@ def open_clip_to_vlm_state_dict(sd: Mapping[str, Tensor], fc_norm: bool = False)
             idx, _, tail = key[len("transformer.resblocks.") :].partition(".")
             mapped = _block_key(tail)
             new = f"text.blocks.{idx}.{mapped}" if mapped else None
-        elif key.startswith(("token_embedding.", "ln_final.")) or key == "positional_embedding":
+        elif key.startswith(("token_embedding.", "ln_final.")):
             new = "text." + key
+        elif key == "positional_embedding":
+            new = "text.pos_embed"
         elif key in ("attn_mask", "input_resolution", "context_length", "vocab_size"):
             continue  # the causal mask and metadata that OpenAI's (JIT) checkpoints carry: nothing to load
         if new is None:
@@ -121,7 +125,7 @@ def vlm_to_open_clip_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
                 mapped = next((o + tail[len(v) :] for v, o in inverse_block.items() if tail.startswith(v)), None)
                 new = f"{prefix}transformer.resblocks.{idx}.{mapped}" if mapped else None
             elif tower == "text":
-                new = rest
+                new = "positional_embedding" if rest == "pos_embed" else rest
             elif rest == "cls_token":
                 new, value = "visual.class_embedding", value.reshape(-1)
             elif rest == "pos_embed":

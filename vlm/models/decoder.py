@@ -85,7 +85,7 @@ class DecoderLM(CausalDecoder):
         self.embed_dim = width  # width of the token embeddings and of the final hidden states
         self.grad_checkpointing = grad_checkpointing
         self.token_embedding = nn.Embedding(vocab_size, width)
-        self.position_embedding = nn.Embedding(context_length, width)
+        self.pos_embed = nn.Embedding(context_length, width)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps, attn_drop=dropout,
@@ -150,7 +150,7 @@ class DecoderLM(CausalDecoder):
                 position_ids = positions_from_mask(attention_mask, n)
             else:
                 position_ids = torch.arange(past, past + n, device=inputs_embeds.device).expand(b, n)
-        x = self.drop(inputs_embeds + self.position_embedding(position_ids))  # (b, n, d)
+        x = self.drop(inputs_embeds + self.pos_embed(position_ids))  # (b, n, d)
         attn_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             attn_mask = padded_causal_mask(attention_mask, n)  # (b, 1, n, past + n)
@@ -185,7 +185,7 @@ def convert_gpt2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
     out = {
         "token_embedding.weight": sd["wte.weight"],
-        "position_embedding.weight": sd["wpe.weight"],
+        "pos_embed.weight": sd["wpe.weight"],
         "ln_final.weight": sd["ln_f.weight"],
         "ln_final.bias": sd["ln_f.bias"],
     }

@@ -60,7 +60,7 @@ class TextTransformer(nn.Module):
         self.pool = pool
         self.grad_checkpointing = grad_checkpointing
         self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
+        self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList(
             Block(dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps,
                   layer_scale=layer_scale)
@@ -68,7 +68,7 @@ class TextTransformer(nn.Module):
         )
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.pos_embed, std=0.01)
         self.blocks.apply(init_weights_trunc_normal)
 
     def forward_tokens(self, text: Tensor) -> Tensor:
@@ -76,7 +76,7 @@ class TextTransformer(nn.Module):
         n = text.shape[1]
         if n > self.context_length:
             raise ValueError(f"text has {n} tokens, more than the context length {self.context_length}")
-        x = self.token_embedding(text) + self.positional_embedding[:n]  # (b, n, d)
+        x = self.token_embedding(text) + self.pos_embed[:n]  # (b, n, d)
         x = checkpoint_blocks(self.blocks, x, self.grad_checkpointing, is_causal=True)
         return self.ln_final(x)
 
