@@ -420,3 +420,29 @@ def test_activation_checkpointing_of_the_frozen_decoder_keeps_bridge_gradients()
     for (name, a), b, e in zip(plain.named_parameters(), ckpt.parameters(), exact.parameters()):
         if a.requires_grad:
             assert_fp32_close(b.grad, a.grad, e.grad, msg=name)
+
+
+def test_learn_input_words_trains_only_the_rows_outside_the_closed_vocabulary():
+    """With a closed vocabulary, the decoder's input rows of the other words (here the prompt's, never in a caption
+    of the language model) learn with the bridge; the vocabulary's rows and every other decoder weight stay."""
+    task = build_tiny_task(prompt="A photo of", vocabulary=["a", "red", "blue", "circle", "star"],
+                           learn_input_words=True)
+    task.train()
+    weight = task.model.decoder.token_embedding.weight
+    before = weight.detach().clone()
+    others = {n: p.detach().clone() for n, p in task.model.decoder.named_parameters() if p is not weight}
+    opt = task.configure_optimizers()["optimizer"]
+    assert id(weight) in {id(p) for g in opt.param_groups for p in g["params"]}
+    batch = {"image": torch.randn(2, 3, 16, 16), **task.tokenizer.encode_batch(["a red circle", "a blue star"])}
+    for _ in range(3):
+        opt.zero_grad()
+        task.training_step(batch, 0).backward()
+        opt.step()
+    changed = set((weight != before).any(dim=1).nonzero().flatten().tolist())
+    vocab = set(task.vocab_ids.tolist())
+    fed = set(batch["input_ids"].flatten().tolist()) - {task.tokenizer.pad_token_id}
+    prompt_words = {i for i in fed if i < weight.shape[0]} - vocab  # "A", " photo", " of" and end-of-text
+    assert prompt_words and changed == prompt_words
+    assert all(torch.equal(p, others[n]) for n, p in task.model.decoder.named_parameters() if p is not weight)
+    with pytest.raises(ValueError, match="learn_input_words needs a closed vocabulary"):
+        build_tiny_task(learn_input_words=True)

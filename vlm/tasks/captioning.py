@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlm.captions import attribute_correct, caption_scores, shapes_attribute_words
 from vlm.data.gpt2_tokenizer import (
@@ -125,6 +125,10 @@ class FlamingoTask(Task):
             end-of-text, in training and generation. ``auto``: the words of the data's training and validation
             captions (:func:`vlm.tasks.language.data_words`), resolved when training starts and saved as the list.
             ``None``: the whole vocabulary.
+        learn_input_words: with a closed ``vocabulary``, the decoder's input embeddings of every other token (rows a
+            language model trained on that vocabulary never trained: a question's words, the prompt's) learn with
+            the bridge, so the frozen decoder reads them; the vocabulary's rows and the rest of the decoder stay as
+            they are. Needs vlm's :class:`~vlm.models.decoder.DecoderLM`.
         images_per_sequence: training sequences interleave this many (image, caption) or (image, question, answer)
             chunks, consecutive batch samples grouped together (M3W-style), so the model learns sequences with
             several images and texts that follow solved examples, as few-shot prompts do.
@@ -162,6 +166,7 @@ class FlamingoTask(Task):
         prompt: str = "",
         question_prompt: str = DEFAULT_QUESTION_PROMPT,
         vocabulary: str | Sequence[str] | None = None,
+        learn_input_words: bool = False,
         images_per_sequence: int = 1,
         input_noise: float = 0.0,
         optimizer: OptimizerCallable | None = None,
@@ -214,7 +219,23 @@ class FlamingoTask(Task):
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         # Flamingo's recipe: both pretrained parts stay frozen; only the bridge and the new token rows learn.
         self.freeze_parts(model.vision, model.decoder)
+        self.learn_input_words = learn_input_words
+        if learn_input_words:  # ... and the input rows of the words outside the closed vocabulary
+            if not vocabulary:
+                raise ValueError("learn_input_words needs a closed vocabulary: the decoder's rows outside it learn")
+            embedding = getattr(model.decoder, "token_embedding", None)
+            if not isinstance(embedding, nn.Embedding):
+                raise ValueError("learn_input_words needs a decoder whose inputs are a token_embedding (DecoderLM)")
+            embedding.weight.requires_grad_(True)
+            embedding.weight.register_hook(self._input_word_gradient)
         self._val: dict[str, list] = {}
+
+    def _input_word_gradient(self, grad: Tensor) -> Tensor:
+        """The decoder embedding's gradient on the rows outside the closed vocabulary only: the rows the language
+        model trained (and the tied unembedding of the vocabulary) stay as they were."""
+        keep = torch.ones(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+        keep[self.vocab_ids[self.vocab_ids < grad.shape[0]]] = 0
+        return grad * keep
 
     # ------------------------------------------------------------------------------------- pretrained parts
     def _vocabulary_ids(self, words: Sequence[str]) -> Tensor:
