@@ -81,7 +81,7 @@ def test_flamingo_at_init_is_exactly_the_frozen_decoder():
     with torch.no_grad():
         assert torch.equal(model(images, ids)[..., :V], model.decoder(ids))
         with_image = torch.cat([ids[:, :3], torch.full((2, 1), model.image_token_id), ids[:, 3:]], dim=1)
-        hidden = model.forward_hidden(images, with_image)
+        hidden = model.forward_features(images, with_image)
         plain = model.decoder.forward_hidden(model.embed(with_image))
     assert torch.equal(hidden, plain)
 
@@ -117,7 +117,7 @@ def _first_block_output(model: Flamingo, images: torch.Tensor, ids: torch.Tensor
     seen = []
     handle = model.cross_attn[0].register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
-        hidden = model.forward_hidden(images, ids)
+        hidden = model.forward_features(images, ids)
     handle.remove()
     return seen[0], hidden
 
@@ -163,8 +163,8 @@ def test_deepcopy_keeps_hooks_on_the_copy():
         blk.mlp_gate.data.zero_()
     ids, images = torch.tensor([[3, V, 5, 6]]), torch.randn(1, 3, 16, 16)
     with torch.no_grad():  # the copy runs its own (closed) gates, the original its open ones
-        assert torch.equal(clone.forward_hidden(images, ids), clone.decoder.forward_hidden(clone.embed(ids)))
-        assert not torch.allclose(model.forward_hidden(images, ids), model.decoder.forward_hidden(model.embed(ids)))
+        assert torch.equal(clone.forward_features(images, ids), clone.decoder.forward_hidden(clone.embed(ids)))
+        assert not torch.allclose(model.forward_features(images, ids), model.decoder.forward_hidden(model.embed(ids)))
 
 
 # ------------------------------------------------------------------------------------------- perceiver

@@ -313,19 +313,20 @@ class Flamingo(nn.Module):
             if not torch.is_grad_enabled():
                 self._context = None
 
-    def forward_hidden(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Images and interleaved token ids (b, n) -> final hidden states (b, n, width)."""
+    def forward_features(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Images and interleaved token ids (b, n) -> final hidden states (b, n, width), before the unembedding (a
+        decoder's own ``forward_hidden`` takes input embeddings instead)."""
         return self.hidden_from_latents(self.encode_media(images), input_ids, attention_mask)
 
     def hidden_from_latents(self, latents: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """:meth:`forward_hidden` from the images' resampled latents (b, T, L, d) of :meth:`encode_media`: several
+        """:meth:`forward_features` from the images' resampled latents (b, T, L, d) of :meth:`encode_media`: several
         texts about the same images (e.g. every class name of a query) encode the images once."""
         b, t, n_lat, d = latents.shape
         return self._run_decoder(input_ids, latents.reshape(b, t * n_lat, d), t, attention_mask)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Images and interleaved token ids (b, n) -> next-token logits (b, n, vocab_size + 3)."""
-        return self.unembed(self.forward_hidden(images, input_ids, attention_mask))
+        return self.unembed(self.forward_features(images, input_ids, attention_mask))
 
     # ------------------------------------------------------------------------------------------- generation
     @torch.no_grad()

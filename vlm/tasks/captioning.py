@@ -149,7 +149,7 @@ class FlamingoTask(Task):
         image_size: input image side (default: the vision tower's ``image_size``).
         image_mean: per-channel normalisation mean (must match how the tower was trained).
         image_std: per-channel normalisation std.
-        compile: ``torch.compile`` the training forward pass (``forward_hidden``), as every task compiles
+        compile: ``torch.compile`` the training forward pass (``forward_features``), as every task compiles
             (:class:`~vlm.tasks.base.Task`); generation stays eager (its growing KV cache would recompile at every
             length). Off by default: slower than eager on the CPU (``scripts/benchmark.py --suite compile``).
     """
@@ -189,7 +189,7 @@ class FlamingoTask(Task):
         check_vocabulary(vocabulary)
         self.save_hyperparameters()
         self.model = model
-        self._compiled_forward_hidden: Callable[..., Tensor] | None = None  # set by compile_parts
+        self._compiled_forward_features: Callable[..., Tensor] | None = None  # set by compile_parts
         self._pretrained_sources = {
             "vision": (vision_weights, vision_weights_prefix),
             "decoder": (decoder_weights, decoder_weights_prefix),
@@ -268,7 +268,7 @@ class FlamingoTask(Task):
         self.pretrained_loaded.fill_(True)
 
     def compile_parts(self, options: dict[str, Any]) -> None:
-        self._compiled_forward_hidden = torch.compile(self.model.forward_hidden, **options)
+        self._compiled_forward_features = torch.compile(self.model.forward_features, **options)
 
     # ----------------------------------------------------------------------------------------------- loss
     def _interleave(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -295,8 +295,8 @@ class FlamingoTask(Task):
     def compute_loss(self, images: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Next-token cross-entropy on the caption tokens (labels ignore padding, ``<image>`` and the prompt)."""
         # Right-padded batches: causal attention never reaches the padding, so no attention mask is needed.
-        forward_hidden = self._compiled_forward_hidden or self.model.forward_hidden
-        hidden = forward_hidden(images, input_ids)
+        forward_features = self._compiled_forward_features or self.model.forward_features
+        hidden = forward_features(images, input_ids)
         return next_token_loss(hidden, labels, self.model.unembed, self.vocab_ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 # Methods the tasks call on their model instead of ``forward`` (read-only ones: they see unsharded parameters).
-ENTRY_METHODS = ("forward_hidden", "unembed", "encode_image", "encode_text", "encode_media", "start_generation",
-                 "step")  # fmt: skip
+ENTRY_METHODS = ("forward_hidden", "forward_features", "unembed", "encode_image", "encode_text", "encode_media",
+                 "start_generation", "step")  # fmt: skip
 CHECKPOINTING = ("none", "frozen", "all")
 
 
@@ -101,7 +101,7 @@ def shard_layers(model: nn.Module, mesh: DeviceMesh | None = None, checkpoint: I
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
     scalars = _replicate_scalars(model, mesh)
     # The root keeps its parameters gathered from its first forward to its backward (FSDP's default for a root):
-    # the entry methods call one another (forward_hidden -> encode_media, then unembed) within one step.
+    # the entry methods call one another (forward_features -> encode_media, then unembed) within one step.
     fully_shard(model, mesh=mesh, ignored_params=scalars)
     for name in ENTRY_METHODS:
         if callable(getattr(model, name, None)):
