@@ -33,7 +33,7 @@ from vlm.models.vit import resample_pos_embed
 def is_open_clip_state_dict(sd: Mapping[str, Tensor]) -> bool:
     """Whether ``sd`` looks like an open_clip CLIP (any image/text tower) state dict (and not a vlm one)."""
     flat = text_at_root(sd)
-    if "text_proj.weight" in flat or "vision_proj.weight" in flat or "visual_proj.weight" in flat:  # vlm's names
+    if "text_proj.weight" in flat or "vision_proj.weight" in flat:  # vlm's own names
         return False
     return any(k.startswith("visual.") for k in flat) and ("text_projection" in flat or "logit_scale" in flat)
 
